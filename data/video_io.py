@@ -1,0 +1,396 @@
+"""Video I/O with PyAV: probe a file, read a window of `1 + 4k` frames at a target fps, write mp4.
+
+Every reader here takes a path or the file's bytes (a shard member), decodes with frame threading
+(`thread_type="AUTO"`), seeks to the keyframe before the window instead of decoding from the start,
+converts and resizes only the frames it keeps (in swscale, not in Python), and always closes the
+container. Images (png, jpg, ...) are one-frame videos.
+
+Conventions: frames are uint8 `(T, H, W, 3)` RGB in numpy; videos are float `(3, T, H, W)` in [-1, 1]
+in torch, which is what crosses module boundaries as `(B, 3, T, H, W)`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import numbers
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Union
+
+import av
+import numpy as np
+import torch
+
+Source = Union[str, os.PathLike, bytes]
+
+VIDEO_EXTENSIONS = ("mp4", "avi", "mov", "mkv", "webm", "m4v", "mpg", "mpeg", "ts", "gif")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+
+
+class VideoReadError(RuntimeError):
+    """The bytes are not a decodable video: corrupt, truncated, or not a video at all."""
+
+
+class ClipTooShortError(ValueError):
+    """The video decodes, but has fewer frames than the requested window needs."""
+
+
+def nearest_valid_frame_counts(n: int) -> tuple[int, int]:
+    """The valid counts `1 + 4k` just below and just above n (equal when n is valid)."""
+    lower = 1 + 4 * max(0, (n - 1) // 4)
+    return lower, lower if lower == n else lower + 4
+
+
+def check_frame_count(n: int, what: str = "frames") -> None:
+    """Raise a ValueError naming the nearest valid counts unless n = 1 + 4k (k >= 0)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{what} must be a positive integer of the form 1 + 4k (1, 5, 9, 13, 17, ...); got {n!r}")
+    if (n - 1) % 4:
+        lower, upper = nearest_valid_frame_counts(int(n))
+        raise ValueError(
+            f"{what} must be 1 + 4k (1, 5, 9, 13, 17, ...) because the first frame is encoded alone "
+            f"and the rest in groups of 4; got {n}: use {lower} or {upper}"
+        )
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a shard's `KEY.json` records about its video."""
+
+    fps: float  # the file's own frame rate; 0.0 for an image
+    frames: int  # exact count of decodable frames when probed, else the header's count
+    width: int
+    height: int
+    duration: float  # seconds; 0.0 for an image
+    codec: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "VideoInfo":
+        return cls(
+            fps=float(d["fps"]),
+            frames=int(d["frames"]),
+            width=int(d["width"]),
+            height=int(d["height"]),
+            duration=float(d.get("duration", 0.0)),
+            codec=str(d.get("codec", "")),
+        )
+
+
+def _open(source: Source) -> av.container.InputContainer:
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return av.open(io.BytesIO(bytes(source)), mode="r")
+        return av.open(os.fspath(source), mode="r")
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise VideoReadError(f"cannot open as video: {_reason(e)}") from e
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
+
+
+def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        raise VideoReadError("no video stream in the file")
+    return container.streams.video[0]
+
+
+def _is_image_format(container: av.container.InputContainer) -> bool:
+    name = container.format.name
+    return name.endswith("_pipe") or name == "image2"
+
+
+def _stream_fps(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 0.0
+
+
+def _header_info(container, stream) -> VideoInfo:
+    if _is_image_format(container):
+        return VideoInfo(0.0, 1, stream.width, stream.height, 0.0, stream.codec_context.name)
+    fps = _stream_fps(stream)
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+    else:
+        duration = 0.0
+    frames = stream.frames or (int(round(duration * fps)) if fps > 0 else 0)
+    return VideoInfo(fps, frames, stream.width, stream.height, duration, stream.codec_context.name)
+
+
+def probe(source: Source) -> VideoInfo:
+    """Check that `source` is a decodable video and measure it.
+
+    Demuxes every packet (cheap: nothing is decoded) to count the frames exactly and to catch a
+    truncated file whose header promises more frames than it holds, then decodes the first frame.
+    Raises VideoReadError with the reason when the file is unusable.
+    """
+    container = _open(source)
+    try:
+        stream = _video_stream(container)
+        info = _header_info(container, stream)
+        if info.width <= 0 or info.height <= 0:
+            raise VideoReadError("video stream has no frame size")
+        try:
+            packets = sum(1 for p in container.demux(stream) if p.size > 0)
+        except av.FFmpegError as e:
+            raise VideoReadError(f"demuxing failed (truncated or corrupt file): {_reason(e)}") from e
+        if packets == 0:
+            raise VideoReadError("the video stream holds no frames")
+        if stream.frames and packets < stream.frames:
+            raise VideoReadError(f"truncated: the header promises {stream.frames} frames but only {packets} are present")
+        container.seek(0)
+        try:
+            next(container.decode(stream))
+        except (av.FFmpegError, StopIteration) as e:
+            raise VideoReadError(f"the first frame does not decode: {_reason(e)}") from e
+        frames = 1 if _is_image_format(container) else packets
+        duration = info.duration if info.duration > 0 or info.fps == 0 else frames / info.fps
+        return VideoInfo(info.fps, frames, info.width, info.height, duration, info.codec)
+    finally:
+        container.close()
+
+
+@dataclass
+class Clip:
+    """A window of frames read from a video."""
+
+    frames: np.ndarray  # uint8 (T, H, W, 3)
+    fps: float  # effective rate of the window: the file's rate divided by the stride
+    start: int  # index of the first source frame
+    stride: float  # source frames per output frame
+    decoded: int = 0  # frames the decoder produced to get the window (the cost that seeking saves)
+
+    def to_tensor(self) -> torch.Tensor:
+        return frames_to_tensor(self.frames)
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (3, T, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames))
+    return x.permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
+    """float (3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3); values outside the range are clipped."""
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a video of shape (3, T, H, W), got {tuple(video.shape)}")
+    x = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def _target_size(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def _resize_plan(height: int, width: int, size, crop: str, rng: np.random.Generator | None):
+    """Scale so that the frame covers (H, W) (the short side matches for a square target), then crop.
+
+    Returns (resized_h, resized_w, top, left, H, W).
+    """
+    target = _target_size(size)
+    if target is None:
+        return height, width, 0, 0, height, width
+    th, tw = target
+    scale = max(th / height, tw / width)
+    rh, rw = max(th, round(height * scale)), max(tw, round(width * scale))
+    if crop == "center":
+        top, left = (rh - th) // 2, (rw - tw) // 2
+    elif crop == "random":
+        rng = rng if rng is not None else np.random.default_rng()
+        top, left = int(rng.integers(0, rh - th + 1)), int(rng.integers(0, rw - tw + 1))
+    else:
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    return rh, rw, top, left, th, tw
+
+
+def _window_indices(total: int, num_frames: int, stride: float, start, rng) -> list[int]:
+    """Source frame indices of a window of `num_frames` frames taken every `stride` source frames."""
+    span = (num_frames - 1) * stride  # distance from the first to the last frame, in source frames
+    last_start = math.floor(total - 1 - span + 1e-9)
+    if last_start < 0:
+        raise ClipTooShortError(
+            f"needs {math.floor(span) + 1} source frames for {num_frames} frames at stride {stride:g}, has {total}"
+        )
+    if start == "start":
+        first = 0
+    elif start == "center":
+        first = last_start // 2
+    elif start == "random":
+        rng = rng if rng is not None else np.random.default_rng()
+        first = int(rng.integers(0, last_start + 1))
+    elif isinstance(start, int):
+        if not 0 <= start <= last_start:
+            raise ClipTooShortError(f"a window of {num_frames} frames at stride {stride:g} cannot start at frame {start} of {total}")
+        first = start
+    else:
+        raise ValueError(f"start must be 'start', 'center', 'random' or a frame index, got {start!r}")
+    return [first + int(round(i * stride)) for i in range(num_frames)]
+
+
+def read_clip(
+    source: Source,
+    num_frames: int,
+    *,
+    fps: float | None = None,
+    size: int | tuple[int, int] | None = None,
+    start: str | int = "start",
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+    info: VideoInfo | None = None,
+    seek: bool = True,
+    threads: int = 0,
+) -> Clip:
+    """Read `num_frames` frames (1 + 4k) from `source`, resized and cropped to `size`.
+
+    fps: target frame rate; the stride in source frames is the file's rate over it (never below 1,
+      so a file slower than the target keeps its own rate, reported as `Clip.fps`). None: every frame.
+    size: int (square) or (H, W); the frame is scaled to cover it, then cropped. None: native size.
+    start: where the window begins: 'start', 'center', 'random' (uniform over all valid starts) or an index.
+    crop: 'center' or 'random'.
+    info: the shard's metadata, which saves a header read; the exact frame count comes from there.
+    seek: jump to the keyframe before the window (the default) instead of decoding from frame 0.
+    threads: decoder threads; 0 lets FFmpeg use one per core (right for one reader, too many for many).
+    Raises ClipTooShortError when the file has too few frames, VideoReadError when it does not decode.
+    """
+    check_frame_count(num_frames, "num_frames")
+    container = _open(source)
+    try:
+        stream = _video_stream(container)
+        header = _header_info(container, stream)
+        total = info.frames if info is not None and info.frames > 0 else header.frames
+        src_fps = header.fps
+        if _is_image_format(container):
+            if num_frames != 1:
+                raise ClipTooShortError(f"an image is a one-frame video; {num_frames} frames were asked for")
+            total, src_fps = 1, 0.0
+        stride = max(1.0, src_fps / fps) if fps and src_fps > 0 else 1.0
+        indices = _window_indices(total, num_frames, stride, start, rng)
+        rh, rw, top, left, th, tw = _resize_plan(header.height, header.width, size, crop, rng)
+        stream.thread_type = "AUTO"
+        if threads > 0:
+            stream.codec_context.thread_count = threads
+        frames, decoded = _decode_indices(container, stream, indices, rw, rh, seek)
+        out = np.stack([f[top : top + th, left : left + tw] for f in frames])  # (T, H, W, 3)
+        eff_fps = src_fps / stride if src_fps > 0 else 0.0
+        return Clip(frames=out, fps=eff_fps, start=indices[0], stride=stride, decoded=decoded)
+    except av.FFmpegError as e:
+        raise VideoReadError(f"decoding failed: {_reason(e)}") from e
+    finally:
+        container.close()
+
+
+def _decode_indices(container, stream, indices: list[int], width: int, height: int, seek: bool) -> tuple[list[np.ndarray], int]:
+    """Decode the frames at the sorted source indices, converting only those to RGB at (height, width).
+
+    Returns the frames and the number of frames decoded to get them.
+    """
+    fps = _stream_fps(stream)
+    t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    can_seek = seek and indices[0] > 0 and fps > 0 and stream.time_base is not None
+    if can_seek:
+        # The first frame's own timestamp, rounded to the nearest tick: a window that starts on a keyframe
+        # seeks to that keyframe, not the one before. Should the demuxer still land past the frame (an
+        # irregular stream), the overshoot check below decodes from the start instead.
+        target = round((t0 + indices[0] / fps) / stream.time_base)
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+    out: list[np.ndarray] = []
+    want = 0
+    counted = -1
+    for frame in container.decode(stream):
+        counted += 1
+        if frame.time is not None and fps > 0:
+            idx = int(round((frame.time - t0) * fps))
+        elif not can_seek:
+            idx = counted  # no timestamps: count frames from the start
+        else:
+            idx = None
+        if can_seek and counted == 0 and (idx is None or idx > indices[0]):
+            # No timestamps to place the frame, or the demuxer overshot (a bad index): decode from the start.
+            container.seek(0)
+            frames, decoded = _decode_indices(container, stream, indices, width, height, seek=False)
+            return frames, decoded + 1
+        if idx is None:
+            raise VideoReadError("a frame without a timestamp after seeking; read this file with seek=False")
+        if idx < indices[want]:
+            continue
+        rgb = None
+        # `<=` so that a frame missing from a variable-rate stream is filled by the next one.
+        while want < len(indices) and indices[want] <= idx:
+            if rgb is None:
+                rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+            out.append(rgb)
+            want += 1
+        if want == len(indices):
+            return out, counted + 1
+    # The window was checked against the frame count, so the file holds fewer frames than it says.
+    raise VideoReadError(f"truncated: the stream ended after {len(out)} of {len(indices)} frames (frame {indices[-1]} wanted)")
+
+
+def read_video(source: Source, num_frames: int, **kwargs) -> torch.Tensor:
+    """`read_clip(...)` as float (3, T, H, W) in [-1, 1]."""
+    return read_clip(source, num_frames, **kwargs).to_tensor()
+
+
+def _as_frames(video) -> np.ndarray:
+    if isinstance(video, torch.Tensor):
+        if video.dtype == torch.uint8:
+            video = video.cpu().numpy()
+        else:
+            return tensor_to_frames(video)
+    video = np.asarray(video)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(
+            f"expected uint8 frames (T, H, W, 3) or a float tensor (3, T, H, W) in [-1, 1]; got {video.dtype} {video.shape}"
+        )
+    return video
+
+
+def encode_mp4(video, fps: float, crf: int = 18, codec: str = "libx264") -> bytes:
+    """Encode frames as h264 (yuv420p) mp4 bytes. `video`: uint8 (T, H, W, 3) or float (3, T, H, W) in [-1, 1]."""
+    frames = _as_frames(video)
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"h264 with yuv420p needs an even width and height; got {w}x{h}: crop or pad one pixel")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def write_video(path: str | os.PathLike, video, fps: float, crf: int = 18) -> Path:
+    """Write an mp4 atomically (temporary file, then rename): a crash never leaves half a video."""
+    path = Path(path)
+    data = encode_mp4(video, fps, crf=crf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real clips shipped in tests/assets, synthetic shards, and broken files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import av
+import numpy as np
+
+ASSETS = Path(__file__).parent / "assets"
+CLIPS = ASSETS / "clips"
+BIKES = CLIPS / "bikes.mp4"  # 640x272, 250 frames at 25 fps, keyframes at 0, 30, 76, 137, 187, 242
+CARPHONE = CLIPS / "carphone_pristine.mp4"  # 176x144, 120 frames at 29.97 fps, one keyframe
+
+
+def write_faststart_mp4(path: Path, frames: int, size: int = 32, fps: int = 8) -> Path:
+    """An mp4 with its index first (as streaming sites serve them), of noise frames."""
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = size, size, "yuv420p"
+        for i in range(frames):
+            f = np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8)
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    return path
+
+
+def truncated_copy(src: Path, dst: Path, fraction: float = 0.6) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+def copy_clip(src: Path, dst: Path, caption: str | None) -> Path:
+    shutil.copyfile(src, dst)
+    if caption is not None:
+        dst.with_suffix(".txt").write_text(caption + "\n")
+    return dst

@@ -1,0 +1,182 @@
+"""PyAV reading and writing: windows, fps strides, seeking, resizing, images, mp4 output, bad files."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from data.video_io import (
+    ClipTooShortError,
+    VideoReadError,
+    check_frame_count,
+    encode_mp4,
+    probe,
+    read_clip,
+    read_video,
+    tensor_to_frames,
+    write_video,
+)
+
+from .conftest import BIKES, CARPHONE, truncated_copy, write_faststart_mp4
+
+
+def decode_all(path) -> np.ndarray:
+    """Every frame at native size, decoded from the start with plain PyAV: the reference."""
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def bikes_frames() -> np.ndarray:
+    return decode_all(BIKES)
+
+
+def test_frame_count_rule_names_nearest_valid_counts():
+    for n in (1, 5, 17, 33, 129):
+        check_frame_count(n)
+    with pytest.raises(ValueError, match="got 16: use 13 or 17"):
+        check_frame_count(16)
+    with pytest.raises(ValueError, match="got 2: use 1 or 5"):
+        check_frame_count(2)
+    for bad in (0, -3, 4.0, True):
+        with pytest.raises(ValueError, match="1 \\+ 4k"):
+            check_frame_count(bad)
+    with pytest.raises(ValueError, match="use 13 or 17"):
+        read_clip(BIKES, 16)
+
+
+def test_probe_real_clips():
+    bikes, carphone = probe(BIKES), probe(CARPHONE)
+    assert (bikes.fps, bikes.frames, bikes.width, bikes.height, bikes.codec) == (25.0, 250, 640, 272, "h264")
+    assert bikes.duration == pytest.approx(10.0)
+    assert carphone.fps == pytest.approx(30000 / 1001) and carphone.frames == 120
+    assert (carphone.width, carphone.height) == (176, 144)
+    assert probe(BIKES.read_bytes()) == bikes  # bytes and paths agree
+
+
+def test_native_window_matches_plain_decode(bikes_frames):
+    clip = read_clip(BIKES, 17, start=40)
+    assert clip.frames.dtype == np.uint8 and clip.frames.shape == (17, 272, 640, 3)
+    np.testing.assert_array_equal(clip.frames, bikes_frames[40:57])
+    assert (clip.start, clip.stride, clip.fps) == (40, 1.0, 25.0)
+
+
+BIKES_KEYFRAMES = (0, 30, 76, 137, 187, 242)
+
+
+@pytest.mark.parametrize("start", [0, 29, 30, 31, 100, 186, 187, 233])
+def test_seeking_gives_exactly_the_frames_of_decoding_from_the_start(start, bikes_frames):
+    seeked = read_clip(BIKES, 17, start=start, seek=True)
+    from_start = read_clip(BIKES, 17, start=start, seek=False)
+    np.testing.assert_array_equal(seeked.frames, from_start.frames)
+    np.testing.assert_array_equal(seeked.frames, bikes_frames[start : start + 17])
+    # seeking decodes from the last keyframe at or before the window, not from frame 0
+    keyframe = max(k for k in BIKES_KEYFRAMES if k <= start)
+    assert seeked.decoded == start - keyframe + 17
+    assert from_start.decoded == start + 17
+
+
+def test_target_fps_sets_the_stride(bikes_frames):
+    clip = read_clip(BIKES, 9, fps=12.5, start=10)  # 25 fps -> every 2nd frame
+    assert clip.stride == 2.0 and clip.fps == 12.5
+    np.testing.assert_array_equal(clip.frames, bikes_frames[10:27:2])
+    # a target faster than the file keeps the file's own rate
+    fast = read_clip(BIKES, 5, fps=60)
+    assert fast.stride == 1.0 and fast.fps == 25.0
+    # a fractional stride takes the nearest source frames: 29.97 / 10 = 2.997
+    reference = decode_all(CARPHONE)
+    clip = read_clip(CARPHONE, 9, fps=10)
+    assert clip.fps == pytest.approx(10.0)
+    np.testing.assert_array_equal(clip.frames, reference[[round(i * 2.997) for i in range(9)]])
+
+
+def test_window_positions():
+    total, n, stride = 250, 17, 2.0
+    last_start = total - 1 - (n - 1) * stride
+    assert read_clip(BIKES, n, fps=12.5, start="center", size=32).start == int(last_start) // 2
+    starts = {read_clip(BIKES, n, fps=12.5, start="random", size=32, rng=np.random.default_rng(s)).start for s in range(8)}
+    assert len(starts) > 1 and all(0 <= s <= last_start for s in starts)
+    a = read_clip(BIKES, n, start="random", size=32, rng=np.random.default_rng(3))
+    b = read_clip(BIKES, n, start="random", size=32, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(a.frames, b.frames)
+
+
+def test_resize_short_side_then_crop():
+    clip = read_clip(BIKES, 5, size=64)  # 640x272 -> 151x64 -> centre 64x64
+    assert clip.frames.shape == (5, 64, 64, 3)
+    rect = read_clip(BIKES, 5, size=(48, 80))
+    assert rect.frames.shape == (5, 48, 80, 3)
+    full = read_clip(BIKES, 5, size=(64, 151))  # the whole resized frame
+    np.testing.assert_array_equal(clip.frames, full.frames[:, :, 43:107])
+    crops = [read_clip(BIKES, 5, size=64, crop="random", rng=np.random.default_rng(s)).frames for s in range(4)]
+    assert any(not np.array_equal(crops[0], c) for c in crops[1:])
+    with pytest.raises(ValueError, match="crop must be"):
+        read_clip(BIKES, 5, size=64, crop="middle")
+
+
+def test_float_output_range_and_layout():
+    video = read_video(CARPHONE, 17, size=64)
+    assert video.shape == (3, 17, 64, 64) and video.dtype == torch.float32
+    assert video.min() >= -1.0 and video.max() <= 1.0 and video.min() < -0.5 and video.max() > 0.5
+    np.testing.assert_array_equal(tensor_to_frames(video), read_clip(CARPHONE, 17, size=64).frames)
+
+
+def test_clip_too_short():
+    with pytest.raises(ClipTooShortError, match="has 120"):
+        read_clip(CARPHONE, 33, fps=5)  # stride 6: needs 193 source frames
+    with pytest.raises(ClipTooShortError):
+        read_clip(BIKES, 17, start=240)
+
+
+def test_image_reads_as_one_frame_video(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    path = tmp_path / "still.png"
+    av.VideoFrame.from_ndarray(pixels, format="rgb24").to_image().save(path)
+    info = probe(path)
+    assert (info.frames, info.width, info.height, info.fps) == (1, 40, 24, 0.0)
+    clip = read_clip(path, 1)
+    np.testing.assert_array_equal(clip.frames[0], pixels)
+    assert read_clip(path.read_bytes(), 1, size=16).frames.shape == (1, 16, 16, 3)
+    with pytest.raises(ClipTooShortError, match="one-frame video"):
+        read_clip(path, 5)
+
+
+def test_write_mp4_round_trip(tmp_path):
+    frames = np.zeros((9, 48, 64, 3), np.uint8)
+    frames[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None, None, :]
+    for i in range(9):
+        frames[i, 10:26, 4 + 4 * i : 20 + 4 * i] = (40, 220, 90)
+    path = write_video(tmp_path / "out" / "clip.mp4", frames, fps=12)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["clip.mp4"]  # no temporary file left
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        assert (s.codec_context.name, s.format.name, s.width, s.height) == ("h264", "yuv420p", 64, 48)
+        assert s.average_rate == 12
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(s)])
+    assert decoded.shape == frames.shape
+    assert np.abs(decoded.astype(int) - frames).mean() < 3.0
+    # a float tensor in [-1, 1] writes the same video
+    as_tensor = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+    assert encode_mp4(as_tensor, 12) == encode_mp4(frames, 12)
+    with pytest.raises(ValueError, match="even width and height"):
+        encode_mp4(frames[:, :47], 12)
+
+
+def test_unreadable_files_raise_read_errors(tmp_path):
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is a shopping list, not a video\n")
+    with pytest.raises(VideoReadError):
+        probe(text)
+    with pytest.raises(VideoReadError):
+        read_clip(text, 1)
+    with pytest.raises(VideoReadError):
+        probe(truncated_copy(BIKES, tmp_path / "cut.mp4"))  # index at the end: cut off
+    faststart = write_faststart_mp4(tmp_path / "fs.mp4", 33)
+    assert probe(faststart).frames == 33
+    cut = truncated_copy(faststart, tmp_path / "fs_cut.mp4")  # index first: opens, frames missing
+    with pytest.raises(VideoReadError, match="truncated: the header promises 33 frames"):
+        probe(cut)
+    with pytest.raises(VideoReadError, match="truncated"):
+        read_clip(cut, 17, start=12)
