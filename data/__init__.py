@@ -3,6 +3,7 @@
 `data` is the bottom layer: `tokenizer`, `dit3d`, `train.py` and `sample.py` may import it; it imports none of them.
 """
 
+from .shards import LATENT_EXT, ShardWriter, latent_sample
 from .video_io import (
     Clip,
     ClipTooShortError,
