@@ -3,6 +3,7 @@
 `data` is the bottom layer: `tokenizer`, `dit3d`, `train.py` and `sample.py` may import it; it imports none of them.
 """
 
+from .loader import ShardLoader, SkipRecord, expand_urls, make_loader
 from .shards import LATENT_EXT, ShardWriter, latent_sample
 from .video_io import (
     Clip,
@@ -18,3 +19,25 @@ from .video_io import (
     tensor_to_frames,
     write_video,
 )
+
+__all__ = [
+    "Clip",
+    "ClipTooShortError",
+    "LATENT_EXT",
+    "ShardLoader",
+    "ShardWriter",
+    "SkipRecord",
+    "VideoInfo",
+    "VideoReadError",
+    "check_frame_count",
+    "encode_mp4",
+    "expand_urls",
+    "frames_to_tensor",
+    "latent_sample",
+    "make_loader",
+    "probe",
+    "read_clip",
+    "read_video",
+    "tensor_to_frames",
+    "write_video",
+]

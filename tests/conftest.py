@@ -7,11 +7,22 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
+
+from data.synthetic import SyntheticSpec, generate
 
 ASSETS = Path(__file__).parent / "assets"
 CLIPS = ASSETS / "clips"
 BIKES = CLIPS / "bikes.mp4"  # 640x272, 250 frames at 25 fps, keyframes at 0, 30, 76, 137, 187, 242
 CARPHONE = CLIPS / "carphone_pristine.mp4"  # 176x144, 120 frames at 29.97 fps, one keyframe
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """24 synthetic clips (17 frames, 64x64, 8 fps) in 6 shards of 4."""
+    out = tmp_path_factory.mktemp("synthetic")
+    generate(out, 24, SyntheticSpec(), seed=0, shard_size=4)
+    return out
 
 
 def write_faststart_mp4(path: Path, frames: int, size: int = 32, fps: int = 8) -> Path:

@@ -1,0 +1,341 @@
+"""Streaming captioned video (or latents) from WebDataset shards to many GPUs.
+
+    from data import make_loader
+    loader = make_loader("shards/{000000..000099}.tar", batch_size=8, frames=17, size=256, mode="train")
+    for batch in loader:          # batch["video"]: (B, 3, T, H, W) in [-1, 1]
+        ...
+    loader.skipped                # Counter of skipped samples by reason, summed over all workers
+
+Shards are assigned to readers, never samples: reader g of G (g = rank * num_workers + worker) takes
+shards g, g + G, g + 2G, ... of the sorted list.
+- mode="train": infinite. Each reader loops over its own shards, reshuffled every pass, and shuffles
+  samples in a buffer; so ranks do not read the same shards at once. With fewer shards than readers,
+  every reader draws from all shards (in its own order) and a warning says to write more shards.
+  Windows and crops are random. Everything is seeded: the same seed and reader layout give the same batches.
+- mode="eval": finite and ordered; every sample is read exactly once across all ranks and workers.
+  Windows start at frame 0, crops are centred, and the last batch may be smaller.
+
+A sample that cannot be used (undecodable video, clip too short for the window, no caption, no
+video, an unreadable shard) is skipped and counted by reason; `loader.skipped` and
+`loader.skip_log` expose them to the trainer, and the first few are logged as warnings.
+
+Latent shards (written by `LatentShardWriter` from the tokenizer's export) hold `KEY.latents.npy`
+(C, t, h, w), `KEY.txt` and `KEY.json`; their batches carry `latents` (B, C, t, h, w) instead of `video`.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shards import LATENT_EXT
+from .video_io import MEDIA_EXTENSIONS, ClipTooShortError, VideoInfo, VideoReadError, check_frame_count, read_clip
+
+log = logging.getLogger(__name__)
+
+_MAX_LOGGED_SKIPS = 10  # warnings printed before the loader only counts
+MAX_CONSECUTIVE_SKIPS = 1000  # a reader that skips this many in a row has a systematic problem: stop
+
+
+class SkipSample(Exception):
+    """Raised while decoding a sample that must be skipped; `reason` is the counter's key."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class SkipRecord:
+    reason: str  # corrupt | too_short | no_caption | no_video | bad_latents | bad_shard
+    key: str
+    url: str
+    detail: str
+
+
+def expand_urls(urls: str | os.PathLike | Sequence) -> list[str]:
+    """Shard URLs from a directory (its *.tar, sorted), a glob, a brace pattern, `pipe:` commands or a list."""
+    if isinstance(urls, (list, tuple)):
+        out = [u for item in urls for u in expand_urls(item)]
+    else:
+        spec = os.fspath(urls)
+        if spec.startswith("pipe:"):
+            out = list(braceexpand.braceexpand(spec))
+        elif os.path.isdir(spec):
+            out = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        elif any(ch in spec for ch in "*?["):
+            out = sorted(glob.glob(spec))
+        else:
+            out = list(braceexpand.braceexpand(spec))
+            missing = [u for u in out if "://" not in u and not os.path.exists(u)]
+            if missing:
+                raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if not out:
+        raise FileNotFoundError(f"no shards found at {urls!r}: give a folder of .tar shards, a glob, a brace pattern, pipe: commands or a list")
+    return out
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else from torchrun's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What each sample becomes: a window of `frames` frames at `fps`, cropped to `size`."""
+
+    frames: int | None  # 1 + 4k; None for latent shards (take what is stored)
+    size: tuple[int, int] | None
+    fps: float | None
+    window: str  # start | center | random
+    crop: str  # center | random
+    decode_threads: int = 0  # per decoder; 0: FFmpeg's default (one per core)
+
+
+def _decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> dict:
+    key = sample.get("__key__", "?")
+    caption = sample.get("txt")
+    caption = caption.decode("utf-8", errors="replace").strip() if isinstance(caption, bytes) else None
+    if not caption:
+        raise SkipSample("no_caption", "the sample has no KEY.txt caption, or it is empty")
+    meta = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SkipSample("corrupt", f"KEY.json does not parse: {e}") from e
+    if LATENT_EXT in sample:
+        return _decode_latents(sample[LATENT_EXT], caption, key, meta, spec)
+    ext = next((e for e in MEDIA_EXTENSIONS if e in sample), None)
+    if ext is None:
+        found = ", ".join(k for k in sample if not k.startswith("__"))
+        raise SkipSample("no_video", f"no video or image member (found: {found})")
+    info = None
+    if {"fps", "frames", "width", "height"} <= meta.keys():
+        info = VideoInfo.from_json(meta)
+    try:
+        clip = read_clip(sample[ext], spec.frames, fps=spec.fps, size=spec.size, start=spec.window,
+                         crop=spec.crop, rng=rng, info=info, threads=spec.decode_threads)
+    except ClipTooShortError as e:
+        raise SkipSample("too_short", str(e)) from e
+    except VideoReadError as e:
+        raise SkipSample("corrupt", str(e)) from e
+    return {"video": clip.to_tensor(), "caption": caption, "key": key, "fps": clip.fps, "meta": meta}
+
+
+def _decode_latents(data: bytes, caption: str, key: str, meta: dict, spec: ClipSpec) -> dict:
+    try:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SkipSample("bad_latents", f"KEY.latents.npy does not load: {e}") from e
+    if z.ndim != 4:
+        raise SkipSample("bad_latents", f"latents must be (C, t, h, w), got shape {z.shape}")
+    if spec.frames is not None and meta.get("frames") not in (None, spec.frames):
+        raise SkipSample("too_short", f"latents encode {meta['frames']} frames, {spec.frames} were asked for")
+    if spec.size is not None and (meta.get("height"), meta.get("width")) not in ((None, None), spec.size):
+        raise SkipSample("bad_latents", f"latents encode {meta.get('height')}x{meta.get('width')}, {spec.size} was asked for")
+    return {"latents": torch.from_numpy(z.astype(np.float32)), "caption": caption, "key": key,
+            "fps": float(meta.get("fps", 0.0)), "meta": meta}
+
+
+def collate(samples: list[dict]) -> dict:
+    tensor_key = "latents" if "latents" in samples[0] else "video"
+    shapes = {tuple(s[tensor_key].shape) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"samples in one batch have different shapes {sorted(shapes)}: give a size (frames are then "
+                         f"resized and cropped to it), or write latent shards at one size")
+    return {
+        tensor_key: torch.stack([s[tensor_key] for s in samples]),  # (B, C, T, H, W)
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
+        "meta": [s["meta"] for s in samples],
+    }
+
+
+class ShardStream(IterableDataset):
+    """The per-reader pipeline: shards -> WebDataset samples -> (shuffle) -> decode -> batches.
+
+    Each yielded batch carries `__skips__`, the SkipRecords met since the previous batch, and the
+    stream ends with a batch-less item holding the rest, so that no skip goes uncounted.
+    """
+
+    def __init__(self, urls: list[str], spec: ClipSpec, batch_size: int, mode: str, seed: int,
+                 rank: int, world_size: int, shuffle_buffer: int):
+        self.urls, self.spec, self.batch_size, self.mode, self.seed = urls, spec, batch_size, mode, seed
+        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+
+    def _reader(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * num_workers + worker, self.world_size * num_workers
+
+    def _shard_source(self, reader: int, readers: int) -> Iterator[dict]:
+        if self.mode == "eval":
+            yield from ({"url": u} for u in self.urls[reader::readers])
+            return
+        mine = self.urls[reader::readers] if len(self.urls) >= readers else list(self.urls)
+        rng = random.Random(f"shards-{self.seed}-{reader}")
+        while True:  # infinite: a fresh order each pass over this reader's shards
+            order = list(mine)
+            rng.shuffle(order)
+            yield from ({"url": u} for u in order)
+
+    def __iter__(self):
+        reader, readers = self._reader()
+        skips: list[SkipRecord] = []
+        run = [0]  # skips since the last good sample
+
+        def skip(rec: SkipRecord) -> None:
+            skips.append(rec)
+            run[0] += 1
+            if run[0] >= MAX_CONSECUTIVE_SKIPS:
+                raise RuntimeError(
+                    f"reader {reader} skipped {run[0]} samples in a row, the last for {rec.reason}: {rec.detail} "
+                    f"({rec.url}); check the shards and the requested frames, size and fps"
+                )
+
+        def on_shard_error(exn: Exception) -> bool:
+            url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in self.urls), "?")
+            skip(SkipRecord("bad_shard", "", url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"))
+            return True  # go on with the next shard
+
+        samples = wds.tarfile_to_samples(handler=on_shard_error)(self._shard_source(reader, readers))
+        if self.mode == "train":
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4,
+                                  rng=random.Random(f"samples-{self.seed}-{reader}"))(samples)
+        rng = np.random.default_rng([self.seed, reader])  # windows and crops
+        batch: list[dict] = []
+        for sample in samples:
+            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+            try:
+                batch.append(_decode_sample(sample, self.spec, rng))
+            except SkipSample as s:
+                skip(SkipRecord(s.reason, key, url, s.detail))
+                continue
+            except Exception as e:  # decoding untrusted media can fail in any way; one sample never stops a run
+                skip(SkipRecord("corrupt", key, url, f"{type(e).__name__}: {e}"))
+                continue
+            run[0] = 0
+            if len(batch) == self.batch_size:
+                out = collate(batch) | {"__skips__": skips[:]}
+                batch, skips[:] = [], []
+                yield out
+        if batch and self.mode == "eval":
+            yield collate(batch) | {"__skips__": skips[:]}
+            skips.clear()
+        yield {"__skips__": skips[:], "__end__": True}
+
+
+class ShardLoader:
+    """Iterable of batches over shards, with skip accounting gathered from all worker processes."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int, pin_memory: bool, prefetch_factor: int | None):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                  persistent_workers=False, **kwargs)
+        self.skipped: Counter = Counter()
+        self.skip_log: list[SkipRecord] = []  # every skipped sample, in the order met
+
+    def __iter__(self) -> Iterator[dict]:
+        for item in self._loader:
+            for rec in item.pop("__skips__"):
+                self.skipped[rec.reason] += 1
+                self.skip_log.append(rec)
+                if len(self.skip_log) <= _MAX_LOGGED_SKIPS:
+                    log.warning("skipped %s from %s (%s): %s", rec.key or "a shard", rec.url, rec.reason, rec.detail)
+                    if len(self.skip_log) == _MAX_LOGGED_SKIPS:
+                        log.warning("further skipped samples are counted, not logged; see loader.skipped")
+            if item.pop("__end__", False):
+                continue
+            yield item
+
+    @property
+    def samples_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def report(self) -> str:
+        if not self.skipped:
+            return "no samples skipped"
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        return f"skipped {self.samples_skipped} samples ({parts})"
+
+
+def make_loader(
+    urls,
+    batch_size: int,
+    frames: int | None,
+    size: int | tuple[int, int] | None,
+    mode: str = "train",
+    num_workers: int = 2,
+    *,
+    fps: float | None = None,
+    seed: int = 0,
+    window: str | None = None,
+    crop: str | None = None,
+    shuffle_buffer: int = 64,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = 2,
+    decode_threads: int | None = None,
+) -> ShardLoader:
+    """Batches of `video` (B, 3, frames, H, W) in [-1, 1] (or `latents`), `caption`, `key`, `fps`, `meta`.
+
+    urls: a folder of shards, a glob, a brace pattern (`shards/{000000..000099}.tar`), `pipe:` commands
+      (`pipe:aws s3 cp s3://bucket/{000..009}.tar -`) or a list of these.
+    frames: 1 + 4k; size: int (square) or (H, W); fps: target rate (None: the file's own).
+    mode: "train" (infinite, shuffled, random windows and crops) or "eval" (finite, ordered, each sample once).
+    window / crop: override the mode's default ("random"/"random" for train, "start"/"center" for eval).
+    shuffle_buffer: samples each train reader holds to shuffle across shards; they are raw file bytes,
+      so memory per worker is about shuffle_buffer times the mean file size.
+    rank / world_size: default to torch.distributed's, or torchrun's RANK / WORLD_SIZE.
+    decode_threads: threads per video decoder. Default: the node's cores shared among all its readers
+      (LOCAL_WORLD_SIZE ranks x num_workers), so that many readers do not oversubscribe the CPU.
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if frames is not None:
+        check_frame_count(frames)
+    if rank is None or world_size is None:
+        rank, world_size = dist_rank_world()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    url_list = expand_urls(urls)
+    readers = world_size * max(1, num_workers)
+    if mode == "train" and len(url_list) < readers:
+        log.warning("%d shards for %d readers (%d ranks x %d workers): readers share shards; write at least %d shards",
+                    len(url_list), readers, world_size, max(1, num_workers), readers)
+    if decode_threads is None:
+        readers_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, num_workers)
+        decode_threads = max(1, (os.cpu_count() or 1) // readers_on_node)
+    train = mode == "train"
+    spec = ClipSpec(
+        frames=frames,
+        size=(size, size) if isinstance(size, int) else (tuple(size) if size is not None else None),
+        fps=fps,
+        window=window or ("random" if train else "start"),
+        crop=crop or ("random" if train else "center"),
+        decode_threads=decode_threads,
+    )
+    dataset = ShardStream(url_list, spec, batch_size, mode, seed, rank, world_size, shuffle_buffer)
+    return ShardLoader(dataset, num_workers, pin_memory, prefetch_factor)
