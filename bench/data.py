@@ -1,0 +1,117 @@
+"""Data pipeline benchmark: loader throughput by worker count, and seeking against decoding from the start.
+
+    python bench/data.py [--clips DIR] [--batches 20] [--out bench/results/data.json]
+
+1. Clips per second out of `make_loader` (train mode) with 0, 1 and 2 workers, on shards of the real
+   clips (resized and cropped to 128x128) and on the synthetic set (64x64), 17-frame windows.
+2. The time to decode a 17-frame window at several positions of each real clip, seeking to the
+   keyframe before it against decoding from the file's start, and their ratio.
+Prints a table and writes JSON. Timings are wall-clock medians on this machine; compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data import make_loader, probe, read_clip  # noqa: E402
+from data.make_shards import Candidate, make_shards  # noqa: E402
+from data.synthetic import SyntheticSpec, generate  # noqa: E402
+
+DEFAULT_CLIPS = ROOT.parent / "shared" / "data" / "clips"
+FALLBACK_CLIPS = ROOT / "tests" / "assets" / "clips"
+
+
+def loader_throughput(shards: Path, frames: int, size: int, workers: int, batch_size: int, batches: int) -> dict:
+    loader = make_loader(shards, batch_size, frames, size, mode="train", num_workers=workers, seed=0)
+    it = iter(loader)
+    t0 = time.perf_counter()
+    next(it)  # worker start-up and the first shuffle buffer
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    elapsed = time.perf_counter() - t0
+    del it
+    return {"workers": workers, "clips_per_s": batches * batch_size / elapsed, "first_batch_s": first}
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def seek_vs_start(path: Path, frames: int, repeats: int) -> list[dict]:
+    info = probe(path)
+    last = info.frames - frames
+    rows = []
+    for start in sorted({0, last // 4, last // 2, (3 * last) // 4, last}):
+        seek = median_time(lambda: read_clip(path, frames, start=start, seek=True, info=info), repeats)
+        full = median_time(lambda: read_clip(path, frames, start=start, seek=False, info=info), repeats)
+        rows.append({"clip": path.name, "start": start, "seek_ms": seek * 1e3, "from_start_ms": full * 1e3,
+                     "speedup": full / seek})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=Path, default=DEFAULT_CLIPS if DEFAULT_CLIPS.is_dir() else FALLBACK_CLIPS)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5, help="repeats per seek timing (median)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the loader's work is decoding; keep torch from competing for the 2 cores
+
+    clips = sorted(args.clips.glob("*.mp4"))
+    if not clips:
+        raise SystemExit(f"error: no .mp4 clips in {args.clips}")
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "throughput": [], "seek": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        real = Path(tmp) / "real"
+        make_shards([Candidate(p, p.name, f"clip {p.stem}") for p in clips], real, shard_size=1, log=lambda *_: None)
+        synth = Path(tmp) / "synthetic"
+        generate(synth, 64, SyntheticSpec(), seed=0, shard_size=8)
+        for name, shards, size in (("real clips", real, 128), ("synthetic", synth, 64)):
+            for workers in (0, 1, 2):
+                row = loader_throughput(shards, 17, size, workers, args.batch_size, args.batches)
+                results["throughput"].append({"data": name, "size": size, "frames": 17} | row)
+    for clip in clips:
+        results["seek"] += seek_vs_start(clip, 17, args.repeats)
+
+    print("\nLoader throughput (train mode, 17 frames, batch %d)" % args.batch_size)
+    print("| data | size | workers | clips/s | vs 0 workers | first batch (s) |")
+    print("|---|---|---|---|---|---|")
+    base = {}
+    for r in results["throughput"]:
+        base.setdefault(r["data"], r["clips_per_s"])
+        print(f"| {r['data']} | {r['size']} | {r['workers']} | {r['clips_per_s']:.1f} | "
+              f"{r['clips_per_s'] / base[r['data']]:.2f}x | {r['first_batch_s']:.2f} |")
+    print("\nDecoding a 17-frame window at native size: seek to the keyframe before it vs decode from frame 0")
+    print("| clip | start frame | seek (ms) | from start (ms) | speed-up |")
+    print("|---|---|---|---|---|")
+    for r in results["seek"]:
+        print(f"| {r['clip']} | {r['start']} | {r['seek_ms']:.1f} | {r['from_start_ms']:.1f} | {r['speedup']:.2f}x |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
