@@ -1,0 +1,190 @@
+"""CausalVAE: shapes, causality, chunked = whole clip, checkpoints, input errors, latent statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tokenizer import CausalCache, CausalVAE, DiagonalGaussian, VAEConfig, preset
+
+
+def randomized(model: CausalVAE, seed: int = 0) -> CausalVAE:
+    """Random weights everywhere, including the residual branches that start at zero, so that every
+    path of the network carries signal and a causality or chunking bug shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim == 5:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+            elif name.endswith("weight"):  # norm scales
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def vae() -> CausalVAE:
+    torch.manual_seed(0)
+    return randomized(CausalVAE.from_preset("tiny"))
+
+
+@pytest.mark.parametrize("frames", [1, 5, 17, 33])
+def test_shapes(vae, frames):
+    video = torch.rand(2, 3, frames, 32, 48) * 2 - 1
+    with torch.no_grad():
+        posterior = vae.encode(video)
+        recon = vae.decode(posterior.sample())
+    latents = 1 + (frames - 1) // 4
+    assert posterior.mean.shape == posterior.logvar.shape == (2, 16, latents, 4, 6)
+    assert vae.latent_shape(frames, 32, 48) == (16, latents, 4, 6)
+    assert recon.shape == video.shape
+
+
+def test_configurable_factors():
+    cfg = preset("tiny", spatial_factor=16, channels=(48, 96, 192), latent_channels=48)  # 4x16x16, 48 channels
+    model = CausalVAE(cfg).eval()
+    with torch.no_grad():
+        z = model.encode(torch.zeros(1, 3, 9, 32, 32)).mean
+        assert z.shape == (1, 48, 3, 2, 2)
+        assert model.decode(z).shape == (1, 3, 9, 32, 32)
+    with pytest.raises(ValueError, match="must equal spatial_factor"):
+        preset("tiny", spatial_factor=16)
+
+
+def test_encoder_is_causal(vae):
+    """The latents of the first 1 + 4j frames do not depend on any later frame."""
+    video = torch.rand(1, 3, 33, 32, 32) * 2 - 1
+    with torch.no_grad():
+        full = vae.encode(video)
+        for j in range(4):
+            head = vae.encode(video[:, :, : 1 + 4 * j])
+            torch.testing.assert_close(head.mean, full.mean[:, :, : 1 + j], rtol=0, atol=1e-5)
+            torch.testing.assert_close(head.logvar, full.logvar[:, :, : 1 + j], rtol=0, atol=1e-5)
+        changed = video.clone()
+        changed[:, :, 9:] = torch.rand_like(changed[:, :, 9:])  # change every frame after frame 8
+        other = vae.encode(changed).mean
+    torch.testing.assert_close(other[:, :, :3], full.mean[:, :, :3], rtol=0, atol=1e-5)
+    assert (other[:, :, 3:] - full.mean[:, :, 3:]).abs().max() > 1e-3  # later latents do see them
+
+
+def test_decoder_is_causal(vae):
+    z = torch.randn(1, 16, 6, 4, 4)
+    with torch.no_grad():
+        full = vae.decode(z)
+        for j in range(1, 6):
+            torch.testing.assert_close(vae.decode(z[:, :, :j]), full[:, :, : 1 + 4 * (j - 1)], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_chunked_equals_whole_clip(vae, chunk):
+    video = torch.rand(2, 3, 29, 32, 40) * 2 - 1  # 8 latent frames: chunks do not divide it evenly for 3
+    with torch.no_grad():
+        whole = vae.encode(video)
+        chunked = vae.encode(video, chunk=chunk)
+        torch.testing.assert_close(chunked.mean, whole.mean, rtol=0, atol=1e-5)
+        torch.testing.assert_close(chunked.logvar, whole.logvar, rtol=0, atol=1e-5)
+        frames = vae.decode(whole.mean)
+        torch.testing.assert_close(vae.decode(whole.mean, chunk=chunk), frames, rtol=0, atol=1e-5)
+        pieces = list(vae.decode_chunks(whole.mean, chunk))
+    assert [p.shape[2] for p in pieces] == [1 + 4 * (min(chunk, 8) - 1)] + [4 * min(chunk, 8 - i) for i in range(chunk, 8, chunk)]
+    torch.testing.assert_close(torch.cat(pieces, dim=2), frames, rtol=0, atol=1e-5)
+
+
+def test_cache_holds_a_fixed_number_of_frames(vae):
+    """Memory in chunked mode is bounded: the cache stops growing after the first chunk."""
+    cache = CausalCache()
+    z = torch.randn(1, 16, 9, 4, 4)
+    sizes = []
+    with torch.no_grad():
+        for i in range(9):
+            vae.decoder(z[:, :, i : i + 1], cache)
+            sizes.append(cache.nbytes())
+    assert len(set(sizes)) == 1 and len(cache) == sum(1 for m in vae.decoder.modules() if getattr(m, "time_pad", 0))
+
+
+def test_input_errors_name_the_nearest_valid_values(vae):
+    with pytest.raises(ValueError, match="got 16: use 13 or 17"):
+        vae.encode(torch.zeros(1, 3, 16, 32, 32))
+    with pytest.raises(ValueError, match="height 250 is not divisible by the spatial factor 8: use 248 or 256"):
+        vae.encode(torch.zeros(1, 3, 1, 250, 32))
+    with pytest.raises(ValueError, match="width 4 .* use 8"):
+        vae.encode(torch.zeros(1, 3, 1, 32, 4))
+    with pytest.raises(ValueError, match=r"expected video \(B, 3, T, H, W\)"):
+        vae.encode(torch.zeros(3, 5, 32, 32))
+    with pytest.raises(ValueError, match="expected latents"):
+        vae.decode(torch.zeros(1, 4, 2, 4, 4))
+    with pytest.raises(ValueError, match="chunk must be at least 1"):
+        vae.encode(torch.zeros(1, 3, 9, 32, 32), chunk=0)
+
+
+def test_save_and_load_round_trip(vae, tmp_path):
+    vae.set_latent_stats(torch.linspace(-1, 1, 16), torch.linspace(0.5, 2, 16))
+    vae.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    record = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert record["kind"] == "tokenizer" and record["config"]["channels"] == [32, 64]
+    loaded = CausalVAE.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config == vae.config
+    video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(video).mean, vae.encode(video).mean, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.latent_std, vae.latent_std)
+    with pytest.raises(FileNotFoundError, match="no tokenizer checkpoint at .*missing_dir"):
+        CausalVAE.from_pretrained(tmp_path / "missing_dir")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete tokenizer checkpoint .* model.safetensors is missing"):
+        CausalVAE.from_pretrained(tmp_path / "ckpt")
+
+
+def test_latent_normalization(vae):
+    vae.set_latent_stats(torch.full((16,), 0.5), torch.full((16,), 3.0))
+    z = torch.randn(2, 16, 3, 4, 4) * 3 + 0.5
+    n = vae.normalize(z)
+    torch.testing.assert_close(n, (z - 0.5) / 3)
+    torch.testing.assert_close(vae.denormalize(n), z)
+
+
+def test_posterior():
+    mean, logvar = torch.zeros(2, 4, 1, 2, 2), torch.zeros(2, 4, 1, 2, 2)
+    post = DiagonalGaussian(mean, logvar)
+    assert post.kl().shape == (2,) and post.kl().abs().max() == 0
+    assert DiagonalGaussian(mean + 1, logvar).kl().tolist() == [8.0, 8.0]  # 0.5 * 1^2 per element, 16 elements
+    a = post.sample(torch.Generator().manual_seed(1))
+    b = post.sample(torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.std() > 0.5
+
+
+def test_fresh_model_starts_near_deterministic_and_trains():
+    """At initialisation the posterior is narrow and a few optimiser steps reduce the L1 loss."""
+    torch.manual_seed(0)
+    model = CausalVAE.from_preset("tiny")
+    video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    recon, posterior = model(video)
+    assert posterior.std.max() < 0.1
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        recon, posterior = model(video)
+        loss = (recon - video).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_presets_match_the_field():
+    sizes = {name: sum(p.numel() for p in CausalVAE(preset(name)).parameters()) for name in ("tiny", "small")}
+    assert sizes["tiny"] < 3e6 and 5e6 < sizes["small"] < 20e6
+    base = VAEConfig.from_dict(json.loads(preset("base").to_json()))  # round trip through JSON, no pickle
+    with torch.device("meta"):
+        n_base = sum(p.numel() for p in CausalVAE(base).parameters())
+    assert 100e6 < n_base < 250e6
+    with pytest.raises(ValueError, match="unknown tokenizer preset 'huge'"):
+        preset("huge")
+    with pytest.raises(ValueError, match="unknown tokenizer config fields"):
+        VAEConfig.from_dict({"channels": [8, 16], "depth": 3})

@@ -1,0 +1,72 @@
+"""The tokenizer's configuration: a typed dataclass with named presets, stored as JSON beside the weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3  # RGB
+    latent_channels: int = 16  # channels of the latent grid
+    temporal_factor: int = 4  # frames per latent frame after the first: T = 1 + temporal_factor * k
+    spatial_factor: int = 8  # pixels per latent cell along each side
+    patch_size: int = 4  # space-to-depth at the input; the rest of spatial_factor is done by strided stages
+    channels: tuple[int, ...] = (64, 128)  # width of each stage; len(channels) - 1 stages halve the size
+    encoder_blocks: int = 2  # residual blocks per encoder stage
+    decoder_blocks: int = 2  # residual blocks per decoder stage
+    mid_blocks: int = 1  # residual blocks at the latent resolution, in each of encoder and decoder
+    temporal_kernel: int = 3  # causal conv kernel along time (at the latent frame rate)
+    logvar_init: float = -6.0  # initial posterior log-variance bias: start nearly deterministic
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(self.channels))
+        for name in ("temporal_factor", "spatial_factor", "patch_size"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        downs = len(self.channels) - 1
+        if self.patch_size * 2**downs != self.spatial_factor:
+            raise ValueError(
+                f"patch_size ({self.patch_size}) x 2^(stages - 1) ({2**downs}) must equal spatial_factor "
+                f"({self.spatial_factor}); change patch_size or the number of channels entries"
+            )
+        for a, b in zip(self.channels, self.channels[1:]):
+            if (4 * a) % b:
+                raise ValueError(f"stage widths {a} -> {b}: 4 x {a} must be divisible by {b} (space-to-channel shortcut)")
+        if self.channels[-1] % self.latent_channels:
+            raise ValueError(f"the last width {self.channels[-1]} must be a multiple of latent_channels {self.latent_channels}")
+        if self.temporal_kernel < 1:
+            raise ValueError(f"temporal_kernel must be at least 1, got {self.temporal_kernel}")
+
+    @property
+    def compression(self) -> tuple[int, int, int]:
+        return self.temporal_factor, self.spatial_factor, self.spatial_factor
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown tokenizer config fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, VAEConfig] = {
+    # tests and the CPU quickstart: 1.7M parameters
+    "tiny": VAEConfig(channels=(32, 64), encoder_blocks=1, decoder_blocks=1, mid_blocks=1),
+    # CPU training in tens of minutes: 9.2M parameters
+    "small": VAEConfig(channels=(64, 128), encoder_blocks=2, decoder_blocks=3, mid_blocks=1),
+    # the field's size (Wan-VAE 127M, CogVideoX 215M): 173M parameters
+    "base": VAEConfig(patch_size=2, channels=(128, 256, 512), encoder_blocks=2, decoder_blocks=3, mid_blocks=2),
+}
+
+
+def preset(name: str, **overrides) -> VAEConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)

@@ -1,0 +1,340 @@
+"""CausalVAE: a causal 3D VAE that compresses video 4x in time and 8x in space (by default).
+
+Layout. The first frame is replicated `temporal_factor - 1` times on the past side, so a clip of
+1 + 4k frames becomes k + 1 groups of 4 frames; time-to-depth and space-to-depth then fold each group's
+(4, p, p) pixels into channels, and every layer after that runs at the latent frame rate. Latent frame
+j therefore sees only groups 0..j, that is frames 0..4j: causal by construction, and a single image is
+one group. Strided stages halve the spatial size until it is spatial_factor smaller.
+
+Causality. Every temporal convolution pads on the past side only, replicating the first frame, and
+the only normalisation is an RMS norm over channels at each voxel: nothing mixes frames except causal
+convolutions. So the latents of the first 1 + 4j frames do not depend on later frames.
+
+Chunks. A `CausalCache` carries, for each temporal convolution, the last `kernel - 1` frames it saw.
+Encoding or decoding chunk by chunk with one cache gives the whole-clip result exactly, with memory
+bounded by the chunk length.
+
+Shortcuts. Down- and up-sampling blocks add non-parametric shortcuts (space-to-channel then channel
+averaging; channel duplication then channel-to-space, as in DC-AE), and so do the latent ends of the
+encoder and decoder, so the network starts close to a linear patch codec and trains quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
+
+from .config import VAEConfig, preset
+
+
+class CausalCache:
+    """The past frames each temporal convolution needs when the next chunk arrives.
+
+    One cache serves one pass over one clip (encode or decode); start a new one for the next clip.
+    """
+
+    def __init__(self):
+        self._frames: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self._frames.get(key)
+
+    def put(self, key: str, frames: torch.Tensor) -> None:
+        self._frames[key] = frames
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._frames.values())
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d over (T, H, W) that pads time on the past side only, replicating the first frame."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int, int], spatial_stride: int = 1):
+        super().__init__()
+        kt, kh, kw = kernel
+        self.time_pad = kt - 1
+        self.conv = nn.Conv3d(cin, cout, kernel, stride=(1, spatial_stride, spatial_stride), padding=(0, kh // 2, kw // 2))
+        self.cache_key = ""  # set by CausalVAE to the module's name
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        if self.time_pad:
+            past = cache.get(self.cache_key) if cache is not None else None
+            if past is None:  # the clip's first chunk: replicate its first frame
+                past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+            x = torch.cat([past, x], dim=2)  # (B, C, pad + T, H, W)
+            if cache is not None:
+                cache.put(self.cache_key, x[:, :, -self.time_pad :])
+        return self.conv(x)
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMS norm over channels at each voxel: never mixes frames or positions."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight.view(1, -1, 1, 1, 1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, kt: int):
+        super().__init__()
+        self.norm1 = ChannelRMSNorm(channels)
+        self.conv1 = CausalConv3d(channels, channels, (kt, 3, 3))
+        self.norm2 = ChannelRMSNorm(channels)
+        self.conv2 = CausalConv3d(channels, channels, (kt, 3, 3))
+        nn.init.zeros_(self.conv2.conv.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.conv.bias)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)
+        return x + self.conv2(F.silu(self.norm2(h)), cache)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: a strided causal conv plus space-to-channel, averaged down to `cout` channels."""
+
+    def __init__(self, cin: int, cout: int, kt: int):
+        super().__init__()
+        self.conv = CausalConv3d(cin, cout, (kt, 3, 3), spatial_stride=2)
+        self.group = 4 * cin // cout
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+        shortcut = rearrange(x, "b c t (h p) (w q) -> b (c p q) t h w", p=2, q=2)  # (B, 4C, T, H/2, W/2)
+        shortcut = reduce(shortcut, "b (c g) t h w -> b c t h w", "mean", g=self.group)
+        return self.conv(x, cache) + shortcut
+
+
+class Upsample(nn.Module):
+    """Double H and W: a causal conv to 4 x `cout` channels then channel-to-space, plus duplicated channels."""
+
+    def __init__(self, cin: int, cout: int, kt: int):
+        super().__init__()
+        self.conv = CausalConv3d(cin, 4 * cout, (kt, 3, 3))
+        self.repeats = 4 * cout // cin
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+        h = self.conv(x, cache) + repeat(x, "b c t h w -> b (c r) t h w", r=self.repeats)
+        return rearrange(h, "b (c p q) t h w -> b c t (h p) (w q)", p=2, q=2)  # (B, cout, T, 2H, 2W)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        kt, chans = cfg.temporal_kernel, cfg.channels
+        patch_dim = cfg.in_channels * cfg.temporal_factor * cfg.patch_size**2
+        self.conv_in = CausalConv3d(patch_dim, chans[0], (kt, 3, 3))
+        self.stages = nn.ModuleList()
+        for i, c in enumerate(chans):
+            stage = nn.ModuleList(ResBlock(c, kt) for _ in range(cfg.encoder_blocks))
+            if i + 1 < len(chans):
+                stage.append(Downsample(c, chans[i + 1], kt))
+            self.stages.append(stage)
+        self.mid = nn.ModuleList(ResBlock(chans[-1], kt) for _ in range(cfg.mid_blocks))
+        self.norm_out = ChannelRMSNorm(chans[-1])
+        self.conv_out = CausalConv3d(chans[-1], 2 * cfg.latent_channels, (kt, 3, 3))
+        nn.init.constant_(self.conv_out.conv.bias[cfg.latent_channels :], cfg.logvar_init)
+        self.latent_channels = cfg.latent_channels
+
+    def forward(self, patches: torch.Tensor, cache: CausalCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.conv_in(patches, cache)
+        for block in [b for stage in self.stages for b in stage] + list(self.mid):
+            h = block(h, cache)
+        moments = self.conv_out(F.silu(self.norm_out(h)), cache)  # (B, 2L, t, h, w)
+        mean, logvar = moments.chunk(2, dim=1)
+        mean = mean + reduce(h, "b (l g) t h w -> b l t h w", "mean", l=self.latent_channels)
+        return mean, logvar
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        kt, chans = cfg.temporal_kernel, cfg.channels
+        self.conv_in = CausalConv3d(cfg.latent_channels, chans[-1], (kt, 3, 3))
+        self.repeats = chans[-1] // cfg.latent_channels
+        self.mid = nn.ModuleList(ResBlock(chans[-1], kt) for _ in range(cfg.mid_blocks))
+        self.stages = nn.ModuleList()
+        for i in reversed(range(len(chans))):
+            stage = nn.ModuleList(ResBlock(chans[i], kt) for _ in range(cfg.decoder_blocks))
+            if i > 0:
+                stage.append(Upsample(chans[i], chans[i - 1], kt))
+            self.stages.append(stage)
+        self.norm_out = ChannelRMSNorm(chans[0])
+        self.conv_out = CausalConv3d(chans[0], cfg.in_channels * cfg.temporal_factor * cfg.patch_size**2, (kt, 3, 3))
+
+    def forward(self, z: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+        h = self.conv_in(z, cache) + repeat(z, "b l t h w -> b (l r) t h w", r=self.repeats)
+        for block in list(self.mid) + [b for stage in self.stages for b in stage]:
+            h = block(h, cache)
+        return self.conv_out(F.silu(self.norm_out(h)), cache)  # (B, C * pt * p * p, t, H/p, W/p)
+
+
+class DiagonalGaussian:
+    """The encoder's posterior q(z | x) = N(mean, exp(logvar)), per latent element."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean = mean
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, 1)) summed over each sample's latent elements: (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)
+
+
+def _nearest_multiples(n: int, m: int) -> str:
+    lower = max(m, n // m * m)
+    return f"{lower} or {lower + m}" if lower != n else str(n)
+
+
+class CausalVAE(nn.Module):
+    """Video (B, 3, 1 + 4k, H, W) in [-1, 1]  <->  latents (B, 16, 1 + k, H/8, W/8)."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # per-channel latent statistics measured on data, so that normalize() gives unit-scale latents
+        self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
+        self.register_buffer("latent_std", torch.ones(config.latent_channels))
+        for name, module in self.named_modules():
+            if isinstance(module, CausalConv3d):
+                module.cache_key = name
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CausalVAE":
+        return cls(preset(name, **overrides))
+
+    # ---- shapes ---------------------------------------------------------------------------------
+
+    def check_video(self, video: torch.Tensor) -> None:
+        """Raise a ValueError naming the nearest valid sizes unless video is (B, C, 1 + tk, H, W) with H, W
+        divisible by the spatial factor."""
+        cfg = self.config
+        if video.ndim != 5 or video.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected video (B, {cfg.in_channels}, T, H, W), got shape {tuple(video.shape)}")
+        t, h, w = video.shape[2:]
+        tf, sf = cfg.temporal_factor, cfg.spatial_factor
+        if (t - 1) % tf:
+            lower = 1 + (t - 1) // tf * tf
+            raise ValueError(f"the frame count must be 1 + {tf}k (1, {1 + tf}, {1 + 2 * tf}, ...); got {t}: use {lower} or {lower + tf}")
+        for name, n in (("height", h), ("width", w)):
+            if n % sf:
+                raise ValueError(f"{name} {n} is not divisible by the spatial factor {sf}: use {_nearest_multiples(n, sf)}")
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        cfg = self.config
+        return cfg.latent_channels, 1 + (frames - 1) // cfg.temporal_factor, height // cfg.spatial_factor, width // cfg.spatial_factor
+
+    def _patchify(self, video: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        first = video[:, :, :1].expand(-1, -1, cfg.temporal_factor - 1, -1, -1)
+        padded = torch.cat([first, video], dim=2)  # (B, C, tf * (k + 1), H, W)
+        return rearrange(padded, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w",
+                         pt=cfg.temporal_factor, ph=cfg.patch_size, pw=cfg.patch_size)
+
+    def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return rearrange(patches, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
+                         c=cfg.in_channels, pt=cfg.temporal_factor, ph=cfg.patch_size, pw=cfg.patch_size)
+
+    # ---- encode / decode ------------------------------------------------------------------------
+
+    def encode(self, video: torch.Tensor, chunk: int | None = None) -> DiagonalGaussian:
+        """The posterior over latents (B, L, 1 + k, H/s, W/s). `chunk`: latent frames per step (bounded memory)."""
+        self.check_video(video)
+        patches = self._patchify(video)  # (B, C * pt * p * p, 1 + k, H/p, W/p)
+        if chunk is None or chunk >= patches.shape[2]:
+            return DiagonalGaussian(*self.encoder(patches, None))
+        cache = CausalCache()
+        parts = [self.encoder(patches[:, :, i : i + chunk], cache) for i in range(0, patches.shape[2], self._chunk(chunk))]
+        return DiagonalGaussian(torch.cat([m for m, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2))
+
+    def decode(self, latents: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Video (B, C, 1 + 4k, H, W) from latents (B, L, 1 + k, h, w). `chunk`: latent frames per step."""
+        self._check_latents(latents)
+        b, _, t, h, w = latents.shape
+        cfg = self.config
+        if chunk is None or chunk >= t:
+            return self._unpatchify(self.decoder(latents, None))[:, :, cfg.temporal_factor - 1 :]
+        out = latents.new_empty(b, cfg.in_channels, 1 + (t - 1) * cfg.temporal_factor, h * cfg.spatial_factor, w * cfg.spatial_factor)
+        start = 0
+        for frames in self.decode_chunks(latents, chunk):
+            out[:, :, start : start + frames.shape[2]] = frames
+            start += frames.shape[2]
+        return out
+
+    def decode_chunks(self, latents: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+        """Decode `chunk` latent frames at a time, yielding their video frames in order, so a long video can
+        be written to disk as it is decoded, with memory bounded by the chunk."""
+        self._check_latents(latents)
+        cache = CausalCache()
+        drop = self.config.temporal_factor - 1  # the replicated copies of the first frame
+        for i in range(0, latents.shape[2], self._chunk(chunk)):
+            frames = self._unpatchify(self.decoder(latents[:, :, i : i + chunk], cache))
+            yield frames[:, :, drop:] if i == 0 else frames
+
+    def forward(self, video: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruction and posterior, for training."""
+        posterior = self.encode(video)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 5 or latents.shape[1] != self.config.latent_channels:
+            raise ValueError(f"expected latents (B, {self.config.latent_channels}, t, h, w), got shape {tuple(latents.shape)}")
+
+    @staticmethod
+    def _chunk(chunk: int) -> int:
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 latent frame, got {chunk}")
+        return chunk
+
+    # ---- latent statistics ----------------------------------------------------------------------
+
+    def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.latent_mean.copy_(mean.reshape(-1))
+        self.latent_std.copy_(std.reshape(-1).clamp_min(1e-6))
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents with per-channel zero mean and unit std (for the DiT)."""
+        return (z - self.latent_mean.view(1, -1, 1, 1, 1)) / self.latent_std.view(1, -1, 1, 1, 1)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save_pretrained(self, directory) -> None:
+        from data.pretrained import save_checkpoint
+
+        save_checkpoint(directory, asdict(self.config), self.state_dict(), kind="tokenizer")
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "CausalVAE":
+        from data.pretrained import load_checkpoint
+
+        config, state = load_checkpoint(directory, kind="tokenizer")
+        model = cls(VAEConfig.from_dict(config))
+        model.load_state_dict(state)
+        return model.to(map_location)
