@@ -3,7 +3,7 @@
 `data` is the bottom layer: `tokenizer`, `dit3d`, `train.py` and `sample.py` may import it; it imports none of them.
 """
 
-from .loader import ShardLoader, SkipRecord, expand_urls, make_loader
+from .loader import ShardLoader, SkipRecord, expand_urls, iter_shard_samples, make_loader
 from .shards import LATENT_EXT, ShardWriter, latent_sample
 from .video_io import (
     Clip,
@@ -33,6 +33,7 @@ __all__ = [
     "encode_mp4",
     "expand_urls",
     "frames_to_tensor",
+    "iter_shard_samples",
     "latent_sample",
     "make_loader",
     "probe",

@@ -88,6 +88,20 @@ def expand_urls(urls: str | os.PathLike | Sequence) -> list[str]:
     return out
 
 
+def iter_shard_samples(urls) -> Iterator[dict]:
+    """Every raw sample of the shards, in order, in this process: {"__key__", "__url__", EXT: bytes, ...}.
+
+    For tools that walk a dataset once (evaluation, latent export) rather than train on it. An
+    unreadable shard is logged and skipped.
+    """
+
+    def on_error(exn: Exception) -> bool:
+        log.warning("skipping part of a shard: %s", exn)
+        return True
+
+    yield from wds.tarfile_to_samples(handler=on_error)({"url": u} for u in expand_urls(urls))
+
+
 def dist_rank_world() -> tuple[int, int]:
     """(rank, world size) from torch.distributed when initialised, else from torchrun's environment."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

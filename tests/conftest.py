@@ -48,3 +48,24 @@ def copy_clip(src: Path, dst: Path, caption: str | None) -> Path:
     if caption is not None:
         dst.with_suffix(".txt").write_text(caption + "\n")
     return dst
+
+
+def write_reference_lpips_weights(folder: Path):
+    """The `lpips` package's VGG model with a randomly initialised backbone (nothing is downloaded) and
+    the linear heads shipped in its wheel, plus its weights written in the two formats our loader reads:
+    torchvision's VGG16 state dict and the package's head file. Returns (model, vgg_path, heads_path)."""
+    import os
+
+    import lpips
+    import torch
+
+    ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    vgg = {}
+    for slice_ in (ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4, ref.net.slice5):
+        for name, module in slice_.named_children():  # children are named by torchvision's feature index
+            for k, v in module.state_dict().items():
+                vgg[f"features.{name}.{k}"] = v
+    vgg["classifier.0.weight"] = torch.zeros(2, 2)  # a full torchvision file has more keys: ignored
+    torch.save(vgg, folder / "vgg16.pth")
+    heads = Path(os.path.dirname(lpips.__file__)) / "weights" / "v0.1" / "vgg.pth"
+    return ref, folder / "vgg16.pth", heads

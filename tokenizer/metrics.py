@@ -27,10 +27,14 @@ def to_unit_range(video: torch.Tensor) -> torch.Tensor:
     return ((video + 1) / 2).clamp(0, 1)
 
 
+def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
+    """10 log10(1 / MSE) for signals in [0, 1], capped at MAX_PSNR (a perfect match)."""
+    return (10 * torch.log10(1.0 / mse.double().clamp_min(1e-30))).clamp(max=MAX_PSNR)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """PSNR per video (B,) of (B, C, T, H, W) tensors in [0, 1], over all frames of each video."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-30)), torch.full_like(mse, MAX_PSNR)).clamp(max=MAX_PSNR)
+    return psnr_from_mse((a.double() - b.double()).pow(2).flatten(1).mean(1))
 
 
 def _gaussian_kernel(device, dtype) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""python -m tokenizer.evaluate and python -m tokenizer.encode with a tiny random tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from data import make_loader, probe, read_clip
+from data.make_shards import main as make_shards_main
+from tokenizer import CausalVAE
+from tokenizer.encode import main as encode_main
+from tokenizer.evaluate import main as evaluate_main
+from tokenizer.evaluate import window_starts
+from tokenizer.metrics import psnr, ssim, to_unit_range
+
+from .conftest import BIKES, CARPHONE, copy_clip, write_reference_lpips_weights
+from .test_tokenizer import randomized
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_vae")
+    torch.manual_seed(0)
+    vae = randomized(CausalVAE.from_preset("tiny"), seed=1)
+    vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    copy_clip(BIKES, folder / "bikes.mp4", "cyclists")
+    copy_clip(CARPHONE, folder / "carphone.mp4", "a phone call")
+    (folder / "broken.mp4").write_text("not a video")
+    return folder
+
+
+def test_window_starts_are_evenly_spaced():
+    info = probe(BIKES)  # 250 frames
+    assert window_starts(info, 17, None, 4) == [0, 78, 155, 233]
+    assert window_starts(info, 17, 12.5, 3) == [0, 108, 217]  # stride 2: the last start is 249 - 32
+    assert window_starts(info, 17, None, 1) == [116]
+
+
+def test_evaluate_reports_metrics_that_match_a_direct_computation(ckpt, clip_folder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate_main(["--ckpt", str(ckpt), "--data", str(clip_folder), "--frames", "5", "--size", "32",
+                          "--windows", "2", "--chunk", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [v["video"] for v in report["videos"]] == ["bikes.mp4", "carphone.mp4"]
+    assert report["skipped"][0]["video"] == "broken.mp4"
+    assert report["videos"][0]["frames"] == 10 and report["settings"]["latent_shape"] == [16, 2, 4, 4]
+    assert report["encode_frames_per_s"] > 0 and report["decode_frames_per_s"] > 0
+    assert "| **mean** |" in (out / "report.md").read_text() and "Conventions" in capsys.readouterr().out
+
+    # the same numbers computed here, independently of the command's accumulation
+    vae = CausalVAE.from_pretrained(ckpt).eval()
+    windows = [read_clip(CARPHONE, 5, size=32, start=s).to_tensor() for s in (0, 115)]
+    x = torch.stack(windows)  # (2, 3, 5, 32, 32)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).mean).clamp(-1, 1)
+    a, b = to_unit_range(x), to_unit_range(y)
+    whole = psnr(a.transpose(0, 1).reshape(1, 3, -1, 32, 32), b.transpose(0, 1).reshape(1, 3, -1, 32, 32))
+    assert report["videos"][1]["psnr"] == pytest.approx(whole.item(), abs=1e-4)
+    assert report["videos"][1]["ssim"] == pytest.approx(ssim(a, b).mean().item(), abs=1e-5)
+    assert report["mean"]["psnr"] == pytest.approx(np.mean([v["psnr"] for v in report["videos"]]))
+
+    with av.open(str(out / "videos" / "carphone.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (32, 96, 3)  # original | reconstruction | error
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:torchvision")
+def test_evaluate_reports_lpips_from_local_weights(ckpt, tmp_path):
+    torch.manual_seed(0)
+    _, vgg_path, heads = write_reference_lpips_weights(tmp_path)
+    (tmp_path / "v").mkdir()
+    copy_clip(CARPHONE, tmp_path / "v" / "carphone.mp4", None)
+    assert evaluate_main(["--ckpt", str(ckpt), "--data", str(tmp_path / "v"), "--frames", "5", "--size", "32",
+                          "--windows", "1", "--no-videos", "--out", str(tmp_path / "e"),
+                          "--lpips-vgg", str(vgg_path), "--lpips-heads", str(heads)]) == 0
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["videos"][0]["lpips"] > 0 and report["videos"][0]["baseline_lpips"] > 0
+    assert "| LPIPS |" in (tmp_path / "e" / "report.md").read_text()
+    assert evaluate_main(["--ckpt", str(ckpt), "--data", str(tmp_path / "v"), "--out", str(tmp_path / "f"),
+                          "--lpips-vgg", str(vgg_path)]) == 2
+
+
+def test_evaluate_reads_shards_and_rejects_bad_input(ckpt, clip_folder, tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    copy_clip(CARPHONE, tmp_path / "videos" / "carphone.mp4", "a phone call")
+    assert make_shards_main(["--input", str(tmp_path / "videos"), "--out", str(tmp_path / "shards")]) == 0
+    assert evaluate_main(["--ckpt", str(ckpt), "--data", str(tmp_path / "shards"), "--frames", "5", "--size", "32",
+                          "--windows", "1", "--no-videos", "--out", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["videos"][0]["video"] == "carphone"
+    assert not (tmp_path / "e" / "videos").exists()
+    capsys.readouterr()
+    assert evaluate_main(["--ckpt", str(tmp_path / "nope"), "--data", str(clip_folder), "--out", str(tmp_path / "x")]) == 2
+    assert "no tokenizer checkpoint" in capsys.readouterr().err
+    assert evaluate_main(["--ckpt", str(ckpt), "--data", str(clip_folder), "--frames", "16", "--out", str(tmp_path / "x")]) == 2
+    assert "use 13 or 17" in capsys.readouterr().err
+    assert evaluate_main(["--ckpt", str(ckpt), "--data", str(clip_folder), "--size", "36", "--out", str(tmp_path / "x")]) == 2
+    assert "use 32 or 40" in capsys.readouterr().err
+
+
+def test_encode_writes_latent_shards_the_loader_reads(ckpt, synthetic_shards, tmp_path, capsys):
+    out = tmp_path / "latents"
+    assert encode_main(["--ckpt", str(ckpt), "--data", str(synthetic_shards), "--out", str(out), "--frames", "9",
+                        "--size", "32", "--batch-size", "5", "--shard-size", "10", "--workers", "0"]) == 0
+    assert "wrote 24 latent samples in 3 shards" in capsys.readouterr().out
+    batches = list(make_loader(out, 4, 9, 32, mode="eval", num_workers=0))
+    assert batches[0]["latents"].shape == (4, 16, 3, 4, 4)
+    assert batches[0]["meta"][0]["latent_std"] == [2.0] * 16 and batches[0]["meta"][0]["tokenizer"] == str(ckpt)
+    # the stored latents are the tokenizer's posterior mean for the same clip (to float16 precision)
+    video = next(iter(make_loader(synthetic_shards, 1, 9, 32, mode="eval", num_workers=0)))
+    vae = CausalVAE.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        expected = vae.encode(video["video"]).mean[0]
+    assert batches[0]["key"][0] == video["key"][0]
+    torch.testing.assert_close(batches[0]["latents"][0], expected, rtol=2e-3, atol=2e-3)

@@ -1,0 +1,82 @@
+"""Export latent shards: encode every clip of a video dataset once, so that DiT training skips decoding.
+
+    python -m tokenizer.encode --ckpt DIR --data SHARDS --out DIR [--frames 17 --size 256 --fps F]
+                               [--batch-size 8 --chunk N --shard-size 100 --device cuda]
+
+Reads the shards in eval order (each sample once: the first window of `--frames` frames at `--fps`,
+centre-cropped to `--size`), encodes with the tokenizer and writes `KEY.latents.npy` (the posterior
+mean, (C, t, h, w), unnormalised float16), `KEY.txt` (the caption) and `KEY.json` (what the latents
+encode: frames, size, fps, the tokenizer checkpoint and its latent statistics). Samples the loader
+cannot use are skipped and reported, as in training. `make_loader` reads the result directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import ShardWriter, latent_sample, make_loader
+from data.video_io import check_frame_count
+
+from .model import CausalVAE
+
+
+@torch.no_grad()
+def export_latents(vae: CausalVAE, data, out: Path, frames: int, size: int, *, fps: float | None = None,
+                   batch_size: int = 8, chunk: int | None = None, shard_size: int = 100, num_workers: int = 2,
+                   device: str | torch.device = "cpu", ckpt: str = "") -> dict:
+    device = torch.device(device)
+    vae = vae.to(device).eval()
+    loader = make_loader(data, batch_size, frames, size, mode="eval", num_workers=num_workers, fps=fps,
+                         rank=0, world_size=1)
+    stats = {"latent_mean": vae.latent_mean.tolist(), "latent_std": vae.latent_std.tolist()}
+    with ShardWriter(out, shard_size) as writer:
+        for batch in loader:
+            z = vae.encode(batch["video"].to(device), chunk=chunk).mean.cpu().numpy().astype(np.float16)
+            for key, caption, latents, clip_fps in zip(batch["key"], batch["caption"], z, batch["fps"].tolist()):
+                meta = {"frames": frames, "height": size, "width": size, "fps": clip_fps, "tokenizer": ckpt} | stats
+                writer.write(latent_sample(key, latents, caption, meta))
+    return {"samples": writer.count, "shards": [p.name for p in writer.shards], "skipped": dict(loader.skipped),
+            "skip_log": [f"{r.key or r.url}: {r.reason}: {r.detail}" for r in loader.skip_log]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenizer.encode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="tokenizer checkpoint folder")
+    parser.add_argument("--data", required=True, help="video shards: a folder, a glob or a brace pattern")
+    parser.add_argument("--out", required=True, type=Path, help="output folder for the latent shards")
+    parser.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
+    parser.add_argument("--size", type=int, default=256, help="square crop side (default 256)")
+    parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode step (bounded memory)")
+    parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        check_frame_count(args.frames)
+        vae = CausalVAE.from_pretrained(args.ckpt)
+        vae.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
+        result = export_latents(vae, args.data, args.out, args.frames, args.size, fps=args.fps,
+                                batch_size=args.batch_size, chunk=args.chunk, shard_size=args.shard_size,
+                                num_workers=args.workers, device=args.device, ckpt=str(args.ckpt))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {result['samples']} latent samples in {len(result['shards'])} shards to {args.out}")
+    if result["skip_log"]:
+        print(f"skipped {len(result['skip_log'])} samples:")
+        for line in result["skip_log"]:
+            print(f"  {line}")
+    return 0 if result["samples"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
