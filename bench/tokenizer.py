@@ -1,0 +1,168 @@
+"""Tokenizer speed and memory: our CausalVAE against diffusers' AutoencoderKLWan with matching widths.
+
+    python bench/tokenizer.py [--preset small] [--size 128] [--frames 17 65 129] [--chunk 2]
+                              [--device cpu|cuda] [--dtype float32|bfloat16] [--out bench/results/tokenizer.json]
+
+Both models get random weights. The Wan model is built with the same widths at the resolutions both
+networks share (for `small`: 64 channels at 1/4 and 128 at 1/8 resolution, from base_dim=16 and
+dim_mult [1, 2, 4, 8]); Wan also runs full- and half-resolution stages, which ours replaces with a
+space-to-depth patchify. Ours runs whole-clip and chunked (`--chunk` latent frames per step).
+
+Each (model, mode, frames, op) is timed in a fresh process: one warm-up, then the median of
+`--repeats` runs, as frames per second. Its peak memory is measured in another fresh process, as the
+increase over the memory held before the call (model and input already allocated): on CUDA the
+allocator's peak; on the CPU the peak resident set size, its high-water mark reset first and large
+buffers mmapped so that freed memory leaves the resident set. Prints a table with ratios (ours over Wan) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WAN_MATCH = {  # our preset -> AutoencoderKLWan kwargs with the same widths at shared resolutions
+    "tiny": dict(base_dim=8, dim_mult=[1, 2, 4, 8], num_res_blocks=1),
+    "small": dict(base_dim=16, dim_mult=[1, 2, 4, 8], num_res_blocks=2),
+    "base": dict(base_dim=64, dim_mult=[1, 2, 4, 8], num_res_blocks=2),
+}
+
+
+def measure(spec: dict) -> dict:
+    """Runs inside the worker process."""
+    import torch
+
+    from data.peak_memory import PeakMemory
+
+    torch.manual_seed(0)
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    size, frames = spec["size"], spec["frames"]
+    if spec["model"] == "ours":
+        from tokenizer import CausalVAE
+
+        model = CausalVAE.from_preset(spec["preset"])
+        chunk = spec["chunk"]
+        encode = lambda x: model.encode(x, chunk=chunk).mean  # noqa: E731
+        decode = lambda z: model.decode(z, chunk=chunk)  # noqa: E731
+    else:
+        from diffusers import AutoencoderKLWan
+
+        model = AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True], **WAN_MATCH[spec["preset"]])
+        encode = lambda x: model.encode(x).latent_dist.mode()  # noqa: E731
+        decode = lambda z: model.decode(z).sample  # noqa: E731
+    model = model.to(device, dtype).eval()
+    params = sum(p.numel() for p in model.parameters())
+    video = torch.rand(1, 3, frames, size, size, device=device, dtype=dtype) * 2 - 1
+    with torch.no_grad():
+        latents = encode(video)
+    fn, arg = (encode, video) if spec["op"] == "encode" else (decode, latents)
+
+    def run():
+        with torch.no_grad():
+            out = fn(arg)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    if spec["op"] == "encode":
+        del latents
+    else:
+        del video
+    run()  # warm-up
+    if spec["measure"] == "memory":
+        with PeakMemory(device) as mem:
+            run()
+        return spec | {"params": params, "peak_mb": mem.peak_mb}
+    times = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return spec | {"params": params, "seconds": seconds, "frames_per_s": frames / seconds}
+
+
+def run_worker(spec: dict) -> dict:
+    """Time and memory, each in a fresh process."""
+    result = {}
+    for measure in ("time", "memory"):
+        cmd = [sys.executable, __file__, "--worker", json.dumps(spec | {"measure": measure})]
+        env = dict(os.environ)
+        if measure == "memory":
+            # Large CPU buffers through mmap, returned to the OS when freed: the resident size then follows
+            # live tensors, not the heap's fragmentation. It slows allocation, hence a separate process.
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"benchmark worker failed for {spec}:\n{out.stderr[-3000:]}")
+        result |= json.loads(out.stdout.strip().splitlines()[-1])
+    result.pop("measure")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small", choices=sorted(WAN_MATCH))
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--frames", type=int, nargs="+", default=[17, 65, 129])
+    parser.add_argument("--chunk", type=int, default=2, help="latent frames per step in our chunked mode")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tokenizer.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return
+
+    base = {"preset": args.preset, "size": args.size, "device": args.device, "dtype": args.dtype, "repeats": args.repeats}
+    modes = [("ours", None), ("ours", args.chunk), ("wan", None)]
+    rows = []
+    for frames in args.frames:
+        for model, chunk in modes:
+            for op in ("encode", "decode"):
+                spec = base | {"model": model, "chunk": chunk, "frames": frames, "op": op}
+                rows.append(run_worker(spec))
+                r = rows[-1]
+                print(f"  {model:4s} chunk={chunk} {frames:4d} frames {op}: {r['frames_per_s']:.1f} frames/s, "
+                      f"peak +{r['peak_mb']:.0f} MB", file=sys.stderr)
+
+    def get(model, chunk, frames, op):
+        return next(r for r in rows if (r["model"], r["chunk"], r["frames"], r["op"]) == (model, chunk, frames, op))
+
+    params = {m: next(r["params"] for r in rows if r["model"] == m) for m in ("ours", "wan")}
+    print(f"\nTokenizer '{args.preset}' ({params['ours'] / 1e6:.1f}M params) vs diffusers AutoencoderKLWan with "
+          f"matching widths ({params['wan'] / 1e6:.1f}M), {args.size}x{args.size}, {args.device} {args.dtype}")
+    print("| frames | op | Wan frames/s | ours frames/s | ratio | ours chunked frames/s | ratio | "
+          "Wan peak MB | ours peak MB | ours chunked peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for frames in args.frames:
+        for op in ("encode", "decode"):
+            w, o, c = get("wan", None, frames, op), get("ours", None, frames, op), get("ours", args.chunk, frames, op)
+            print(f"| {frames} | {op} | {w['frames_per_s']:.1f} | {o['frames_per_s']:.1f} | "
+                  f"{o['frames_per_s'] / w['frames_per_s']:.2f}x | {c['frames_per_s']:.1f} | "
+                  f"{c['frames_per_s'] / w['frames_per_s']:.2f}x | {w['peak_mb']:.0f} | {o['peak_mb']:.0f} | {c['peak_mb']:.0f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    args.out.write_text(json.dumps({"machine": machine, "args": base | {"chunk": args.chunk}, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
