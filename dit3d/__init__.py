@@ -1,0 +1,7 @@
+"""The generator: a spacetime-patch diffusion transformer, its attention backends and text encoders."""
+
+from .attention import BACKENDS, attention, resolve_backend
+from .config import PRESETS, DiTConfig, preset
+from .model import DiT3D, patchify, unpatchify
+
+__all__ = ["BACKENDS", "PRESETS", "DiT3D", "DiTConfig", "attention", "patchify", "preset", "resolve_backend", "unpatchify"]

@@ -1,0 +1,75 @@
+"""The DiT's configuration: a typed dataclass with named presets, stored as JSON beside the weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    in_channels: int = 16  # latent channels (the tokenizer's)
+    out_channels: int | None = None  # predicted channels; None: in_channels
+    text_dim: int = 256  # width of the text encoder's tokens
+    width: int = 384  # transformer width
+    depth: int = 12  # blocks
+    heads: int = 6  # attention heads; width / heads is the head dim (even, for the rotary pairs)
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) latent voxels per token
+    mlp_ratio: float = 4.0  # MLP hidden width over the model width
+    mlp: str = "gelu"  # gelu (tanh approximation) | swiglu
+    patch_embed: str = "linear"  # linear | conv (Conv3d with kernel = stride = patch; the same map, another layout)
+    qk_norm: bool = True  # RMS norm of queries and keys per head, in self- and cross-attention
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    attention_backend: str = "sdpa"  # sdpa | xformers | reference; DIT3D_ATTENTION overrides
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints (pt, ph, pw), got {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"the head dim {self.head_dim} must be even: rotary embeddings rotate pairs of channels")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.patch_embed not in ("linear", "conv"):
+            raise ValueError(f"patch_embed must be 'linear' or 'conv', got {self.patch_embed!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DiT config fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, DiTConfig] = {
+    # tests and the CPU quickstart
+    "tiny": DiTConfig(width=96, depth=4, heads=4, text_dim=64),
+    # DiT's sizes (Peebles & Xie): S, B, L, XL
+    "S": DiTConfig(width=384, depth=12, heads=6),
+    "B": DiTConfig(width=768, depth=12, heads=12, text_dim=512),
+    "L": DiTConfig(width=1024, depth=24, heads=16, text_dim=1024),
+    "XL": DiTConfig(width=1152, depth=28, heads=16, text_dim=1024),
+    # Wan2.1 1.3B's shape: width 1536, 30 layers, 12 heads, FFN 8960, UMT5 text (4096)
+    "1.3B": DiTConfig(width=1536, depth=30, heads=12, mlp_ratio=8960 / 1536, text_dim=4096),
+}
+
+
+def preset(name: str, **overrides) -> DiTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)

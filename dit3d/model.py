@@ -1,0 +1,232 @@
+"""DiT3D: a diffusion transformer over spacetime cuboid tokens of video latents.
+
+    v = model(x, t, text, text_mask)   # x (B, C, T, H, W) latents, t (B,) in [0, 1], text (B, L, text_dim)
+
+Latents are cut into (pt, ph, pw) cuboids, each a token (linear or Conv3d embedding). Every block has
+full 3D self-attention over all the clip's tokens, with a 3D rotary embedding split over (t, h, w) (no
+position table, so any T, H, W divisible by the patch works), cross-attention to the text tokens that
+honours the padding mask, and an MLP; RMS norm on queries and keys. The flow time modulates every block
+through adaLN-Zero, with one modulation projection shared by all blocks plus a learned table per block
+(as PixArt-alpha and Wan do); the gates and the output layer start at zero, so each block starts as the
+identity and the model's output starts at exactly zero. Activation checkpointing, compile and sharding
+are applied from outside (see `parallelize.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .attention import attention
+from .config import DiTConfig, preset
+from .rope import apply_rope, rope_cos_sin
+
+
+def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, N, C * pt * ph * pw), tokens in raster order over (T/pt, H/ph, W/pw)."""
+    pt, ph, pw = patch
+    return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
+    """(B, N, C * pt * ph * pw) -> (B, C, T, H, W): the inverse of `patchify`, one rearrange."""
+    (t, h, w), (pt, ph, pw) = grid, patch
+    return rearrange(tokens, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of 1000 t for t in [0, 1]: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads, self.backend = cfg.heads, cfg.attention_backend
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        out = attention(q, k, v, self.backend)  # (B, heads, N, head_dim)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.heads, self.backend = cfg.heads, cfg.attention_backend
+        self.q = nn.Linear(cfg.width, cfg.width)
+        self.kv = nn.Linear(cfg.width, 2 * cfg.width)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        out = attention(self.q_norm(q), self.k_norm(k), v, self.backend, key_mask=text_mask)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        if self.swiglu:  # two thirds of the width keeps the parameter count of a GELU MLP
+            hidden = 8 * math.ceil(2 * hidden / 3 / 8)
+        self.fc1 = nn.Linear(cfg.width, 2 * hidden if self.swiglu else hidden)
+        self.fc2 = nn.Linear(hidden, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.swiglu:
+            a, b = h.chunk(2, dim=-1)
+            return self.fc2(F.silu(a) * b)
+        return self.fc2(F.gelu(h, approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.norm_cross = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.cross = CrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        # this block's part of the modulation, added to the projection shared by all blocks
+        self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.width))
+
+    def forward(self, x, shared_mod, cos, sin, text, text_mask) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (shared_mod + self.modulation).unbind(1)  # (B, width) each
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        x = x + self.cross(self.norm_cross(x), text, text_mask)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT3D(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        pt, ph, pw = cfg.patch_size
+        if cfg.patch_embed == "conv":
+            self.embed = nn.Conv3d(cfg.in_channels, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        else:
+            self.embed = nn.Linear(cfg.in_channels * pt * ph * pw, cfg.width)
+        self.time_embed = nn.Sequential(nn.Linear(256, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
+        self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))  # shared by all blocks
+        self.text_embed = nn.Sequential(nn.Linear(cfg.text_dim, cfg.width), nn.GELU(approximate="tanh"),
+                                        nn.Linear(cfg.width, cfg.width))
+        # a learned one-token "no caption", for caption dropout and classifier-free guidance
+        self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
+        self.out_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
+        self.out = nn.Linear(cfg.width, cfg.output_channels * pt * ph * pw)
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DiT3D":
+        return cls(preset(name, **overrides))
+
+    def initialize_weights(self) -> None:
+        """Xavier for linear layers; zero for every modulation and the output layer (adaLN-Zero)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        if isinstance(self.embed, nn.Conv3d):
+            nn.init.xavier_uniform_(self.embed.weight.view(self.embed.weight.shape[0], -1))
+            nn.init.zeros_(self.embed.bias)
+        nn.init.normal_(self.time_embed[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed[2].weight, std=0.02)
+        for layer in (self.time_modulation[1], self.out_modulation[1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # ---- shapes ---------------------------------------------------------------------------------
+
+    def token_grid(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Token grid (T/pt, H/ph, W/pw) for latents of (T, H, W); a ValueError names the nearest valid sizes."""
+        out = []
+        for name, n, p in zip(("frames", "height", "width"), shape, self.config.patch_size):
+            if n < p or n % p:
+                lower = max(p, n // p * p)
+                raise ValueError(f"latent {name} {n} is not divisible by the patch size {p}: use "
+                                 + (f"{lower} or {lower + p}" if lower != n else str(lower)))
+            out.append(n // p)
+        return tuple(out)
+
+    # ---- text -----------------------------------------------------------------------------------
+
+    def null_condition(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "no caption" condition: tokens (B, 1, text_dim) and mask (B, 1)."""
+        text = self.null_text[None].expand(batch, -1, -1)
+        return text, torch.ones(batch, 1, dtype=torch.bool, device=text.device)
+
+    def drop_captions(self, text: torch.Tensor, text_mask: torch.Tensor, drop: torch.Tensor):
+        """Replace the captions of the rows where `drop` (B,) is True by the null condition, keeping shapes."""
+        drop = drop.to(text.device)
+        null = torch.zeros_like(text)
+        null[:, 0] = self.null_text.to(text.dtype)
+        null_mask = torch.zeros_like(text_mask)
+        null_mask[:, 0] = True
+        return torch.where(drop[:, None, None], null, text), torch.where(drop[:, None], null_mask, text_mask)
+
+    # ---- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity (B, C, T, H, W) for latents x (B, C, T, H, W) at flow time t (B,) given text (B, L, text_dim)
+        and its mask (B, L), True for real tokens (None: all real)."""
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected latents (B, {cfg.in_channels}, T, H, W), got shape {tuple(x.shape)}")
+        grid = self.token_grid(tuple(x.shape[2:]))
+        if text_mask is None:
+            text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        if isinstance(self.embed, nn.Conv3d):
+            h = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, width)
+        else:
+            h = self.embed(patchify(x, cfg.patch_size))  # (B, N, width)
+        cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)
+        emb = self.time_embed(timestep_embedding(t).to(h.dtype))  # (B, width)
+        shared = self.time_modulation(emb).unflatten(1, (6, cfg.width))  # (B, 6, width)
+        txt = self.text_embed(text)  # (B, L, width)
+        for block in self.blocks:
+            h = block(h, shared, cos, sin, txt, text_mask)
+        shift, scale = self.out_modulation(emb).chunk(2, dim=1)
+        h = self.out(modulate(self.norm_out(h), shift, scale))  # (B, N, C_out * pt * ph * pw)
+        return unpatchify(h, grid, cfg.patch_size)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save_pretrained(self, directory) -> None:
+        from data.pretrained import save_checkpoint
+
+        save_checkpoint(directory, asdict(self.config), self.state_dict(), kind="dit")
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "DiT3D":
+        from data.pretrained import load_checkpoint
+
+        config, state = load_checkpoint(directory, kind="dit")
+        model = cls(DiTConfig.from_dict(config))
+        model.load_state_dict(state)
+        return model.to(map_location)

@@ -1,0 +1,231 @@
+"""DiT3D: shapes, patchify, attention backends, zero init, checkpointing, text padding, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dit3d import DiT3D, DiTConfig, attention, patchify, preset, resolve_backend, unpatchify
+from dit3d.model import DiTBlock
+from dit3d.rope import apply_rope, axis_dims, rope_cos_sin
+from parallelize import apply_activation_checkpointing
+
+
+def randomized(model: DiT3D, seed: int = 0) -> DiT3D:
+    """Random weights everywhere, the zero-initialised modulation and output layers included, so that every
+    path carries signal (at initialisation most of the network is switched off by design)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.ndim > 1 else 0.1))
+    return model
+
+
+def inputs(batch=2, frames=5, height=8, width=12, text_len=7, text_dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, frames, height, width, generator=g)
+    t = torch.rand(batch, generator=g)
+    text = torch.randn(batch, text_len, text_dim, generator=g)
+    mask = torch.ones(batch, text_len, dtype=torch.bool)
+    mask[-1, text_len // 2 :] = False  # the last caption is shorter
+    return x, t, text, mask
+
+
+@pytest.fixture(scope="module")
+def model() -> DiT3D:
+    torch.manual_seed(0)
+    return randomized(DiT3D.from_preset("tiny")).eval()
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (5, 8, 12), (9, 4, 16), (2, 6, 6)])
+def test_output_shapes(model, shape):
+    x, t, text, mask = inputs(frames=shape[0], height=shape[1], width=shape[2])
+    with torch.no_grad():
+        assert model(x, t, text, mask).shape == x.shape
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 2), (1, 1, 1)])
+def test_patchify_then_unpatchify_is_exact(patch):
+    x = torch.randn(2, 16, 4, 6, 8)
+    tokens = patchify(x, patch)
+    grid = (4 // patch[0], 6 // patch[1], 8 // patch[2])
+    assert tokens.shape == (2, grid[0] * grid[1] * grid[2], 16 * patch[0] * patch[1] * patch[2])
+    assert torch.equal(unpatchify(tokens, grid, patch), x)
+    # token (t, h, w) holds exactly the latent cuboid at that place
+    t, h, w = 1, 2, 3
+    index = (t * grid[1] + h) * grid[2] + w
+    cuboid = x[:, :, t * patch[0] : (t + 1) * patch[0], h * patch[1] : (h + 1) * patch[1], w * patch[2] : (w + 1) * patch[2]]
+    assert torch.equal(tokens[:, index], cuboid.flatten(1))
+
+
+def test_other_patch_sizes_and_embeddings():
+    for overrides in ({"patch_size": (2, 2, 2)}, {"patch_embed": "conv"}, {"mlp": "swiglu"}, {"qk_norm": False}):
+        m = randomized(DiT3D.from_preset("tiny", **overrides)).eval()
+        x, t, text, mask = inputs(frames=4)
+        with torch.no_grad():
+            y = m(x, t, text, mask)
+        assert y.shape == x.shape and y.abs().max() > 0, overrides
+
+
+def test_conv_and_linear_embeddings_are_the_same_map():
+    lin = randomized(DiT3D.from_preset("tiny")).eval()
+    conv = DiT3D.from_preset("tiny", patch_embed="conv").eval()
+    state = dict(lin.state_dict())
+    state["embed.weight"] = state["embed.weight"].view(96, 16, 1, 2, 2)  # (width, C * pt * ph * pw) as a kernel
+    conv.load_state_dict(state)
+    x, t, text, mask = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x, t, text, mask), lin(x, t, text, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_equals_reference(model, monkeypatch):
+    x, t, text, mask = inputs(frames=5, height=8, width=8)
+    with torch.no_grad():
+        monkeypatch.setenv("DIT3D_ATTENTION", "reference")
+        ref = model(x, t, text, mask)
+        monkeypatch.setenv("DIT3D_ATTENTION", "sdpa")
+        out = model(x, t, text, mask)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_attention_function_backends_agree_on_long_sequences_with_masks():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 2500, 16, generator=g) for _ in range(3))  # more than one reference block
+    mask = torch.ones(2, 2500, dtype=torch.bool)
+    mask[1, 1700:] = False
+    ref = attention(q, k, v, "reference", key_mask=mask)
+    torch.testing.assert_close(attention(q, k, v, "sdpa", key_mask=mask), ref, rtol=0, atol=1e-5)
+    # a masked key changes nothing, whatever it holds
+    k2 = k.clone()
+    k2[1, :, 1700:] = 100.0
+    torch.testing.assert_close(attention(q, k2, v, "reference", key_mask=mask), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xFormers runs on CUDA only")
+def test_xformers_equals_reference_on_cuda():
+    pytest.importorskip("xformers")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", generator=g) for _ in range(3))
+    mask = torch.ones(2, 1000, dtype=torch.bool, device="cuda")
+    mask[1, 600:] = False
+    for m in (None, mask):
+        torch.testing.assert_close(attention(q, k, v, "xformers", key_mask=m), attention(q, k, v, "reference", key_mask=m),
+                                   rtol=0, atol=1e-4)
+
+
+def test_unavailable_backend_falls_back_with_one_log_line(caplog, monkeypatch):
+    monkeypatch.delenv("DIT3D_ATTENTION", raising=False)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_backend("xformers", torch.device("cpu")) == "sdpa"
+        assert resolve_backend("xformers", torch.device("cpu")) == "sdpa"
+    assert sum("running 'sdpa'" in r.message for r in caplog.records) <= 1
+    monkeypatch.setenv("DIT3D_ATTENTION", "reference")
+    assert resolve_backend("sdpa", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("DIT3D_ATTENTION", "flash9")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9'"):
+        resolve_backend("sdpa", torch.device("cpu"))
+
+
+def test_output_at_initialisation_is_exactly_zero():
+    torch.manual_seed(0)
+    fresh = DiT3D.from_preset("tiny")
+    x, t, text, mask = inputs()
+    out = fresh(x, t, text, mask)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()  # and it still learns: the output layer gets a gradient
+    assert fresh.out.weight.grad.abs().max() > 0
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x, t, text, mask = inputs()
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        m = randomized(DiT3D.from_preset("tiny"))
+        if checkpointed:
+            assert apply_activation_checkpointing(m, DiTBlock) == 4
+        m(x, t, text, mask).pow(2).mean().backward()
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+                      for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert {n for n, _ in DiT3D.from_preset("tiny").named_parameters()} - grads[0].keys() == {"null_text"}  # no dropout here
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_padding_tokens_in_the_text_do_not_change_the_output(model):
+    x, t, text, _ = inputs(text_len=5)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    padded = torch.cat([text, 50 * torch.randn(2, 4, 64)], dim=1)  # 4 garbage tokens, masked out
+    padded_mask = torch.cat([mask, torch.zeros(2, 4, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, padded, padded_mask), model(x, t, text, mask), rtol=0, atol=1e-5)
+        unmasked = model(x, t, padded, torch.ones(2, 9, dtype=torch.bool))
+    assert (unmasked - model(x, t, text, mask)).abs().max() > 1e-3  # the mask is what hides them
+
+
+def test_caption_dropout_uses_the_null_condition(model):
+    x, t, text, mask = inputs()
+    dropped_text, dropped_mask = model.drop_captions(text, mask, torch.tensor([False, True]))
+    assert torch.equal(dropped_text[0], text[0]) and torch.equal(dropped_mask[0], mask[0])
+    assert dropped_mask[1].tolist() == [True] + [False] * 6
+    null_text, null_mask = model.null_condition(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, dropped_text, dropped_mask)[1], model(x, t, null_text, null_mask)[1],
+                                   rtol=0, atol=1e-5)
+
+
+def test_rotary_embedding_is_relative():
+    """Scores depend on the offset between positions only: shifting both tokens leaves q.k unchanged."""
+    head_dim = 24
+    assert axis_dims(head_dim) == (8, 8, 8) and axis_dims(64) == (24, 20, 20)
+    cos, sin = rope_cos_sin((6, 5, 5), head_dim, 10000.0, "cpu", torch.float64)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, head_dim, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, head_dim, generator=g, dtype=torch.float64)
+    index = lambda t, h, w: (t * 5 + h) * 5 + w  # noqa: E731
+
+    def score(a, b):
+        qa = apply_rope(q, cos[a : a + 1], sin[a : a + 1])
+        kb = apply_rope(k, cos[b : b + 1], sin[b : b + 1])
+        return (qa * kb).sum().item()
+
+    assert score(index(0, 1, 2), index(2, 3, 1)) == pytest.approx(score(index(3, 2, 3), index(5, 4, 2)), abs=1e-9)
+    assert score(index(0, 0, 0), index(1, 0, 0)) != pytest.approx(score(index(0, 0, 0), index(0, 1, 0)), abs=1e-6)
+
+
+def test_sizes_that_do_not_divide_are_refused(model):
+    with pytest.raises(ValueError, match="latent height 7 is not divisible by the patch size 2: use 6 or 8"):
+        model(torch.zeros(1, 16, 1, 7, 8), torch.zeros(1), torch.zeros(1, 1, 64))
+    with pytest.raises(ValueError, match=r"expected latents \(B, 16, T, H, W\)"):
+        model(torch.zeros(1, 4, 1, 8, 8), torch.zeros(1), torch.zeros(1, 1, 64))
+    with pytest.raises(ValueError, match="latent frames 3 .* use 2 or 4"):
+        DiT3D.from_preset("tiny", patch_size=(2, 2, 2))(torch.zeros(1, 16, 3, 8, 8), torch.zeros(1), torch.zeros(1, 1, 64))
+
+
+def test_save_and_load(model, tmp_path):
+    model.save_pretrained(tmp_path / "dit")
+    loaded = DiT3D.from_pretrained(tmp_path / "dit").eval()
+    assert loaded.config == model.config
+    x, t, text, mask = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, text, mask), model(x, t, text, mask))
+    with pytest.raises(ValueError, match="holds a 'dit' checkpoint, not a 'tokenizer' one"):
+        from tokenizer import CausalVAE
+
+        CausalVAE.from_pretrained(tmp_path / "dit")
+
+
+def test_presets():
+    sizes = {}
+    for name in ("S", "B", "L", "XL", "1.3B"):
+        with torch.device("meta"):
+            sizes[name] = sum(p.numel() for p in DiT3D.from_preset(name).parameters())
+    assert sizes["S"] < sizes["B"] < sizes["L"] < sizes["XL"] < sizes["1.3B"]
+    assert 1.3e9 < sizes["1.3B"] < 1.5e9  # Wan2.1 "1.3B": width 1536, 30 layers, 12 heads, FFN 8960
+    c = preset("1.3B")
+    assert (c.width, c.depth, c.heads, int(c.width * c.mlp_ratio)) == (1536, 30, 12, 8960)
+    with pytest.raises(ValueError, match="must be divisible by heads"):
+        DiTConfig(width=100, heads=3)
