@@ -22,13 +22,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import measure_in_subprocess  # noqa: E402
 
 WAN_MATCH = {  # our preset -> AutoencoderKLWan kwargs with the same widths at shared resolutions
     "tiny": dict(base_dim=8, dim_mult=[1, 2, 4, 8], num_res_blocks=1),
@@ -91,24 +92,6 @@ def measure(spec: dict) -> dict:
     return spec | {"params": params, "seconds": seconds, "frames_per_s": frames / seconds}
 
 
-def run_worker(spec: dict) -> dict:
-    """Time and memory, each in a fresh process."""
-    result = {}
-    for measure in ("time", "memory"):
-        cmd = [sys.executable, __file__, "--worker", json.dumps(spec | {"measure": measure})]
-        env = dict(os.environ)
-        if measure == "memory":
-            # Large CPU buffers through mmap, returned to the OS when freed: the resident size then follows
-            # live tensors, not the heap's fragmentation. It slows allocation, hence a separate process.
-            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-        if out.returncode != 0:
-            raise RuntimeError(f"benchmark worker failed for {spec}:\n{out.stderr[-3000:]}")
-        result |= json.loads(out.stdout.strip().splitlines()[-1])
-    result.pop("measure")
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", choices=sorted(WAN_MATCH))
@@ -132,7 +115,7 @@ def main() -> None:
         for model, chunk in modes:
             for op in ("encode", "decode"):
                 spec = base | {"model": model, "chunk": chunk, "frames": frames, "op": op}
-                rows.append(run_worker(spec))
+                rows.append(measure_in_subprocess(__file__, spec))
                 r = rows[-1]
                 print(f"  {model:4s} chunk={chunk} {frames:4d} frames {op}: {r['frames_per_s']:.1f} frames/s, "
                       f"peak +{r['peak_mb']:.0f} MB", file=sys.stderr)

@@ -1,8 +1,8 @@
 """3D rotary position embedding, split across (t, h, w).
 
-The head dim d is cut into three even parts: height and width get 2 * (d // 6) channels each and time
-the rest (as Wan does), and each part rotates its channel pairs by angles proportional to the token's
-index along its own axis. Nothing is tied to a grid size, so any duration and resolution work at
+The head dim d holds d / 2 rotating channel pairs, cut into three parts: height and width get d // 6
+pairs each and time the rest (as Wan splits it), and each part rotates its pairs by angles
+proportional to the token's index along its own axis. Nothing is tied to a grid size, so any duration and resolution work at
 inference.
 """
 
@@ -33,12 +33,18 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
 
 
 def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (N, head_dim) of the angles, repeated for both halves of the head dim (see apply_rope)."""
     angles = rope_angles(grid, head_dim, theta, device)
+    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i + 1) of x (B, heads, N, head_dim) by the angles behind cos/sin (N, head_dim // 2)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, N, head_dim // 2) each
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate channel pairs (i, i + head_dim / 2) of x (B, heads, N, head_dim) by the angles behind cos/sin (N, head_dim).
+
+    Pairing each channel with the one half a head away (rather than its neighbour) needs two multiplies
+    and a concatenation; which channels pair up does not matter, as long as it never changes.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)

@@ -1,0 +1,39 @@
+"""What every benchmark here shares: measuring in fresh processes, and printing tables.
+
+A benchmark script calls `measure_in_subprocess(__file__, spec)`; the script, run with `--worker SPEC`,
+calls its own `measure(spec)` and prints one JSON line. Time and memory are measured in two separate
+processes: on the CPU the memory process maps large buffers with mmap (MALLOC_MMAP_THRESHOLD_), so
+that freed memory leaves the resident set and its peak follows live tensors rather than heap
+fragmentation, and that setting slows allocation, which would distort the timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure_in_subprocess(script: str, spec: dict) -> dict:
+    result: dict = {}
+    for measure in ("time", "memory"):
+        env = dict(os.environ)
+        if measure == "memory":
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        cmd = [sys.executable, script, "--worker", json.dumps(spec | {"measure": measure})]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"benchmark worker failed for {spec}:\n{out.stderr[-3000:]}")
+        result |= json.loads(out.stdout.strip().splitlines()[-1])
+    result.pop("measure")
+    return result
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
