@@ -60,10 +60,10 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.width, cfg.width)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        out = attention(q, k, v, self.backend)  # (B, heads, N, head_dim)
+        out = attention(q, k, v, self.backend, key_mask=token_mask)  # (B, heads, N, head_dim)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -114,9 +114,9 @@ class DiTBlock(nn.Module):
         # this block's part of the modulation, added to the projection shared by all blocks
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.width))
 
-    def forward(self, x, shared_mod, cos, sin, text, text_mask) -> torch.Tensor:
+    def forward(self, x, shared_mod, cos, sin, text, text_mask, token_mask=None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (shared_mod + self.modulation).unbind(1)  # (B, width) each
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, token_mask)
         x = x + self.cross(self.norm_cross(x), text, text_mask)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -196,24 +196,60 @@ class DiT3D(nn.Module):
         """Velocity (B, C, T, H, W) for latents x (B, C, T, H, W) at flow time t (B,) given text (B, L, text_dim)
         and its mask (B, L), True for real tokens (None: all real)."""
         cfg = self.config
-        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"expected latents (B, {cfg.in_channels}, T, H, W), got shape {tuple(x.shape)}")
+        self._check_latents(x, batched=True)
         grid = self.token_grid(tuple(x.shape[2:]))
+        cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)  # (N, head_dim)
+        h = self._run(self._embed(x), cos, sin, t, text, text_mask, None)
+        return unpatchify(h, grid, cfg.patch_size)
+
+    def forward_varlen(self, xs: list[torch.Tensor], t: torch.Tensor, text: torch.Tensor,
+                       text_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """A batch that mixes durations and sizes: latents xs[i] (C, T_i, H_i, W_i) -> velocities of the same shapes.
+
+        Each clip keeps its own token grid and rotary positions; the token sequences are padded to the longest
+        and the padding is masked out of self-attention (SDPA with a key mask, or xFormers packing the clips
+        under a block-diagonal mask; see attention.py), so each result equals the clip's own forward pass.
+        """
+        cfg = self.config
+        grids, tokens, coss, sins = [], [], [], []
+        for x in xs:
+            self._check_latents(x, batched=False)
+            grid = self.token_grid(tuple(x.shape[1:]))
+            cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)
+            grids.append(grid)
+            tokens.append(self._embed(x[None])[0])  # (N_i, width)
+            coss.append(cos)
+            sins.append(sin)
+        lengths = [len(tk) for tk in tokens]
+        n = max(lengths)
+        pad = lambda parts, value: torch.stack([F.pad(p, (0, 0, 0, n - len(p)), value=value) for p in parts])  # noqa: E731
+        token_mask = torch.arange(n, device=tokens[0].device)[None] < torch.tensor(lengths, device=tokens[0].device)[:, None]
+        h = self._run(pad(tokens, 0.0), pad(coss, 1.0)[:, None], pad(sins, 0.0)[:, None], t, text, text_mask, token_mask)
+        return [unpatchify(h[i : i + 1, :length], grid, cfg.patch_size)[0] for i, (length, grid) in enumerate(zip(lengths, grids))]
+
+    def _check_latents(self, x: torch.Tensor, batched: bool) -> None:
+        expected = 5 if batched else 4
+        if x.ndim != expected or x.shape[-4] != self.config.in_channels:
+            shape = "(B, {}, T, H, W)" if batched else "({}, T, H, W)"
+            raise ValueError(f"expected latents {shape.format(self.config.in_channels)}, got shape {tuple(x.shape)}")
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> tokens (B, N, width)."""
+        if isinstance(self.embed, nn.Conv3d):
+            return self.embed(x).flatten(2).transpose(1, 2)
+        return self.embed(patchify(x, self.config.patch_size))
+
+    def _run(self, h, cos, sin, t, text, text_mask, token_mask) -> torch.Tensor:
+        """The transformer on embedded tokens h (B, N, width) -> output tokens (B, N, C_out * pt * ph * pw)."""
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
-        if isinstance(self.embed, nn.Conv3d):
-            h = self.embed(x).flatten(2).transpose(1, 2)  # (B, N, width)
-        else:
-            h = self.embed(patchify(x, cfg.patch_size))  # (B, N, width)
-        cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)
         emb = self.time_embed(timestep_embedding(t).to(h.dtype))  # (B, width)
-        shared = self.time_modulation(emb).unflatten(1, (6, cfg.width))  # (B, 6, width)
+        shared = self.time_modulation(emb).unflatten(1, (6, self.config.width))  # (B, 6, width)
         txt = self.text_embed(text)  # (B, L, width)
         for block in self.blocks:
-            h = block(h, shared, cos, sin, txt, text_mask)
+            h = block(h, shared, cos, sin, txt, text_mask, token_mask)
         shift, scale = self.out_modulation(emb).chunk(2, dim=1)
-        h = self.out(modulate(self.norm_out(h), shift, scale))  # (B, N, C_out * pt * ph * pw)
-        return unpatchify(h, grid, cfg.patch_size)
+        return self.out(modulate(self.norm_out(h), shift, scale))
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

@@ -167,6 +167,25 @@ def test_padding_tokens_in_the_text_do_not_change_the_output(model):
     assert (unmasked - model(x, t, text, mask)).abs().max() > 1e-3  # the mask is what hides them
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_a_batch_mixing_durations_and_sizes_equals_each_clip_alone(model, backend, monkeypatch):
+    monkeypatch.setenv("DIT3D_ATTENTION", backend)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(16, 5, 8, 8, generator=g), torch.randn(16, 1, 6, 10, generator=g), torch.randn(16, 3, 4, 8, generator=g)]
+    t = torch.rand(3, generator=g)
+    text = torch.randn(3, 6, 64, generator=g)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 2:] = False
+    with torch.no_grad():
+        out = model.forward_varlen(xs, t, text, mask)
+        for i, x in enumerate(xs):
+            alone = model(x[None], t[i : i + 1], text[i : i + 1], mask[i : i + 1])[0]
+            assert out[i].shape == x.shape
+            torch.testing.assert_close(out[i], alone, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected latents \(16, T, H, W\)"):
+        model.forward_varlen([torch.zeros(1, 16, 1, 4, 4)], t[:1], text[:1])
+
+
 def test_caption_dropout_uses_the_null_condition(model):
     x, t, text, mask = inputs()
     dropped_text, dropped_mask = model.drop_captions(text, mask, torch.tensor([False, True]))
