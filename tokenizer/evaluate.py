@@ -35,6 +35,7 @@ from data.peak_memory import PeakMemory
 from data.shards import sanitize_key
 from data.video_io import MEDIA_EXTENSIONS, check_frame_count
 
+from .fvd import FrechetVideoDistance, fvd_from_features
 from .lpips import LPIPS
 from .metrics import equal_floats_baseline, psnr_from_mse, ssim_frames, to_unit_range
 from .model import CausalVAE
@@ -102,12 +103,13 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, *, fps: float | None = None,
              windows: int = 4, chunk: int | None = None, device: torch.device | str = "cpu",
-             video_dir: Path | None = None, lpips: LPIPS | None = None) -> dict:
+             video_dir: Path | None = None, lpips: LPIPS | None = None, fvd: FrechetVideoDistance | None = None) -> dict:
     device = torch.device(device)
     vae = vae.to(device).eval()
     lpips = lpips.to(device) if lpips is not None else None
     latent_floats = math.prod(vae.latent_shape(frames, size, size))
     rows, skipped = [], []
+    feats: dict[str, list[torch.Tensor]] = {"real": [], "recon": [], "baseline": []}  # I3D features, for rFVD
     enc_time = dec_time = 0.0
     n_frames = 0
     with PeakMemory(device) as mem:
@@ -139,6 +141,9 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
                 count += a.numel()
                 ssims += ssim_frames(a, b)[0].tolist()
                 ssims_base += ssim_frames(a, c)[0].tolist()
+                if fvd is not None:
+                    for name, clip_ in (("real", x), ("recon", y), ("baseline", base)):
+                        feats[name].append(fvd.features(clip_))
                 if lpips is not None:
                     lp.append(lpips.video(x, y).item())
                     lp_base.append(lpips.video(x, base).item())
@@ -156,6 +161,10 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
             } | ({"lpips": float(np.mean(lp)), "baseline_lpips": float(np.mean(lp_base))} if lpips is not None else {}))
     keys = ("psnr", "ssim", "baseline_psnr", "baseline_ssim") + (("lpips", "baseline_lpips") if lpips is not None else ())
     mean = {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in keys}
+    if fvd is not None and len(feats["real"]) >= 2:
+        real = torch.cat(feats["real"])
+        mean |= {"rfvd": fvd_from_features(real, torch.cat(feats["recon"])),
+                 "baseline_rfvd": fvd_from_features(real, torch.cat(feats["baseline"])), "rfvd_clips": len(real)}
     return {
         "videos": rows,
         "mean": mean,
@@ -172,6 +181,9 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
                     "5-pixel border excluded, averaged over RGB; then over frames, then over videos (= scikit-image)",
             "baseline": "trilinear down- and up-sampling to a 3-channel grid with as many floats as the latents",
             "lpips": "VGG16 LPIPS v0.1 from the given local weights, per frame, averaged over frames then videos",
+            "rfvd": "Frechet distance of I3D (Kinetics-400, TorchScript, local) logits between all original and all "
+                    "reconstructed windows, short side resized to 224 and centre-cropped; needs hundreds of windows "
+                    "to be meaningful (the count is reported)",
         },
     }
 
@@ -200,6 +212,8 @@ def markdown(report: dict, ckpt: str, data: str) -> str:
     lines += [
         "| **mean** | |" + cells(report["mean"]),
         "",
+        *([f"rFVD {report['mean']['rfvd']:.1f} (baseline {report['mean']['baseline_rfvd']:.1f}) over "
+           f"{report['mean']['rfvd_clips']} windows.", ""] if "rfvd" in report["mean"] else []),
         f"Encode {report['encode_frames_per_s']:.1f} frames/s, decode {report['decode_frames_per_s']:.1f} frames/s, "
         f"peak memory {report['peak_memory_mb']:.0f} MB above the model ({report['device']}).",
         "",
@@ -224,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-videos", action="store_true", help="do not write the side-by-side videos")
     parser.add_argument("--lpips-vgg", help="local VGG16 ImageNet weights (torchvision's state dict) to report LPIPS")
     parser.add_argument("--lpips-heads", help="local LPIPS v0.1 linear-head weights (the lpips package's vgg.pth)")
+    parser.add_argument("--i3d", help="local TorchScript I3D (i3d_torchscript.pt) to report rFVD over all windows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -233,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if bool(args.lpips_vgg) != bool(args.lpips_heads):
             raise ValueError("LPIPS needs both --lpips-vgg and --lpips-heads")
         lpips = LPIPS.from_local(args.lpips_vgg, args.lpips_heads) if args.lpips_vgg else None
+        fvd = FrechetVideoDistance.from_local(args.i3d, args.device) if args.i3d else None
         videos, skipped = find_videos(args.data)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -242,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     report = evaluate(vae, videos, args.frames, args.size, fps=args.fps, windows=args.windows, chunk=args.chunk,
-                      device=args.device, video_dir=None if args.no_videos else args.out / "videos", lpips=lpips)
+                      device=args.device, video_dir=None if args.no_videos else args.out / "videos", lpips=lpips, fvd=fvd)
     report["skipped"] = [{"video": n, "reason": r} for n, r in skipped] + report["skipped"]
     report["checkpoint"], report["data"] = str(args.ckpt), str(args.data)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
