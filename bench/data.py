@@ -48,13 +48,18 @@ def loader_throughput(shards: Path, frames: int, size: int, workers: int, batch_
     return {"workers": workers, "clips_per_s": batches * batch_size / elapsed, "first_batch_s": first}
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median time of each function, timing them in turn within every repeat so that drift (caches, clock,
+    other load) falls on all of them alike; one untimed warm-up round first."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def seek_vs_start(path: Path, frames: int, repeats: int) -> list[dict]:
@@ -62,10 +67,12 @@ def seek_vs_start(path: Path, frames: int, repeats: int) -> list[dict]:
     last = info.frames - frames
     rows = []
     for start in sorted({0, last // 4, last // 2, (3 * last) // 4, last}):
-        seek = median_time(lambda: read_clip(path, frames, start=start, seek=True, info=info), repeats)
-        full = median_time(lambda: read_clip(path, frames, start=start, seek=False, info=info), repeats)
-        rows.append({"clip": path.name, "start": start, "seek_ms": seek * 1e3, "from_start_ms": full * 1e3,
-                     "speedup": full / seek})
+        t = interleaved_medians({
+            "seek": lambda: read_clip(path, frames, start=start, seek=True, info=info),
+            "full": lambda: read_clip(path, frames, start=start, seek=False, info=info),
+        }, repeats)
+        rows.append({"clip": path.name, "start": start, "seek_ms": t["seek"] * 1e3, "from_start_ms": t["full"] * 1e3,
+                     "speedup": t["full"] / t["seek"]})
     return rows
 
 
@@ -74,7 +81,7 @@ def main() -> None:
     parser.add_argument("--clips", type=Path, default=DEFAULT_CLIPS if DEFAULT_CLIPS.is_dir() else FALLBACK_CLIPS)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5, help="repeats per seek timing (median)")
+    parser.add_argument("--repeats", type=int, default=9, help="repeats per seek timing (median)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loader's work is decoding; keep torch from competing for the 2 cores
