@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,24 @@ def measure_in_subprocess(script: str, spec: dict) -> dict:
         result |= json.loads(out.stdout.strip().splitlines()[-1])
     result.pop("measure")
     return result
+
+
+def time_or_memory(run, spec: dict, device) -> dict:
+    """Inside a worker: one warm-up call of `run`, then, as spec["measure"] says, either the peak memory of
+    one more call ({"peak_mb"}) or the median time of spec["repeats"] calls ({"seconds"})."""
+    from data.peak_memory import PeakMemory
+
+    run()
+    if spec["measure"] == "memory":
+        with PeakMemory(device) as mem:
+            run()
+        return {"peak_mb": mem.peak_mb}
+    times = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times)}
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import markdown_table, measure_in_subprocess  # noqa: E402
+from bench.common import markdown_table, measure_in_subprocess, time_or_memory  # noqa: E402
 
 FRAME_TOKENS = 256  # a 32x32 latent frame in 2x2 patches
 TEXT_TOKENS = 32
@@ -78,12 +77,10 @@ def build(spec: dict):
 def measure(spec: dict) -> dict:
     import torch
 
-    from data.peak_memory import PeakMemory
-
     torch.manual_seed(0)
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     if spec["kind"] == "attention":
-        return spec | measure_attention(spec, device, dtype, PeakMemory)
+        return spec | measure_attention(spec, device, dtype)
     cfg, model, call = build(spec)
     model = model.to(device, dtype).train()
     params = sum(p.numel() for p in model.parameters())
@@ -99,43 +96,27 @@ def measure(spec: dict) -> dict:
         model.zero_grad(set_to_none=True)
         _sync(device)
 
-    step()  # warm-up
-    if spec["measure"] == "memory":
-        with PeakMemory(device) as mem:
-            step()
-        return spec | {"params": params, "peak_mb": mem.peak_mb}
-    times = []
-    for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
-    flops = (6 * params + 12 * cfg.depth * cfg.width * spec["tokens"]) * spec["tokens"]
-    peak = matmul_peak_flops(device, dtype)
-    return spec | {"params": params, "seconds": seconds, "tokens_per_s": spec["tokens"] / seconds,
-                   "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak, "peak_tflops": peak / 1e12}
+    result = spec | {"params": params} | time_or_memory(step, spec, device)
+    if "seconds" in result:
+        seconds = result["seconds"]
+        flops = (6 * params + 12 * cfg.depth * cfg.width * spec["tokens"]) * spec["tokens"]
+        peak = matmul_peak_flops(device, dtype)
+        result |= {"tokens_per_s": spec["tokens"] / seconds, "tflops": flops / seconds / 1e12,
+                   "mfu": flops / seconds / peak, "peak_tflops": peak / 1e12}
+    return result
 
 
-def measure_attention(spec: dict, device, dtype, PeakMemory) -> dict:
+def measure_attention(spec: dict, device, dtype) -> dict:
     import torch
 
     from dit3d.attention import attention
 
     q, k, v = (torch.randn(1, 6, spec["tokens"], 64, device=device, dtype=dtype) for _ in range(3))
     run = lambda: (attention(q, k, v, spec["backend"]), _sync(device))  # noqa: E731
-    run()
-    if spec["measure"] == "memory":
-        with PeakMemory(device) as mem:
-            run()
-        return {"peak_mb": mem.peak_mb}
-    times = []
-    for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
-    flops = 4 * 6 * spec["tokens"] ** 2 * 64  # QK^T and PV
-    return {"seconds": seconds, "tflops": flops / seconds / 1e12}
+    result = time_or_memory(run, spec, device)
+    if "seconds" in result:
+        result["tflops"] = 4 * 6 * spec["tokens"] ** 2 * 64 / result["seconds"] / 1e12  # QK^T and PV
+    return result
 
 
 def main() -> None:

@@ -21,15 +21,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import measure_in_subprocess  # noqa: E402
+from bench.common import measure_in_subprocess, time_or_memory  # noqa: E402
 
 WAN_MATCH = {  # our preset -> AutoencoderKLWan kwargs with the same widths at shared resolutions
     "tiny": dict(base_dim=8, dim_mult=[1, 2, 4, 8], num_res_blocks=1),
@@ -41,8 +39,6 @@ WAN_MATCH = {  # our preset -> AutoencoderKLWan kwargs with the same widths at s
 def measure(spec: dict) -> dict:
     """Runs inside the worker process."""
     import torch
-
-    from data.peak_memory import PeakMemory
 
     torch.manual_seed(0)
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
@@ -78,18 +74,10 @@ def measure(spec: dict) -> dict:
         del latents
     else:
         del video
-    run()  # warm-up
-    if spec["measure"] == "memory":
-        with PeakMemory(device) as mem:
-            run()
-        return spec | {"params": params, "peak_mb": mem.peak_mb}
-    times = []
-    for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
-    return spec | {"params": params, "seconds": seconds, "frames_per_s": frames / seconds}
+    result = spec | {"params": params} | time_or_memory(run, spec, device)
+    if "seconds" in result:
+        result["frames_per_s"] = frames / result["seconds"]
+    return result
 
 
 def main() -> None:
