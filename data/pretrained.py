@@ -8,6 +8,7 @@ inspected, diffed and loaded without running code from it. Both files are writte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -50,3 +51,26 @@ def load_checkpoint(directory: str | os.PathLike, kind: str) -> tuple[dict, dict
     if record.get("kind") != kind:
         raise ValueError(f"{directory} holds a {record.get('kind')!r} checkpoint, not a {kind!r} one")
     return record["config"], load_file(str(weights_path))
+
+
+def config_from_dict(config_cls, d: dict, what: str):
+    """A config dataclass from its JSON dict; unknown fields are an error that lists the known ones."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} config fields {unknown}; known: {sorted(known)}")
+    return config_cls(**d)
+
+
+def save_model(model, directory: str | os.PathLike, kind: str) -> Path:
+    """Save a module whose `config` is a dataclass."""
+    return save_checkpoint(directory, dataclasses.asdict(model.config), model.state_dict(), kind)
+
+
+def load_model(model_cls, config_cls, directory: str | os.PathLike, kind: str, map_location="cpu"):
+    """Build `model_cls(config)` from a checkpoint written by `save_model` and load its weights."""
+    config, state = load_checkpoint(directory, kind)
+    from_dict = getattr(config_cls, "from_dict", None)
+    model = model_cls(from_dict(config) if from_dict else config_from_dict(config_cls, config, kind))
+    model.load_state_dict(state)
+    return model.to(map_location)

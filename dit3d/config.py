@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
+
+from data.pretrained import config_from_dict
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown DiT config fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
+        return config_from_dict(cls, d, "DiT")
 
 PRESETS: dict[str, DiTConfig] = {
     # tests and the CPU quickstart

@@ -15,7 +15,6 @@ are applied from outside (see `parallelize.py`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -254,15 +253,12 @@ class DiT3D(nn.Module):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save_pretrained(self, directory) -> None:
-        from data.pretrained import save_checkpoint
+        from data.pretrained import save_model
 
-        save_checkpoint(directory, asdict(self.config), self.state_dict(), kind="dit")
+        save_model(self, directory, kind="dit")
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "DiT3D":
-        from data.pretrained import load_checkpoint
+        from data.pretrained import load_model
 
-        config, state = load_checkpoint(directory, kind="dit")
-        model = cls(DiTConfig.from_dict(config))
-        model.load_state_dict(state)
-        return model.to(map_location)
+        return load_model(cls, DiTConfig, directory, kind="dit", map_location=map_location)

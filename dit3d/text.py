@@ -14,7 +14,7 @@ empty caption.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -70,19 +70,15 @@ class ByteTextEncoder(nn.Module):
         return self(ids, mask), mask
 
     def save_pretrained(self, directory) -> None:
-        from data.pretrained import save_checkpoint
+        from data.pretrained import save_model
 
-        save_checkpoint(directory, asdict(self.config), self.state_dict(), kind="text-bytes")
+        save_model(self, directory, kind="text-bytes")
 
     @classmethod
     def from_pretrained(cls, directory) -> "ByteTextEncoder":
-        from data.pretrained import load_checkpoint
+        from data.pretrained import load_model
 
-        config, state = load_checkpoint(directory, kind="text-bytes")
-        model = cls(ByteTextConfig(**config))
-        model.load_state_dict(state)
-        return model
-
+        return load_model(cls, ByteTextConfig, directory, kind="text-bytes")
 
 class HFTextEncoder:
     """A frozen Hugging Face text encoder from a local folder (config, weights and tokenizer files)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
+
+from data.pretrained import config_from_dict
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown tokenizer config fields {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
+        return config_from_dict(cls, d, "tokenizer")
 
 PRESETS: dict[str, VAEConfig] = {
     # tests and the CPU quickstart: 1.7M parameters

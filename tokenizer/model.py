@@ -21,7 +21,6 @@ encoder and decoder, so the network starts close to a linear patch codec and tra
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Iterator
 
 import torch
@@ -326,15 +325,12 @@ class CausalVAE(nn.Module):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save_pretrained(self, directory) -> None:
-        from data.pretrained import save_checkpoint
+        from data.pretrained import save_model
 
-        save_checkpoint(directory, asdict(self.config), self.state_dict(), kind="tokenizer")
+        save_model(self, directory, kind="tokenizer")
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "CausalVAE":
-        from data.pretrained import load_checkpoint
+        from data.pretrained import load_model
 
-        config, state = load_checkpoint(directory, kind="tokenizer")
-        model = cls(VAEConfig.from_dict(config))
-        model.load_state_dict(state)
-        return model.to(map_location)
+        return load_model(cls, VAEConfig, directory, kind="tokenizer", map_location=map_location)
