@@ -121,6 +121,11 @@ class ClipSpec:
     decode_threads: int = 0  # per decoder; 0: FFmpeg's default (one per core)
 
 
+def media_member(sample: dict) -> str | None:
+    """The extension of a WebDataset sample's video or image member (mp4, avi, ..., png), if it has one."""
+    return next((e for e in MEDIA_EXTENSIONS if e in sample), None)
+
+
 def _decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> dict:
     key = sample.get("__key__", "?")
     caption = sample.get("txt")
@@ -135,13 +140,11 @@ def _decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> di
             raise SkipSample("corrupt", f"KEY.json does not parse: {e}") from e
     if LATENT_EXT in sample:
         return _decode_latents(sample[LATENT_EXT], caption, key, meta, spec)
-    ext = next((e for e in MEDIA_EXTENSIONS if e in sample), None)
+    ext = media_member(sample)
     if ext is None:
         found = ", ".join(k for k in sample if not k.startswith("__"))
         raise SkipSample("no_video", f"no video or image member (found: {found})")
-    info = None
-    if {"fps", "frames", "width", "height"} <= meta.keys():
-        info = VideoInfo.from_json(meta)
+    info = VideoInfo.from_meta(meta)
     try:
         clip = read_clip(sample[ext], spec.frames, fps=spec.fps, size=spec.size, start=spec.window,
                          crop=spec.crop, rng=rng, info=info, threads=spec.decode_threads)

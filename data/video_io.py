@@ -73,6 +73,11 @@ class VideoInfo:
         return asdict(self)
 
     @classmethod
+    def from_meta(cls, meta: dict) -> "VideoInfo | None":
+        """The VideoInfo recorded in a shard's KEY.json, or None when it lacks the fields."""
+        return cls.from_json(meta) if {"fps", "frames", "width", "height"} <= meta.keys() else None
+
+    @classmethod
     def from_json(cls, d: dict) -> "VideoInfo":
         return cls(
             fps=float(d["fps"]),
@@ -218,14 +223,26 @@ def _resize_plan(height: int, width: int, size, crop: str, rng: np.random.Genera
     return rh, rw, top, left, th, tw
 
 
-def _window_indices(total: int, num_frames: int, stride: float, start, rng) -> list[int]:
-    """Source frame indices of a window of `num_frames` frames taken every `stride` source frames."""
+def window_stride(src_fps: float, fps: float | None) -> float:
+    """Source frames per output frame for a target `fps`: the file's rate over it, never below 1 (a file
+    slower than the target keeps its own rate); 1 when no target is given or the rate is unknown."""
+    return max(1.0, src_fps / fps) if fps and src_fps > 0 else 1.0
+
+
+def last_window_start(total: int, num_frames: int, stride: float) -> int:
+    """The last source frame at which a window of `num_frames` frames every `stride` frames still fits."""
     span = (num_frames - 1) * stride  # distance from the first to the last frame, in source frames
     last_start = math.floor(total - 1 - span + 1e-9)
     if last_start < 0:
         raise ClipTooShortError(
             f"needs {math.floor(span) + 1} source frames for {num_frames} frames at stride {stride:g}, has {total}"
         )
+    return last_start
+
+
+def _window_indices(total: int, num_frames: int, stride: float, start, rng) -> list[int]:
+    """Source frame indices of a window of `num_frames` frames taken every `stride` source frames."""
+    last_start = last_window_start(total, num_frames, stride)
     if start == "start":
         first = 0
     elif start == "center":
@@ -278,7 +295,7 @@ def read_clip(
             if num_frames != 1:
                 raise ClipTooShortError(f"an image is a one-frame video; {num_frames} frames were asked for")
             total, src_fps = 1, 0.0
-        stride = max(1.0, src_fps / fps) if fps and src_fps > 0 else 1.0
+        stride = window_stride(src_fps, fps)
         indices = _window_indices(total, num_frames, stride, start, rng)
         rh, rw, top, left, th, tw = _resize_plan(header.height, header.width, size, crop, rng)
         stream.thread_type = "AUTO"

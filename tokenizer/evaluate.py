@@ -33,7 +33,8 @@ import torch
 from data import ClipTooShortError, VideoInfo, VideoReadError, iter_shard_samples, probe, read_clip, write_video
 from data.peak_memory import PeakMemory
 from data.shards import sanitize_key
-from data.video_io import MEDIA_EXTENSIONS, check_frame_count
+from data.loader import media_member
+from data.video_io import MEDIA_EXTENSIONS, check_frame_count, last_window_start, window_stride
 
 from .fvd import FrechetVideoDistance, fvd_from_features
 from .lpips import LPIPS
@@ -58,13 +59,13 @@ def find_videos(path: str) -> tuple[list[VideoSource], list[tuple[str, str]]]:
     is_shards = (p.is_dir() and any(p.glob("*.tar"))) or not p.exists()  # not a path: a glob or brace pattern
     if is_shards:
         for sample in iter_shard_samples(path):
-            ext = next((e for e in MEDIA_EXTENSIONS if e in sample), None)
+            ext = media_member(sample)
             if ext is None:
                 skipped.append((sample["__key__"], "no video member"))
                 continue
             try:
                 meta = json.loads(sample["json"]) if "json" in sample else {}
-                info = VideoInfo.from_json(meta) if {"fps", "frames", "width", "height"} <= meta.keys() else probe(sample[ext])
+                info = VideoInfo.from_meta(meta) or probe(sample[ext])
             except (VideoReadError, ValueError) as e:
                 skipped.append((sample["__key__"], str(e)))
                 continue
@@ -82,10 +83,7 @@ def find_videos(path: str) -> tuple[list[VideoSource], list[tuple[str, str]]]:
 
 def window_starts(info: VideoInfo, frames: int, fps: float | None, windows: int) -> list[int]:
     """Evenly spaced first frames of `windows` windows (fewer if the video is short)."""
-    stride = max(1.0, info.fps / fps) if fps and info.fps > 0 else 1.0
-    last = math.floor(info.frames - 1 - (frames - 1) * stride + 1e-9)
-    if last < 0:
-        raise ClipTooShortError(f"{info.frames} frames are too few for one window of {frames} at stride {stride:g}")
+    last = last_window_start(info.frames, frames, window_stride(info.fps, fps))
     return sorted({round(i * last / max(1, windows - 1)) for i in range(windows)}) if windows > 1 else [last // 2]
 
 
