@@ -54,11 +54,11 @@ def test_ssim_rejects_tiny_frames_and_mismatched_shapes():
 
 def test_equal_floats_baseline():
     video = torch.rand(1, 3, 17, 128, 128) * 2 - 1
-    latent_floats = 16 * 5 * 16 * 16  # a 16-channel latent at 4x8x8
-    out = equal_floats_baseline(video, latent_floats)
+    latent_shape = (16, 5, 16, 16)  # a 16-channel latent at 4x8x8
+    out = equal_floats_baseline(video, latent_shape)
     assert out.shape == video.shape
     # a smooth video survives the baseline almost unchanged; noise does not
     t, y, x = torch.meshgrid(torch.linspace(0, 1, 17), torch.linspace(0, 1, 128), torch.linspace(0, 1, 128), indexing="ij")
     smooth = torch.stack([torch.sin(2 * x + t), torch.cos(3 * y), x * y * 2 - 1])[None] * 0.8
-    assert psnr(to_unit_range(equal_floats_baseline(smooth, latent_floats)), to_unit_range(smooth)).item() > 35
+    assert psnr(to_unit_range(equal_floats_baseline(smooth, latent_shape)), to_unit_range(smooth)).item() > 35
     assert psnr(to_unit_range(out), to_unit_range(video)).item() < 15

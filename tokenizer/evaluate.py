@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
     device = torch.device(device)
     vae = vae.to(device).eval()
     lpips = lpips.to(device) if lpips is not None else None
-    latent_floats = math.prod(vae.latent_shape(frames, size, size))
+    latent_shape = vae.latent_shape(frames, size, size)
     rows, skipped = [], []
     feats: dict[str, list[torch.Tensor]] = {"real": [], "recon": [], "baseline": []}  # I3D features, for rFVD
     enc_time = dec_time = 0.0
@@ -132,7 +131,7 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
                 _sync(device)
                 enc_time, dec_time = enc_time + t1 - t0, dec_time + time.perf_counter() - t1
                 n_frames += frames
-                base = equal_floats_baseline(x, latent_floats).clamp(-1, 1)
+                base = equal_floats_baseline(x, latent_shape).clamp(-1, 1)
                 a, b, c = to_unit_range(x.float()), to_unit_range(y.float()), to_unit_range(base)
                 sq_err += (a.double() - b.double()).pow(2).sum().item()
                 sq_err_base += (a.double() - c.double()).pow(2).sum().item()
@@ -172,7 +171,7 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
         "peak_memory_mb": mem.peak_mb,
         "device": str(device),
         "settings": {"frames": frames, "size": size, "fps": fps, "windows": windows, "chunk": chunk,
-                     "latent_shape": list(vae.latent_shape(frames, size, size))},
+                     "latent_shape": list(latent_shape)},
         "conventions": {
             "psnr": "per video, from the MSE over all its evaluated frames on [0, 1] (peak 1), then averaged over videos",
             "ssim": "per frame: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, population covariance, data range 1, "

@@ -73,17 +73,18 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ssim_frames(a, b).mean(1)
 
 
-def equal_floats_baseline(video: torch.Tensor, latent_floats: int) -> torch.Tensor:
-    """Trilinear down- then up-sampling to a 3-channel grid holding `latent_floats` values per video.
+def equal_floats_baseline(video: torch.Tensor, latent_shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """Trilinear down- then up-sampling to a 3-channel grid holding as many floats as latents of
+    `latent_shape` (C, t, h, w) per video.
 
     The honest baseline for a tokenizer: the same number of floats as its latents, spent on a plain
-    lower-resolution copy. Time is kept at the latent frame count (1 + k for 1 + 4k frames); the spatial
-    factor is chosen so that 3 x t x h x w matches `latent_floats` (e.g. 16 channels at 4x8x8 is 3
-    channels at 4x3.46x3.46). (B, 3, T, H, W) in [-1, 1] -> the same shape.
+    lower-resolution copy. Time is kept at the latents' frame count t; the spatial factor is chosen so that
+    3 x t x h' x w' matches C x t x h x w (e.g. 16 channels at 4x8x8 is 3 channels at 4x3.46x3.46).
+    (B, 3, T, H, W) in [-1, 1] -> the same shape.
     """
     b, c, t, h, w = video.shape
-    tl = 1 + (t - 1) // 4
-    per_frame = latent_floats / (c * tl)
+    tl = latent_shape[1]
+    per_frame = math.prod(latent_shape) / (c * tl)
     scale = math.sqrt(h * w / per_frame)
     small = (tl, max(1, round(h / scale)), max(1, round(w / scale)))
     down = F.interpolate(video.float(), size=small, mode="trilinear", align_corners=False)
