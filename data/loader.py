@@ -189,13 +189,18 @@ class ShardStream(IterableDataset):
     """The per-reader pipeline: shards -> WebDataset samples -> (shuffle) -> decode -> batches.
 
     Each yielded batch carries `__skips__`, the SkipRecords met since the previous batch, and the
-    stream ends with a batch-less item holding the rest, so that no skip goes uncounted.
+    stream ends with a batch-less item holding the rest, so that no skip goes uncounted. It also carries
+    `__reader__` and `__position__`: the number of raw samples (used or skipped) this reader had drawn
+    after the batch. The shard order, the shuffle buffer and each sample's window and crop depend only on
+    (seed, reader, position), so a reader restarted with `start_positions[reader] = position` skips that
+    many raw samples without decoding them and then yields exactly the batches it would have yielded next.
     """
 
     def __init__(self, urls: list[str], spec: ClipSpec, batch_size: int, mode: str, seed: int,
                  rank: int, world_size: int, shuffle_buffer: int):
         self.urls, self.spec, self.batch_size, self.mode, self.seed = urls, spec, batch_size, mode, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.start_positions: dict[int, int] = {}  # reader -> raw samples already consumed (resume)
 
     def _reader(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -236,10 +241,15 @@ class ShardStream(IterableDataset):
         if self.mode == "train":
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4,
                                   rng=random.Random(f"samples-{self.seed}-{reader}"))(samples)
-        rng = np.random.default_rng([self.seed, reader])  # windows and crops
+        position = self.start_positions.get(reader, 0) if self.mode == "train" else 0
+        samples = iter(samples)
+        for _ in range(position):  # resume: the raw samples of batches consumed before, read but not decoded
+            next(samples)
         batch: list[dict] = []
         for sample in samples:
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+            rng = np.random.default_rng([self.seed, reader, position])  # this sample's window and crop
+            position += 1
             try:
                 batch.append(_decode_sample(sample, self.spec, rng))
             except SkipSample as s:
@@ -250,17 +260,23 @@ class ShardStream(IterableDataset):
                 continue
             run[0] = 0
             if len(batch) == self.batch_size:
-                out = collate(batch) | {"__skips__": skips[:]}
+                out = collate(batch) | {"__skips__": skips[:], "__reader__": reader, "__position__": position}
                 batch, skips[:] = [], []
                 yield out
         if batch and self.mode == "eval":
-            yield collate(batch) | {"__skips__": skips[:]}
+            yield collate(batch) | {"__skips__": skips[:], "__reader__": reader, "__position__": position}
             skips.clear()
-        yield {"__skips__": skips[:], "__end__": True}
+        yield {"__skips__": skips[:], "__end__": True, "__reader__": reader, "__position__": position}
 
 
 class ShardLoader:
-    """Iterable of batches over shards, with skip accounting gathered from all worker processes."""
+    """Iterable of batches over shards, with skip accounting gathered from all worker processes.
+
+    In train mode the batches come in a fixed round-robin over this rank's readers (its workers), and
+    `state_dict()` records how far each reader's stream has been consumed by the caller (batches
+    prefetched but not yet taken do not count). `load_state_dict()` before iterating makes the stream
+    continue exactly where that state was taken: the trainer's exact resume.
+    """
 
     def __init__(self, dataset: ShardStream, num_workers: int, pin_memory: bool, prefetch_factor: int | None):
         self.dataset = dataset
@@ -270,19 +286,67 @@ class ShardLoader:
                                   persistent_workers=False, **kwargs)
         self.skipped: Counter = Counter()
         self.skip_log: list[SkipRecord] = []  # every skipped sample, in the order met
+        self._positions: dict[int, int] = {}  # reader -> raw samples consumed by the caller
+        self._next_worker = 0  # the worker whose batch the caller takes next (train mode)
+
+    def _count_skips(self, item: dict) -> None:
+        for rec in item.pop("__skips__"):
+            self.skipped[rec.reason] += 1
+            self.skip_log.append(rec)
+            if len(self.skip_log) <= _MAX_LOGGED_SKIPS:
+                log.warning("skipped %s from %s (%s): %s", rec.key or "a shard", rec.url, rec.reason, rec.detail)
+                if len(self.skip_log) == _MAX_LOGGED_SKIPS:
+                    log.warning("further skipped samples are counted, not logged; see loader.skipped")
+
+    def _take(self, item: dict) -> dict | None:
+        """Account for an item the caller is about to receive; None for an end-of-stream marker."""
+        self._count_skips(item)
+        self._positions[item.pop("__reader__")] = item.pop("__position__")
+        return None if item.pop("__end__", False) else item
 
     def __iter__(self) -> Iterator[dict]:
+        if self.dataset.mode != "train":
+            for item in self._loader:
+                if (batch := self._take(item)) is not None:
+                    yield batch
+            return
+        # train: every worker's stream is infinite, and the DataLoader serves workers 0, 1, ... in turn;
+        # take them in turn starting from the one a resumed state says is next
+        workers = max(1, self.num_workers)
+        first_reader = self.dataset.rank * workers
+        pending: dict[int, list[dict]] = {w: [] for w in range(workers)}
         for item in self._loader:
-            for rec in item.pop("__skips__"):
-                self.skipped[rec.reason] += 1
-                self.skip_log.append(rec)
-                if len(self.skip_log) <= _MAX_LOGGED_SKIPS:
-                    log.warning("skipped %s from %s (%s): %s", rec.key or "a shard", rec.url, rec.reason, rec.detail)
-                    if len(self.skip_log) == _MAX_LOGGED_SKIPS:
-                        log.warning("further skipped samples are counted, not logged; see loader.skipped")
-            if item.pop("__end__", False):
-                continue
-            yield item
+            pending[item["__reader__"] - first_reader].append(item)
+            while pending[self._next_worker]:
+                item = pending[self._next_worker].pop(0)
+                self._next_worker = (self._next_worker + 1) % workers
+                if (batch := self._take(item)) is not None:
+                    yield batch
+
+    def state_dict(self) -> dict:
+        """Where the caller is in the stream (plain JSON-able values), and the skip counts so far."""
+        d = self.dataset
+        return {"seed": d.seed, "rank": d.rank, "world_size": d.world_size, "num_workers": self.num_workers,
+                "urls": len(d.urls), "batch_size": d.batch_size, "positions": {str(k): v for k, v in self._positions.items()},
+                "next_worker": self._next_worker, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue from `state` (taken by `state_dict()` of a loader over the same shards and layout).
+
+        Returns False, and leaves the stream at its start, when the layout changed (another number of
+        ranks, workers, shards or another batch size or seed): positions would then name other streams.
+        The skip counts carry over either way.
+        """
+        self.skipped.update(state.get("skipped", {}))
+        d = self.dataset
+        layout = (d.seed, d.rank, d.world_size, self.num_workers, len(d.urls), d.batch_size)
+        saved = tuple(state.get(k) for k in ("seed", "rank", "world_size", "num_workers", "urls", "batch_size"))
+        if layout != saved or d.mode != "train":
+            return False
+        self._positions = {int(k): v for k, v in state["positions"].items()}
+        d.start_positions = dict(self._positions)
+        self._next_worker = state["next_worker"]
+        return True
 
     @property
     def samples_skipped(self) -> int:

@@ -163,6 +163,28 @@ def test_train_stream_is_infinite_random_and_seeded(synthetic_shards):
     assert not {shard_of(k) for k in first_two[0]} & {shard_of(k) for k in first_two[1]}
 
 
+@pytest.mark.parametrize("workers,taken", [(0, 4), (2, 5)])
+def test_train_stream_resumes_exactly_where_its_state_was_taken(synthetic_shards, workers, taken):
+    """A loader restored from `state_dict()` yields the batches the uninterrupted loader yields next,
+    pixels included, also when the state was taken in the middle of a round over the workers."""
+    make = lambda: make_loader(synthetic_shards, 3, 9, 48, mode="train", num_workers=workers, seed=5,  # noqa: E731
+                               shuffle_buffer=4)
+    whole = _take(make(), taken + 4)
+    first = make()
+    it = iter(first)
+    for _ in range(taken):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))  # it travels as JSON in checkpoints
+    resumed = make()
+    assert resumed.load_state_dict(state)
+    for x, y in zip(whole[taken:], _take(resumed, 4)):
+        assert x["key"] == y["key"]
+        torch.testing.assert_close(x["video"], y["video"], rtol=0, atol=0)
+    # another layout cannot continue those streams: it says so and starts from the beginning
+    other = make_loader(synthetic_shards, 3, 9, 48, mode="train", num_workers=1, seed=5, shuffle_buffer=4)
+    assert other.load_state_dict(state) is (workers == 1)
+
+
 def test_url_forms_agree(synthetic_shards, tmp_path):
     def keys(urls):
         return sorted(k for b in make_loader(urls, 8, 1, 32, mode="eval", num_workers=0) for k in b["key"])
