@@ -1,13 +1,21 @@
 """Everything that changes how a model runs rather than what it computes, applied from outside the model.
 
-Model files hold plain PyTorch modules. Training and sampling call these functions on them, in one place:
-activation checkpointing per block now; DDP, FSDP2 and compile join here with the trainer.
+Model files hold plain PyTorch modules. Training and sampling call these functions on them, in one place
+(as torchtitan's parallelize.py): activation checkpointing and `torch.compile` per block, then data
+parallelism, either DDP (a full replica per rank, gradients all-reduced) or FSDP2 (`fully_shard` on every
+block, then on the root: parameters, gradients and optimiser state sharded across ranks, each block's
+parameters gathered just before it runs).
+
+Order matters and is fixed here: checkpointing, then compile, then DDP or FSDP2.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.nn.parallel import DistributedDataParallel
 
 
 def apply_activation_checkpointing(model: nn.Module, block_type: type[nn.Module]) -> int:
@@ -25,3 +33,51 @@ def apply_activation_checkpointing(model: nn.Module, block_type: type[nn.Module]
     if not wrapped:
         raise ValueError(f"no {block_type.__name__} modules to checkpoint in {type(model).__name__}")
     return wrapped
+
+
+def compile_blocks(model: nn.Module, block_type: type[nn.Module]) -> int:
+    """`torch.compile` each `block_type` submodule on its own: identical blocks share one compiled graph,
+    and compile time stays flat in depth. Returns the number of blocks compiled."""
+    compiled = 0
+    for module in model.modules():
+        if isinstance(module, block_type):
+            module.compile()
+            compiled += 1
+    if not compiled:
+        raise ValueError(f"no {block_type.__name__} modules to compile in {type(model).__name__}")
+    return compiled
+
+
+def data_parallel(model: nn.Module, strategy: str, block_types: tuple[type[nn.Module], ...] = (),
+                  device: torch.device | None = None, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Wrap `model` for data-parallel training over the default process group.
+
+    strategy "ddp": DistributedDataParallel (returns the wrapper; the model is `.module`).
+    strategy "fsdp": FSDP2; every `block_types` submodule becomes its own shard group, then the root;
+      `param_dtype` (bf16 on CUDA) is the dtype blocks compute in, with gradients reduced in float32.
+      Returns the model itself, its parameters now DTensors.
+    strategy "none" or a single process: the model unchanged.
+    """
+    if strategy not in ("ddp", "fsdp", "none"):
+        raise ValueError(f"data-parallel strategy must be ddp, fsdp or none, got {strategy!r}")
+    if strategy == "none" or not (dist.is_available() and dist.is_initialized()):
+        return model
+    if strategy == "ddp":
+        ids = [device.index] if device is not None and device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = [m for m in model.modules() if isinstance(m, block_types)]
+    if not blocks:
+        names = ", ".join(t.__name__ for t in block_types) or "none given"
+        raise ValueError(f"FSDP2 needs blocks to shard one by one; no {names} in {type(model).__name__}")
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under a DDP wrapper (FSDP2 modules are their own model)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

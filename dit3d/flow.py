@@ -1,0 +1,123 @@
+"""Rectified flow matching: the training objective and the ODE samplers, shared by train.py and sample.py.
+
+Convention (as SD3, Open-Sora 2.0 and Wan2.1): t = 0 is data and t = 1 is noise,
+
+    x_t = (1 - t) * x0 + t * noise,        the model predicts  v = noise - x0,
+
+so sampling integrates dx/dt = v from t = 1 down to t = 0, and the clean-video prediction at any point
+is x0 = x_t - t * v.
+
+Timesteps. Training draws t from a logit-normal distribution (t = sigmoid(mean + std * n), n ~ N(0, 1)),
+which concentrates on the middle of the path. Larger videos have more tokens and so keep more of their
+signal at a given noise level; both training and sampling therefore apply the same shift towards noise,
+    t' = s * t / (1 + (s - 1) * t),   s = sqrt(tokens / shift_base_tokens), at least 1,
+the resolution-dependent shift of SD3 and Open-Sora 2.0. A fixed `shift` overrides the token rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, ...), t (B,)) -> v (B, ...)
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    logit_mean: float = 0.0  # logit-normal location of the training timesteps
+    logit_std: float = 1.0  # and its scale
+    shift: float | None = None  # a fixed timestep shift; None: from the token count
+    shift_base_tokens: int = 256  # token count at which the shift is 1 (a 256x256 image at 8x and patch 2)
+
+    def shift_for(self, tokens: int) -> float:
+        if self.shift is not None:
+            return float(self.shift)
+        return max(1.0, math.sqrt(tokens / self.shift_base_tokens))
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Move t towards noise (shift > 1) keeping 0 and 1 fixed."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def training_timesteps(cfg: FlowConfig, normal: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Training times from standard normal draws `normal` (B,): logit-normal, then shifted for `tokens`."""
+    return shift_time(torch.sigmoid(cfg.logit_mean + cfg.logit_std * normal), cfg.shift_for(tokens))
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t noise, with t (B,) broadcast over the other dimensions."""
+    t = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return noise - x0
+
+
+def predicted_x0(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return x_t - t.view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype) * v
+
+
+def sampling_timesteps(steps: int, shift: float, device=None) -> torch.Tensor:
+    """steps + 1 times from 1 (noise) to 0 (data), uniform before the shift."""
+    if steps < 1:
+        raise ValueError(f"the sampler needs at least 1 step, got {steps}")
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift).float()
+
+
+def guided(velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+           text: torch.Tensor, text_mask: torch.Tensor, uncond: torch.Tensor, uncond_mask: torch.Tensor,
+           scale: float) -> Velocity:
+    """Classifier-free guidance: v = v_uncond + scale * (v_cond - v_uncond), both in one batched call.
+
+    velocity(x, t, text, text_mask) is the conditional model; `uncond` is the null condition or the
+    encoded negative prompt. Text sequences of different lengths are padded to the longer one (masked).
+    scale 1 evaluates the conditional model alone.
+    """
+    if scale == 1.0:
+        return lambda x, t: velocity(x, t, text, text_mask)
+    length = max(text.shape[1], uncond.shape[1])
+
+    def pad(tokens: torch.Tensor, mask: torch.Tensor):
+        extra = length - tokens.shape[1]
+        return (torch.nn.functional.pad(tokens, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra)))
+
+    (ct, cm), (ut, um) = pad(text, text_mask), pad(uncond, uncond_mask)
+    both_text, both_mask = torch.cat([ct, ut]), torch.cat([cm, um])
+
+    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, unc = velocity(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask).chunk(2)
+        return unc + scale * (cond - unc)
+
+    return v
+
+
+@torch.no_grad()
+def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.0, solver: str = "euler",
+           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Integrate from `noise` (t = 1) to data (t = 0) in `steps` steps; returns x0 in noise's shape.
+
+    solver: "euler" (one model call per step) or "heun" (two per step, except the last, second order).
+    on_step(i, t, x0_prediction) is called after every step, e.g. to save the denoising trajectory.
+    """
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    ts = sampling_timesteps(steps, shift, noise.device)
+    x = noise
+    batch = noise.shape[0]
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        tb = t.expand(batch)
+        v = velocity(x, tb)
+        if on_step is not None:
+            on_step(i, t, predicted_x0(x, tb, v))
+        x_next = x + (t_next - t) * v
+        if solver == "heun" and t_next > 0:
+            v_next = velocity(x_next, t_next.expand(batch))
+            x_next = x + (t_next - t) * 0.5 * (v + v_next)
+        x = x_next
+    return x

@@ -1,0 +1,196 @@
+"""train.py for real: both stages train; 2-process DDP (torchrun, gloo) equals one process with the same
+global batch; a stopped and resumed run continues the uninterrupted loss curve; FSDP2 steps run and resume;
+SIGTERM checkpoints; a NaN loss stops the run naming the step; bad options get one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from data.synthetic import SyntheticSpec, generate
+from tokenizer import CausalVAE
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--frames", "5", "--size", "32", "--wandb", "disabled", "--no-progress", "--warmup", "2", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train_shards")
+    generate(out, 32, SyntheticSpec(frames=9, size=48), seed=0, shard_size=8)  # 4 shards
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    """A tiny tokenizer with random weights and set latent statistics: the DiT stage only needs it frozen."""
+    torch.manual_seed(0)
+    vae = CausalVAE.from_preset("tiny")
+    vae.set_latent_stats(torch.linspace(-0.5, 0.5, 16), torch.linspace(0.5, 2.0, 16))
+    out = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], nproc: int = 1, **kwargs) -> subprocess.CompletedProcess:
+    """train.py in fresh processes, as users run it: plain python, or torchrun with `nproc` processes."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(free_port())] if nproc > 1 else [sys.executable]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(launcher + [str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def dit_args(shards: Path, vae_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--stage", "dit", "--data", str(shards), "--vae", str(vae_dir), "--out", str(out), "--preview-steps", "2",
+            "--log-every", "1", *FAST, *extra]
+
+
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shards, vae_dir, tmp_path):
+    # global batch 4 both ways: 2 ranks x 2 clips, or 1 process x 2 micro-batches of 2 clips. Readers
+    # (rank x worker) 0 and 1 read the same shards either way, and each clip's noise, time and caption
+    # dropout depend on the clip and the step alone, so the two runs must take the same steps.
+    common = ["--steps", "4", "--batch-size", "2", "--checkpoint-every", "0"]
+    run_cli(dit_args(shards, vae_dir, tmp_path / "one", *common, "--grad-accum", "2", "--num-workers", "2"))
+    run_cli(dit_args(shards, vae_dir, tmp_path / "ddp", *common, "--num-workers", "1"), nproc=2)
+    one, ddp = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert one.keys() == ddp.keys() == {1, 2, 3, 4}
+    assert [one[k] for k in one] == pytest.approx([ddp[k] for k in one], rel=1e-5)
+    for part in ("dit", "text"):
+        a = load_file(tmp_path / "one" / "model" / part / "model.safetensors")
+        b = load_file(tmp_path / "ddp" / "model" / part / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert not torch.equal(a["position"], torch.zeros_like(a["position"]))
+
+
+def test_a_stopped_run_resumes_on_the_loss_curve_of_an_uninterrupted_one(shards, vae_dir, tmp_path):
+    common = ["--steps", "6", "--batch-size", "3", "--num-workers", "2", "--checkpoint-every", "2"]
+    run_cli(dit_args(shards, vae_dir, tmp_path / "whole", *common))
+    first = run_cli(dit_args(shards, vae_dir, tmp_path / "split", *common, "--exit-after", "3"))
+    assert "stopped at step 3" in first.stderr + first.stdout
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    second = run_cli(dit_args(shards, vae_dir, tmp_path / "split", *common))
+    assert "resuming" in second.stderr + second.stdout and "step 3 of 6" in second.stderr + second.stdout
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert split.keys() == whole.keys() == set(range(1, 7))  # the log is one curve, no step twice
+    assert [split[k] for k in range(4, 7)] == pytest.approx([whole[k] for k in range(4, 7)], rel=1e-6)
+    a = load_file(tmp_path / "whole" / "model" / "dit" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model" / "dit" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # checkpoints are complete folders; older ones pruned to --keep-checkpoints
+    done = sorted(p.name for p in (tmp_path / "split" / "checkpoints").glob("step_*"))
+    assert done == ["step_00000004", "step_00000006"]
+    assert not list((tmp_path / "split" / "checkpoints").glob(".*.tmp"))
+
+
+def test_fsdp2_steps_run_and_resume(shards, vae_dir, tmp_path):
+    common = ["--steps", "3", "--batch-size", "2", "--num-workers", "1", "--parallel", "fsdp", "--checkpoint-every", "0"]
+    run_cli(dit_args(shards, vae_dir, tmp_path / "fsdp", *common, "--exit-after", "2"), nproc=2)
+    proc = run_cli(dit_args(shards, vae_dir, tmp_path / "fsdp", *common), nproc=2)
+    assert "step 2 of 3" in proc.stderr + proc.stdout
+    assert sorted(losses(tmp_path / "fsdp")) == [1, 2, 3]
+    state = load_file(tmp_path / "fsdp" / "model" / "dit" / "model.safetensors")  # gathered full weights
+    reference = train.DiTStage  # the exported weights load into a plain model
+    from dit3d import DiT3D
+
+    model = DiT3D.from_pretrained(tmp_path / "fsdp" / "model" / "dit")
+    assert set(state) == set(model.state_dict()) and reference is not None
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards, vae_dir, tmp_path):
+    out = tmp_path / "preempted"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *dit_args(shards, vae_dir, out, "--steps", "100000",
+                            "--batch-size", "2", "--num-workers", "1", "--checkpoint-every", "0")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    assert "preempted (SIGTERM)" in output
+    step = json.loads((out / "checkpoints" / "latest").parent.joinpath(
+        (out / "checkpoints" / "latest").read_text().strip(), "trainer.json").read_text())["step"]
+    assert step == max(losses(out)) >= 1
+
+
+def test_tokenizer_stage_trains_with_the_discriminator_and_measures_latent_stats(shards, tmp_path):
+    out = tmp_path / "vae"
+    args = ["--stage", "tokenizer", "--data", str(shards), "--out", str(out), "--steps", "24", "--batch-size", "4",
+            "--num-workers", "0", "--checkpoint-every", "0", "--log-every", "4", "--disc-weight", "0.5",
+            "--disc-start", "12", "--image-prob", "0.25", "--stats-batches", "2", *FAST]
+    args[args.index("--lr") + 1] = "3e-3"
+    assert train.main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    l1 = [r["l1"] for r in records if "l1" in r]
+    assert l1[-1] < 0.6 * l1[0]
+    assert any("d_loss" in r and "adaptive_weight" in r for r in records)  # the GAN term switched on
+    vae = CausalVAE.from_pretrained(out / "model")
+    assert not torch.allclose(vae.latent_std, torch.ones(16))  # measured, not the defaults
+    z = vae.normalize(vae.encode(torch.zeros(1, 3, 5, 32, 32)).mode())
+    assert z.shape == (1, 16, 2, 4, 4)
+    assert list((out / "previews").glob("step_*/*.mp4"))
+
+
+def test_a_nan_loss_stops_the_run_and_names_the_step(shards, vae_dir, tmp_path, monkeypatch):
+    real_loss = train.DiTStage.loss
+
+    def loss(self, model, batch, step, sync):
+        value, logs = real_loss(self, model, batch, step, sync)
+        return (value * float("nan"), logs) if step == 3 else (value, logs)
+
+    monkeypatch.setattr(train.DiTStage, "loss", loss)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match=r"loss is nan .* at step 4; .*step_00000002"):
+        train.main(dit_args(shards, vae_dir, out, "--steps", "8", "--batch-size", "2", "--num-workers", "0",
+                            "--checkpoint-every", "2"))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert max(losses(out)) == 3
+
+
+def test_bad_options_get_one_line_errors(shards, vae_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--stage dit needs --vae"):
+        train.main(["--stage", "dit", "--data", str(shards), "--out", str(tmp_path / "a"), *FAST])
+    with pytest.raises(SystemExit, match=r"--frames: frames must be 1 \+ 4k.*got 12: use 9 or 13"):
+        train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(tmp_path / "b"), "--frames", "12"])
+    run = tmp_path / "c"
+    assert train.main(dit_args(shards, vae_dir, run, "--steps", "1", "--batch-size", "2", "--num-workers", "0")) == 0
+    with pytest.raises(SystemExit, match="holds a dit run"):
+        train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(run), *FAST, "--steps", "1"])
+
+
+def test_quickstart_completes_with_few_steps(tmp_path):
+    proc = run_cli(["quickstart", "--out", str(tmp_path / "qs"), "--clips", "48", "--tokenizer-steps", "6",
+                    "--dit-steps", "6", "--sample-steps", "2", "--no-progress"])
+    samples = sorted((tmp_path / "qs" / "dit" / "previews").glob("step_*/*.mp4"))
+    assert len(samples) == 8
+    assert "held out of training" in proc.stdout and "sample.py --ckpt" in proc.stdout
