@@ -54,6 +54,7 @@ from data import make_loader, write_video
 from data.pretrained import config_from_dict
 from data.video_io import check_frame_count
 from parallelize import apply_activation_checkpointing, compile_blocks, data_parallel, unwrap
+from pipeline import PIPELINE_FILE, TextToVideo, generate_latents, text_inputs
 
 log = logging.getLogger("train")
 
@@ -177,6 +178,27 @@ class TokenizerStage:
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.model.config)
 
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """A fresh run starts as the best linear block code of the first --pca-init-clips clips (the same on
+        every rank: each reads them all), so training begins at a linear codec's quality, not at noise."""
+        n = self.args.pca_init_clips
+        if n <= 0 or not self.model.config.linear_codec:
+            return
+        loader = make_loader(self.args.data, min(n, 16), self.args.frames, self.args.size, mode="eval",
+                             num_workers=0, fps=self.args.fps, rank=0, world_size=1)
+        clips = []
+        for batch in loader:
+            clips.append(batch["video"])
+            if sum(len(c) for c in clips) >= n:
+                break
+        if not clips:
+            raise SystemExit(f"error: no readable clips in {self.args.data} to initialise the tokenizer from")
+        kept = self.model.init_linear_codec(torch.cat(clips)[:n].to(self.env.device))
+        if self.env.main:
+            log.info("initialised as the linear block code of %d clips (%.2f%% of their energy kept)",
+                     min(n, sum(len(c) for c in clips)), 100 * kept)
+
     def tokens(self, batch: dict) -> int:
         return math.prod(self.model.latent_shape(*batch["video"].shape[2:])[1:])
 
@@ -281,24 +303,6 @@ class TokenizerStage:
 # ---- the DiT stage ------------------------------------------------------------------------------
 
 
-class TextToVideo(nn.Module):
-    """The trained modules of the DiT stage in one module (so one DDP or FSDP wrapper syncs them all):
-    the DiT and, with the built-in byte encoder, the text encoder trained with it."""
-
-    def __init__(self, dit: nn.Module, text: nn.Module | None):
-        super().__init__()
-        self.dit, self.text = dit, text
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, T, H, W), t (B,), text: byte ids (B, L) with the byte encoder, else tokens (B, L, D)."""
-        if self.text is not None:
-            text = self.text(text, text_mask)
-        if drop is not None:
-            text, text_mask = self.dit.drop_captions(text, text_mask, drop)
-        return self.dit(x, t, text, text_mask)
-
-
 class DiTStage:
     """Flow matching in the frozen tokenizer's normalised latent space, conditioned on captions."""
 
@@ -345,11 +349,8 @@ class DiTStage:
         return math.prod(self.model.dit.token_grid(self.latent_grid(batch)))
 
     def encode_text(self, module: TextToVideo, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder inputs for the wrapped model: byte ids (trained encoder) or frozen-encoder tokens."""
-        if self.frozen_text is not None:
-            return self.frozen_text.encode(captions)
-        ids, mask = module.text.tokenize(captions)
-        return ids.to(self.env.device), mask.to(self.env.device)
+        """Text inputs of the wrapped model: byte ids (trained encoder) or frozen-encoder tokens."""
+        return text_inputs(module, self.frozen_text, captions, self.env.device)
 
     def loss(self, model: nn.Module, batch: dict, step: int, sync: bool) -> tuple[torch.Tensor, dict]:
         from dit3d.flow import interpolate, training_timesteps, velocity_target
@@ -400,31 +401,14 @@ class DiTStage:
 
     @torch.no_grad()
     def generate(self, ema: TextToVideo, prompts: list[str], frames: int, size: int, steps: int, guidance: float,
-                 seed: int = 0, solver: str = "euler") -> torch.Tensor:
-        """Videos (B, 3, frames, size, size) in [-1, 1] for prompts, by the EMA model.
-
-        Every call goes through the model's own forward (never its submodules), as FSDP2 gathers the
-        root's parameters there; guidance batches each prompt with its caption dropped (the null condition).
-        """
-        from dit3d.flow import sample
-
-        device, n = self.env.device, len(prompts)
-        shape = self.vae.latent_shape(frames, size, size)  # (C, t, h, w)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
-                             for i in range(n)]).to(device)
-        text, mask = self.encode_text(ema, prompts)
-        both_text, both_mask = torch.cat([text, text]), torch.cat([mask, mask])
-        drop = torch.arange(2 * n, device=device) >= n  # the second half: unconditional
-
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with autocast(device):
-                if guidance == 1.0:
-                    return ema(x, t, text, mask).float()
-                cond, uncond = ema(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask, drop).float().chunk(2)
-            return uncond + guidance * (cond - uncond)
-
-        tokens = math.prod(ema.dit.token_grid(shape[1:]))
-        z = sample(velocity, noise, steps, self.flow.shift_for(tokens), solver)
+                 seed: int = 0) -> torch.Tensor:
+        """Videos (B, 3, frames, size, size) in [-1, 1] for prompts, by the EMA model (called as a whole, as
+        FSDP2 needs: it gathers the root's parameters in the root's forward)."""
+        shape = self.vae.latent_shape(frames, size, size)
+        z = generate_latents(ema, lambda c: self.encode_text(ema, c), prompts, shape, steps=steps, guidance=guidance,
+                             shift=self.flow.shift_for(math.prod(ema.dit.token_grid(shape[1:]))),
+                             seeds=[seed + i for i in range(len(prompts))], device=self.env.device,
+                             autocast_dtype=torch.bfloat16 if self.env.device.type == "cuda" else None)
         return self.vae.decode(self.vae.denormalize(z), chunk=2).clamp(-1, 1)
 
     def preview(self, ema: nn.Module, step: int, out_dir: Path, batch: dict) -> list[Path]:
@@ -434,6 +418,9 @@ class DiTStage:
         fps = float(self.args.fps or batch["fps"][0].item() or 8.0)
         return [write_video(out_dir / f"{i:02d}_{p.replace(' ', '_')[:60]}.mp4", v, fps=fps)
                 for i, (p, v) in enumerate(zip(prompts, videos))]
+
+    def initialize(self) -> None:
+        pass
 
     def finish(self, ema: nn.Module) -> dict:
         return {}
@@ -450,7 +437,7 @@ class DiTStage:
             save_checkpoint(directory / "text", dataclasses.asdict(ema.text.config), text_state, kind="text-bytes")
         if not (directory / "tokenizer" / "config.json").is_file():
             self.vae.save_pretrained(directory / "tokenizer")
-        write_json_atomic(directory / "pipeline.json", {
+        write_json_atomic(directory / PIPELINE_FILE, {
             "text_encoder": "bytes" if ema.text is not None else str(Path(self.args.text_encoder).resolve()),
             "frames": self.args.frames, "size": self.args.size, "fps": self.args.fps or 8.0,
             "flow": dataclasses.asdict(self.flow),
@@ -662,6 +649,10 @@ def train(args) -> Path:
     resolved, out = resolve_run(args, stage, env)
     plain = stage.model
     n_params = sum(p.numel() for p in plain.parameters() if p.requires_grad)
+    ckpts = Checkpoints(out / "checkpoints", env, args.keep_checkpoints)
+    latest = ckpts.latest()
+    if latest is None:
+        stage.initialize()
 
     from torch.optim.swa_utils import AveragedModel
 
@@ -686,9 +677,7 @@ def train(args) -> Path:
         model_sd, optim_sd = get_state_dict(model, opt)
         return {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema), "stage": stage.state_dict()}
 
-    ckpts = Checkpoints(out / "checkpoints", env, args.keep_checkpoints)
     step, samples_seen = 0, 0
-    latest = ckpts.latest()
     if latest is not None:
         state = tensor_state()
         trainer_state, rank_state = ckpts.load(latest, state)
@@ -904,6 +893,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disc-start", type=int, default=2000, help="step at which the adversarial loss switches on")
     g.add_argument("--disc-lr", type=float, default=1e-4)
     g.add_argument("--stats-batches", type=int, default=16, help="batches to measure the latent statistics on")
+    g.add_argument("--pca-init-clips", type=int, default=64,
+                   help="clips whose PCA initialises the linear codec path of a fresh run (0: random init)")
     return p
 
 

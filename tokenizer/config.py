@@ -21,6 +21,9 @@ class VAEConfig:
     mid_blocks: int = 1  # residual blocks at the latent resolution, in each of encoder and decoder
     temporal_kernel: int = 3  # causal conv kernel along time (at the latent frame rate)
     logvar_init: float = -6.0  # initial posterior log-variance bias: start nearly deterministic
+    # a linear block codec beside the network (each latent cell <-> its tf x sf x sf pixel block); with
+    # init_linear_codec() it starts as the best linear code of the data (PCA) and the network learns the rest
+    linear_codec: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))

@@ -145,6 +145,10 @@ class Encoder(nn.Module):
         self.conv_out = CausalConv3d(chans[-1], 2 * cfg.latent_channels, (kt, 3, 3))
         nn.init.constant_(self.conv_out.conv.bias[cfg.latent_channels :], cfg.logvar_init)
         self.latent_channels = cfg.latent_channels
+        self.linear = None
+        if cfg.linear_codec:  # each latent cell from its own pixel block: no time extent, so causal
+            s = cfg.spatial_factor // cfg.patch_size
+            self.linear = nn.Conv3d(patch_dim, cfg.latent_channels, (1, s, s), stride=(1, s, s), bias=False)
 
     def forward(self, patches: torch.Tensor, cache: CausalCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.conv_in(patches, cache)
@@ -152,7 +156,10 @@ class Encoder(nn.Module):
             h = block(h, cache)
         moments = self.conv_out(F.silu(self.norm_out(h)), cache)  # (B, 2L, t, h, w)
         mean, logvar = moments.chunk(2, dim=1)
-        mean = mean + reduce(h, "b (l g) t h w -> b l t h w", "mean", l=self.latent_channels)
+        if self.linear is not None:
+            mean = mean + self.linear(patches)
+        else:
+            mean = mean + reduce(h, "b (l g) t h w -> b l t h w", "mean", l=self.latent_channels)
         return mean, logvar
 
 
@@ -170,13 +177,19 @@ class Decoder(nn.Module):
                 stage.append(Upsample(chans[i], chans[i - 1], kt))
             self.stages.append(stage)
         self.norm_out = ChannelRMSNorm(chans[0])
-        self.conv_out = CausalConv3d(chans[0], cfg.in_channels * cfg.temporal_factor * cfg.patch_size**2, (kt, 3, 3))
+        patch_dim = cfg.in_channels * cfg.temporal_factor * cfg.patch_size**2
+        self.conv_out = CausalConv3d(chans[0], patch_dim, (kt, 3, 3))
+        self.linear = None
+        if cfg.linear_codec:
+            s = cfg.spatial_factor // cfg.patch_size
+            self.linear = nn.ConvTranspose3d(cfg.latent_channels, patch_dim, (1, s, s), stride=(1, s, s), bias=False)
 
     def forward(self, z: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
         h = self.conv_in(z, cache) + repeat(z, "b l t h w -> b (l r) t h w", r=self.repeats)
         for block in list(self.mid) + [b for stage in self.stages for b in stage]:
             h = block(h, cache)
-        return self.conv_out(F.silu(self.norm_out(h)), cache)  # (B, C * pt * p * p, t, H/p, W/p)
+        out = self.conv_out(F.silu(self.norm_out(h)), cache)  # (B, C * pt * p * p, t, H/p, W/p)
+        return out if self.linear is None else out + self.linear(z)
 
 
 class DiagonalGaussian:
@@ -309,6 +322,33 @@ class CausalVAE(nn.Module):
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1 latent frame, got {chunk}")
         return chunk
+
+    # ---- initialisation from data ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_linear_codec(self, videos: torch.Tensor) -> float:
+        """Start as the best linear code of `videos` (B, 3, 1 + 4k, H, W): the linear path becomes the top
+        latent_channels principal directions (uncentred) of the tf x sf x sf pixel blocks, and the network's
+        output layers are zeroed, so the model reconstructs as well as any linear block codec at step 0 and
+        training learns only what a linear code misses. Returns the fraction of the blocks' energy kept."""
+        cfg = self.config
+        if not cfg.linear_codec:
+            raise ValueError("this tokenizer has no linear codec path (linear_codec=False)")
+        self.check_video(videos)
+        s = cfg.spatial_factor // cfg.patch_size
+        patches = self._patchify(videos.float())  # (B, D, t, H/p, W/p)
+        blocks = rearrange(patches, "b d t (h i) (w j) -> (b t h w) (d i j)", i=s, j=s).double()  # one row per latent cell
+        energy = blocks.T @ blocks / blocks.shape[0]  # (D s s, D s s)
+        eigenvalues, eigenvectors = torch.linalg.eigh(energy)  # ascending
+        basis = eigenvectors[:, -cfg.latent_channels :].flip(1).T.float()  # (L, D s s), strongest first
+        weight = basis.reshape(cfg.latent_channels, -1, 1, s, s)
+        self.encoder.linear.weight.copy_(weight)
+        self.decoder.linear.weight.copy_(weight)  # ConvTranspose3d: (L, D, 1, s, s), the transpose map
+        for conv in (self.encoder.conv_out.conv, self.decoder.conv_out.conv):
+            conv.weight.zero_()
+        self.encoder.conv_out.conv.bias[: cfg.latent_channels].zero_()
+        self.decoder.conv_out.conv.bias.zero_()
+        return float(eigenvalues[-cfg.latent_channels :].sum() / eigenvalues.sum())
 
     # ---- latent statistics ----------------------------------------------------------------------
 

@@ -1,0 +1,224 @@
+"""The motion benchmark: score generated videos of the synthetic grammar against their captions.
+
+    python -m data.motion_score DIR [--manifest SHARDS/manifest.json] [--json OUT.json]
+
+Every `NAME.mp4` in DIR is scored against the caption in `NAME.txt` (`a {color} {shape} moving {direction}`).
+The object is found from the pixels alone: the background is the frame's median colour, the foreground
+the pixels far from it, and the object its largest connected component. Per video:
+
+- presence: fraction of frames with exactly one object of plausible size (0.5% to 25% of the frame);
+- colour: the object's mean colour is nearest to the caption's in the palette (majority over frames);
+- shape: fill of its bounding box (square ~1, circle ~0.79, triangle ~0.5; majority over frames);
+- direction: the displacement of its centre from the first to the last frame points the caption's way;
+- linearity: R^2 of a straight-line fit of the centre over time along the caption's axis;
+- stability: coefficient of variation of its area over time, and the spread of its colour (0-255);
+- flicker: mean absolute change between consecutive frames away from the object (0-255).
+
+With the training manifest (written by `python -m data.synthetic`), the averages are also split into
+caption combinations seen in training and held out of it. The synthetic generator's own videos score
+close to perfect (the ceiling); noise and a static object score badly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .synthetic import COLORS, DIRECTIONS, parse_caption
+
+MIN_AREA, MAX_AREA = 0.005, 0.25  # plausible object area, as a fraction of the frame
+FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as foreground (0-255 units)
+FILL_SQUARE, FILL_CIRCLE = 0.89, 0.64  # bounding-box fill above: square; above: circle; below: triangle
+
+
+@dataclass
+class Score:
+    name: str
+    caption: str
+    presence: float
+    color: float
+    shape: float
+    direction: float
+    linearity: float
+    area_cv: float
+    color_spread: float
+    flicker: float
+    seen: str  # "seen", "held_out" or "unknown"
+
+    METRICS = ("presence", "color", "shape", "direction", "linearity", "area_cv", "color_spread", "flicker")
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """Connected components (4-neighbour) of a boolean (H, W) mask, as arrays of (row, col), largest first."""
+    seen = np.zeros_like(mask, dtype=bool)
+    h, w = mask.shape
+    out = []
+    for r0, c0 in zip(*np.nonzero(mask)):
+        if seen[r0, c0]:
+            continue
+        seen[r0, c0] = True
+        queue, pixels = deque([(r0, c0)]), []
+        while queue:
+            r, c = queue.popleft()
+            pixels.append((r, c))
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not seen[rr, cc]:
+                    seen[rr, cc] = True
+                    queue.append((rr, cc))
+        out.append(np.array(pixels))
+    return sorted(out, key=len, reverse=True)
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel (8-neighbour): the anti-aliased edge belongs to the object."""
+    out = mask.copy()
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            out |= np.roll(np.roll(mask, dr, 0), dc, 1)
+    return out
+
+
+def _shape_of(pixels: np.ndarray) -> str:
+    rows, cols = pixels[:, 0], pixels[:, 1]
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    fill = len(pixels) / box
+    return "square" if fill >= FILL_SQUARE else "circle" if fill >= FILL_CIRCLE else "triangle"
+
+
+def _nearest_color(rgb: np.ndarray) -> str:
+    return min(COLORS, key=lambda name: float(np.sum((np.array(COLORS[name], dtype=float) - rgb) ** 2)))
+
+
+def _majority(values: list[str]) -> str | None:
+    return max(set(values), key=values.count) if values else None
+
+
+def score_frames(frames: np.ndarray, caption: str, name: str = "", seen: str = "unknown") -> Score:
+    """Score uint8 frames (T, H, W, 3) against a caption of the synthetic grammar."""
+    parsed = parse_caption(caption)
+    if parsed is None:
+        raise ValueError(f"{name or 'video'}: the caption {caption!r} is not 'a {{color}} {{shape}} moving {{direction}}'")
+    color, shape, direction = parsed
+    t, h, w, _ = frames.shape
+    f = frames.astype(np.float64)
+    present, centres, areas, colours, shapes, masks = [], [], [], [], [], []
+    for frame in f:
+        background = np.median(frame.reshape(-1, 3), axis=0)
+        mask = np.linalg.norm(frame - background, axis=-1) > FOREGROUND_DISTANCE
+        big = [c for c in _components(mask) if len(c) >= MIN_AREA * h * w]
+        comps = [c for c in big if len(c) <= MAX_AREA * h * w]  # of an object's size
+        obj_mask = np.zeros((h, w), dtype=bool)
+        if comps:
+            obj_mask[comps[0][:, 0], comps[0][:, 1]] = True
+        masks.append(_dilate(obj_mask))
+        present.append(len(big) == 1 and len(comps) == 1)
+        if comps:
+            obj = comps[0]
+            centres.append(obj.mean(0)[::-1] + 0.5)  # (x, y) in the synthetic set's continuous frame
+            areas.append(len(obj))
+            colours.append(frame[obj[:, 0], obj[:, 1]].mean(0))
+            shapes.append(_shape_of(obj))
+        else:
+            centres.append(None)
+    found = [i for i, c in enumerate(centres) if c is not None]
+    color_ok = shape_ok = direction_ok = 0.0
+    linearity = 0.0
+    area_cv = color_spread = float("nan")
+    if found:
+        color_ok = float(_majority([_nearest_color(c) for c in colours]) == color)
+        shape_ok = float(_majority(shapes) == shape)
+        areas_a, colours_a = np.array(areas, dtype=float), np.array(colours)
+        area_cv = float(areas_a.std() / areas_a.mean())
+        color_spread = float(np.linalg.norm(colours_a - colours_a.mean(0), axis=1).mean())
+    if len(found) >= 2:
+        pts = np.array([centres[i] for i in found])
+        move = pts[-1] - pts[0]
+        dx, dy = DIRECTIONS[direction]
+        axis = 0 if dx else 1
+        along = move[axis] * (dx or dy)
+        direction_ok = float(along > 0 and abs(move[axis]) > abs(move[1 - axis]))
+        x, y = np.array(found, dtype=float), pts[:, axis]
+        if y.std() > 1e-9:
+            slope, intercept = np.polyfit(x, y, 1)
+            residual = y - (slope * x + intercept)
+            linearity = float(max(0.0, 1 - residual.var() / y.var()))
+    # flicker outside the object: change between consecutive frames where neither frame has the object
+    flicker = float("nan")
+    if t > 1:
+        outside = ~(np.stack(masks[:-1]) | np.stack(masks[1:]))  # (T - 1, H, W)
+        if outside.any():
+            flicker = float(np.abs(np.diff(f, axis=0)).mean(-1)[outside].mean())
+    return Score(name, caption, float(np.mean(present)), color_ok, shape_ok, direction_ok, linearity, area_cv,
+                 color_spread, flicker, seen)
+
+
+def read_frames(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def score_dir(directory: str | Path, manifest: str | Path | None = None) -> tuple[list[Score], dict]:
+    """Scores of every NAME.mp4 with a NAME.txt in `directory`, and their averages (all, seen, held out)."""
+    directory = Path(directory)
+    held, train = set(), set()
+    if manifest is not None:
+        m = json.loads(Path(manifest).read_text())
+        held, train = set(m.get("holdout_captions", [])), set(m.get("train_captions", []))
+    scores = []
+    for video in sorted(directory.glob("*.mp4")):
+        caption_file = video.with_suffix(".txt")
+        if not caption_file.is_file():
+            continue
+        caption = caption_file.read_text().strip()
+        seen = "held_out" if caption in held else "seen" if caption in train else "unknown"
+        scores.append(score_frames(read_frames(video), caption, video.stem, seen))
+    if not scores:
+        raise ValueError(f"no NAME.mp4 with a NAME.txt caption in {directory}")
+    groups = {"all": scores, "seen": [s for s in scores if s.seen == "seen"],
+              "held_out": [s for s in scores if s.seen == "held_out"]}
+    summary = {}
+    for group, members in groups.items():
+        if members:
+            summary[group] = {"videos": len(members)} | {
+                m: float(np.nanmean([getattr(s, m) for s in members])) if not all(
+                    np.isnan(getattr(s, m)) for s in members) else float("nan") for m in Score.METRICS}
+    return scores, summary
+
+
+def table(summary: dict) -> str:
+    header = ["group", "videos", "presence", "colour", "shape", "direction", "linearity R2", "area CV", "colour spread", "flicker"]
+    rows = [[g, str(v["videos"])] + [f"{v[m]:.3f}" if m not in ("color_spread", "flicker") else f"{v[m]:.1f}"
+                                     for m in Score.METRICS] for g, v in summary.items()]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data.motion_score", description=__doc__.split("\n\n")[0])
+    p.add_argument("dir", type=Path, help="folder of NAME.mp4 videos with NAME.txt captions (sample.py writes these)")
+    p.add_argument("--manifest", type=Path, help="the training shards' manifest.json, to split seen / held-out captions")
+    p.add_argument("--json", type=Path, help="write per-video scores and the averages here")
+    args = p.parse_args(argv)
+    try:
+        scores, summary = score_dir(args.dir, args.manifest)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(summary))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"summary": summary, "videos": [asdict(s) for s in scores]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The text-to-video model as train.py trains it and sample.py runs it: text encoder + DiT + tokenizer.
+
+Like train.py and sample.py this module composes the libraries (`dit3d`, `tokenizer`, `data`); the
+libraries never import it.
+
+A trained model is a folder (a train.py run's `model/`, or the run folder itself) holding
+    dit/        the DiT (config.json + model.safetensors, EMA weights)
+    text/       the built-in byte text encoder trained with it (absent for a frozen T5 / UMT5 / CLIP)
+    tokenizer/  the frozen tokenizer, with its latent statistics
+    pipeline.json  the text encoder's kind or path, the training clip shape, flow and sampler defaults
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from dit3d import DiT3D
+from dit3d.flow import FlowConfig, sample
+from dit3d.text import ByteTextEncoder, HFTextEncoder
+from tokenizer import CausalVAE
+
+PIPELINE_FILE = "pipeline.json"
+
+
+class TextToVideo(nn.Module):
+    """The trained modules in one module (so that one DDP or FSDP wrapper syncs them all): the DiT and, with
+    the built-in byte encoder, the text encoder trained with it."""
+
+    def __init__(self, dit: DiT3D, text: ByteTextEncoder | None):
+        super().__init__()
+        self.dit, self.text = dit, text
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity for latents x (B, C, T, H, W) at times t (B,). text: byte ids (B, L) with the byte encoder,
+        else encoded tokens (B, L, D); rows where `drop` (B,) is True get the null condition instead."""
+        if self.text is not None:
+            text = self.text(text, text_mask)
+        if drop is not None:
+            text, text_mask = self.dit.drop_captions(text, text_mask, drop)
+        return self.dit(x, t, text, text_mask)
+
+
+def text_inputs(model: TextToVideo, frozen: HFTextEncoder | None, captions: list[str],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `model.forward` takes as text: byte ids (trained encoder) or the frozen encoder's tokens."""
+    if frozen is not None:
+        return frozen.encode(captions)
+    ids, mask = model.text.tokenize(captions)
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_latents(forward: Callable[..., torch.Tensor], text_fn: Callable[[list[str]], tuple], prompts: list[str],
+                     latent_shape: tuple[int, int, int, int], *, steps: int, guidance: float, shift: float,
+                     negative: str | None = None, seeds: list[int], solver: str = "euler", device=None,
+                     autocast_dtype: torch.dtype | None = None,
+                     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Normalised latents (B, C, t, h, w) for prompts, solving the flow ODE from seeded noise.
+
+    forward(x, t, text, mask, drop) is the model (called as a whole, as FSDP needs). Guidance runs the
+    prompt and its unconditional twin in one batch: the negative prompt when given, else the null
+    condition (the caption dropped). Each video's noise comes from its own seed, so a video does not
+    depend on the others in its batch.
+    """
+    n = len(prompts)
+    noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+    if guidance == 1.0:
+        text, mask = text_fn(prompts)
+        drop = None
+    else:
+        text, mask = text_fn(prompts + [negative or ""] * n)  # one padded batch for both halves
+        drop = torch.arange(2 * n, device=device) >= n if negative is None else None
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+        with ctx:
+            if guidance == 1.0:
+                return forward(x, t, text, mask).float()
+            cond, uncond = forward(torch.cat([x, x]), torch.cat([t, t]), text, mask, drop).float().chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return sample(velocity, noise, steps, shift, solver, on_step=on_step)
+
+
+@dataclass
+class Pipeline:
+    model: TextToVideo
+    frozen_text: HFTextEncoder | None
+    vae: CausalVAE
+    flow: FlowConfig
+    defaults: dict  # frames, size, fps, sampler steps / guidance / solver from training
+    device: torch.device
+
+    @classmethod
+    def load(cls, path: str | Path, vae: str | Path | None = None, device: str | torch.device = "cpu") -> "Pipeline":
+        """From a train.py run folder or its `model/` folder; `vae` overrides the tokenizer."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no checkpoint at {path}: give a train.py run folder (or its model/ folder)")
+        root = path / "model" if (path / "model" / PIPELINE_FILE).is_file() else path
+        if not (root / PIPELINE_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a trained DiT: no {PIPELINE_FILE} in it or in {path / 'model'} "
+                                    f"(train one with `python train.py --stage dit ...`; its run folder is what to give)")
+        spec = json.loads((root / PIPELINE_FILE).read_text())
+        device = torch.device(device)
+        dit = DiT3D.from_pretrained(root / "dit")
+        frozen, text = None, None
+        if spec["text_encoder"] == "bytes":
+            text = ByteTextEncoder.from_pretrained(root / "text")
+        else:
+            frozen = HFTextEncoder(spec["text_encoder"], device=device)
+        tokenizer = CausalVAE.from_pretrained(vae or root / "tokenizer")
+        if tokenizer.config.latent_channels != dit.config.in_channels:
+            raise ValueError(f"the tokenizer at {vae or root / 'tokenizer'} has {tokenizer.config.latent_channels} latent "
+                             f"channels but the DiT takes {dit.config.in_channels}: use the tokenizer it was trained with")
+        model = TextToVideo(dit, text).to(device).eval().requires_grad_(False)
+        return cls(model, frozen, tokenizer.to(device).eval().requires_grad_(False), FlowConfig(**spec["flow"]),
+                   spec, device)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, t, h, w), with one-line errors for a frame count or size the tokenizer or the patch cannot take."""
+        self.vae.check_video(torch.empty(1, 3, frames, height, width, device="meta"))
+        shape = self.vae.latent_shape(frames, height, width)
+        try:
+            self.model.dit.token_grid(shape[1:])
+        except ValueError as e:
+            s = self.vae.config.spatial_factor
+            raise ValueError(f"{e} (latent = pixels / {s} in height and width, (frames - 1) / "
+                             f"{self.vae.config.temporal_factor} + 1 in time)") from None
+        return shape
+
+    def tokens(self, shape: tuple[int, int, int, int]) -> int:
+        return math.prod(self.model.dit.token_grid(shape[1:]))
+
+    def generate(self, prompts: list[str], frames: int, height: int, width: int, *, steps: int, guidance: float,
+                 seeds: list[int], negative: str | None = None, shift: float | None = None, solver: str = "euler",
+                 on_step=None) -> torch.Tensor:
+        """Normalised latents (B, C, t, h, w); `decode` turns them into video."""
+        shape = self.latent_shape(frames, height, width)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        return generate_latents(self.model, lambda c: text_inputs(self.model, self.frozen_text, c, self.device), prompts,
+                                shape, steps=steps, guidance=guidance, negative=negative, seeds=seeds, solver=solver,
+                                shift=self.flow.shift_for(self.tokens(shape)) if shift is None else shift,
+                                device=self.device, autocast_dtype=dtype, on_step=on_step)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:
+        """Videos (B, 3, T, H, W) in [-1, 1] from normalised latents, decoded chunk by chunk (bounded memory)."""
+        return self.vae.decode(self.vae.denormalize(latents.float()), chunk=chunk).clamp(-1, 1)

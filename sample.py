@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Text to video from the command line, with a model trained by train.py.
+
+    python sample.py --ckpt runs/quickstart/dit --prompt "a red circle moving right" --out samples/
+    python sample.py --ckpt RUN --prompts prompts.txt --num 4 --steps 50 --cfg 5 --solver heun --out samples/
+    python sample.py --ckpt RUN --prompt "..." --negative-prompt "blurry" --seed 7 --out clip.mp4 --gif --png
+    python sample.py --ckpt RUN --prompt "..." --save-trajectory --out study/   # x0 prediction at every step
+    python sample.py --ckpt RUN --frames 121 --height 256 --width 256 --dry-run   # the token budget, nothing run
+
+The run folder supplies the DiT (EMA weights), its text encoder and the tokenizer (--vae overrides the
+tokenizer); frames, size, fps, steps, guidance and the timestep shift default to the training run's.
+The flow ODE is solved in latent space with classifier-free guidance (against the negative prompt, or
+the null condition), deterministically for a seed: video i of a prompt uses seed + i. Latents are
+decoded chunk by chunk (bounded memory) and written as h264 mp4. With a folder as --out each video is
+NAME.mp4 with its prompt in NAME.txt, which is what `python -m data.motion_score` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import tensor_to_frames, write_video
+from data.video_io import check_frame_count
+
+BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a train.py DiT run folder (or its model/ folder)")
+    p.add_argument("--vae", help="tokenizer folder overriding the run's")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    what.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
+    p.add_argument("--negative-prompt", default=None, help="guide away from this instead of the null condition")
+    p.add_argument("--num", type=int, default=1, help="videos per prompt (seeds seed, seed + 1, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=None, help="1 + 4k (default: the training clips')")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--fps", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the run's preview setting)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--solver", choices=["euler", "heun"], default="euler")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: as in training)")
+    p.add_argument("--batch-size", type=int, default=8, help="videos generated together")
+    p.add_argument("--decode-chunk", type=int, default=2, help="latent frames decoded per step (memory)")
+    p.add_argument("--out", type=Path, default=Path("samples"), help="a folder, or FILE.mp4 for a single video")
+    p.add_argument("--gif", action="store_true", help="also write NAME.gif")
+    p.add_argument("--png", action="store_true", help="also write NAME.png, a contact sheet of the frames")
+    p.add_argument("--save-trajectory", action="store_true",
+                   help="also write the clean-video prediction at every step: NAME.trajectory/step_NNN.mp4")
+    p.add_argument("--dry-run", action="store_true", help="print the token budget and exit")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise ValueError(f"no prompt file at {args.prompts}")
+        prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"the prompt file {args.prompts} has no prompts: write one per line")
+        return prompts
+    prompts = [p.strip() for p in (args.prompt or []) if p.strip()]
+    if not prompts and not args.dry_run:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "video"
+
+
+def budget(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int) -> dict:
+    """Tokens, FLOPs and memory of one denoising step and of the run (forward passes only)."""
+    cfg = pipe.model.dit.config
+    shape = pipe.latent_shape(frames, height, width)
+    n = pipe.tokens(shape)
+    per_pass = 2 if guidance != 1.0 else 1
+    text_len = 96
+    block_params = sum(p.numel() for p in pipe.model.dit.blocks[0].parameters())
+    linear = 2 * n * block_params * cfg.depth  # every block weight is used once per token (multiply-add = 2 FLOPs)
+    attention = 4 * n * n * cfg.width * cfg.depth + 4 * n * text_len * cfg.width * cfg.depth  # QK^T and AV
+    dtype_bytes = 2 if pipe.device.type == "cuda" else 4
+    weights = sum(p.numel() for p in pipe.model.parameters()) * dtype_bytes
+    activations = per_pass * batch * n * cfg.width * dtype_bytes * (6 + 2 * cfg.mlp_ratio)  # one block live at a time
+    return {"latent": shape, "tokens": n, "tokens_without_temporal_compression": n * frames // shape[1],
+            "attention_tflop_per_step": per_pass * batch * attention / 1e12,
+            "total_tflop_per_step": per_pass * batch * (attention + linear) / 1e12,
+            "total_tflop_run": per_pass * batch * (attention + linear) * steps / 1e12,
+            "memory_gb": (weights + activations) / 2**30, "attention_matrix_gb_if_materialised":
+            per_pass * batch * cfg.heads * n * n * dtype_bytes / 2**30}
+
+
+def free_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def contact_sheet(video: torch.Tensor, columns: int = 8) -> np.ndarray:
+    frames = tensor_to_frames(video)  # (T, H, W, 3)
+    t, h, w, _ = frames.shape
+    rows = -(-t // columns)
+    sheet = np.zeros((rows * h, min(t, columns) * w, 3), dtype=np.uint8)
+    for i, f in enumerate(frames):
+        sheet[(i // columns) * h : (i // columns + 1) * h, (i % columns) * w : (i % columns + 1) * w] = f
+    return sheet
+
+
+def write_outputs(path: Path, video: torch.Tensor, prompt: str, fps: float, args) -> None:
+    write_video(path, video, fps=fps)
+    if args.out.suffix != ".mp4":
+        path.with_suffix(".txt").write_text(prompt + "\n")
+    if args.gif or args.png:
+        from PIL import Image
+
+        if args.png:
+            Image.fromarray(contact_sheet(video)).save(path.with_suffix(".png"))
+        if args.gif:
+            frames = [Image.fromarray(f) for f in tensor_to_frames(video)]
+            frames[0].save(path.with_suffix(".gif"), save_all=True, append_images=frames[1:],
+                           duration=int(1000 / fps), loop=0)
+
+
+def run(args) -> list[Path]:
+    from pipeline import Pipeline
+
+    prompts = read_prompts(args)
+    device = torch.device(args.device)
+    pipe = Pipeline.load(args.ckpt, vae=args.vae, device=device)
+    d = pipe.defaults
+    frames = args.frames or d["frames"]
+    height, width = args.height or d["size"], args.width or d["size"]
+    steps = args.steps or d["sampler"]["steps"]
+    guidance = d["sampler"]["guidance"] if args.cfg is None else args.cfg
+    fps = args.fps or d.get("fps") or 8.0
+    check_frame_count(frames)
+    for name in ("num", "batch_size", "decode_chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    jobs = [(p, args.seed + i, f"{slug(p)}_{args.seed + i}" if args.num > 1 else slug(p)) for p in prompts for i in range(args.num)]
+    batch = max(1, min(args.batch_size, len(jobs) or 1))
+    b = budget(pipe, frames, height, width, steps, guidance, batch)
+    if args.dry_run:
+        c, t, h, w = b["latent"]
+        print(f"{frames} frames at {height}x{width} -> latents ({c}, {t}, {h}, {w}) -> {b['tokens']:,} tokens "
+              f"({b['tokens_without_temporal_compression']:,} without temporal compression)")
+        print(f"per step (batch {batch}{', x2 for guidance' if guidance != 1.0 else ''}): {b['total_tflop_per_step']:.3g} TFLOP "
+              f"({b['attention_tflop_per_step']:.3g} in attention); {steps} steps: {b['total_tflop_run']:.3g} TFLOP")
+        print(f"memory: about {b['memory_gb']:.2f} GiB (weights and one block's activations; attention never holds "
+              f"the {b['attention_matrix_gb_if_materialised']:.2f} GiB score matrix)")
+        return []
+    free = free_memory_gb(device)
+    if b["memory_gb"] > free:
+        print(f"warning: this needs about {b['memory_gb']:.1f} GiB and {device} has {free:.1f} GiB free; lower "
+              f"--batch-size, --frames or the size", file=sys.stderr)
+    single = args.out.suffix == ".mp4"
+    if single and len(jobs) != 1:
+        raise ValueError(f"--out {args.out} is one file but {len(jobs)} videos were asked for: give a folder")
+    out_dir = args.out.parent if single else args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    written = []
+    bar = tqdm(total=len(jobs) * steps, disable=args.no_progress, desc="sampling", unit="step")
+    for start in range(0, len(jobs), batch):
+        group = jobs[start : start + batch]
+        trajectory: list[tuple[int, torch.Tensor]] = []
+
+        def on_step(i, t, x0):
+            bar.update(len(group))
+            if args.save_trajectory:
+                trajectory.append((i, x0.detach().clone()))
+
+        z = pipe.generate([p for p, _, _ in group], frames, height, width, steps=steps, guidance=guidance,
+                          seeds=[s for _, s, _ in group], negative=args.negative_prompt, shift=args.shift,
+                          solver=args.solver, on_step=on_step)
+        videos = pipe.decode(z, chunk=args.decode_chunk)
+        for k, ((prompt, _, name), video) in enumerate(zip(group, videos)):
+            path = args.out if single else out_dir / f"{name}.mp4"
+            write_outputs(path, video, prompt, fps, args)
+            written.append(path)
+            for i, x0 in trajectory:
+                write_video(path.with_suffix(".trajectory") / f"step_{i:03d}.mp4",
+                            pipe.decode(x0[k : k + 1], chunk=args.decode_chunk)[0], fps=fps)
+    bar.close()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if written:
+        print(f"wrote {len(written)} video(s): {written[0] if len(written) == 1 else written[0].parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""sample.py with a tiny model trained inside the test: mp4s of the requested shape, determinism, the
+denoising trajectory, the Euler solver against diffusers, the token budget and the bad-input errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from data.motion_score import read_frames
+from data.synthetic import SyntheticSpec, generate
+from dit3d.flow import sample as flow_sample
+from tokenizer import CausalVAE
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sample_run")
+    generate(root / "shards", 16, SyntheticSpec(frames=9, size=48), seed=0, shard_size=8)
+    torch.manual_seed(0)
+    vae = CausalVAE.from_preset("tiny")
+    vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
+    vae.save_pretrained(root / "vae")
+    args = ["--stage", "dit", "--data", str(root / "shards"), "--vae", str(root / "vae"), "--out", str(root / "dit"),
+            "--frames", "9", "--size", "32", "--steps", "3", "--batch-size", "2", "--num-workers", "0",
+            "--checkpoint-every", "0", "--wandb", "disabled", "--no-progress", "--preview-steps", "2", "--warmup", "1"]
+    assert train.main(args) == 0
+    return root / "dit"
+
+
+def test_videos_have_the_requested_shape_and_their_prompts_beside_them(run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert sample.main(["--ckpt", str(run_dir), "--prompt", "a red circle moving right", "--prompt", "a blue square",
+                        "--frames", "13", "--height", "32", "--width", "48", "--steps", "3", "--num", "2",
+                        "--out", str(out), "--no-progress", "--png", "--gif"]) == 0
+    videos = sorted(out.glob("*.mp4"))
+    assert [v.name for v in videos] == ["a_blue_square_0.mp4", "a_blue_square_1.mp4",
+                                        "a_red_circle_moving_right_0.mp4", "a_red_circle_moving_right_1.mp4"]
+    for v in videos:
+        assert read_frames(v).shape == (13, 32, 48, 3)
+        assert v.with_suffix(".png").is_file() and v.with_suffix(".gif").is_file()
+    assert (out / "a_blue_square_1.txt").read_text().strip() == "a blue square"
+    # the training run's defaults: 9 frames at 32x32
+    assert sample.main(["--ckpt", str(run_dir / "model"), "--prompt", "x", "--out", str(tmp_path / "one.mp4"),
+                        "--no-progress"]) == 0
+    assert read_frames(tmp_path / "one.mp4").shape == (9, 32, 32, 3)
+
+
+def test_same_seed_same_video_and_a_video_does_not_depend_on_its_batch(run_dir, tmp_path):
+    common = ["--ckpt", str(run_dir), "--steps", "3", "--no-progress", "--cfg", "3"]
+    sample.main(common + ["--prompt", "a red circle moving right", "--seed", "5", "--out", str(tmp_path / "a.mp4")])
+    sample.main(common + ["--prompt", "a red circle moving right", "--seed", "5", "--out", str(tmp_path / "b.mp4")])
+    sample.main(common + ["--prompt", "a red circle moving right", "--prompt", "another prompt, longer than the first",
+                          "--seed", "5", "--out", str(tmp_path / "batch")])
+    sample.main(common + ["--prompt", "a red circle moving right", "--seed", "6", "--out", str(tmp_path / "c.mp4")])
+    a, b, c = (read_frames(tmp_path / f"{n}.mp4") for n in "abc")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    batched = read_frames(tmp_path / "batch" / "a_red_circle_moving_right.mp4")
+    assert np.abs(batched.astype(int) - a.astype(int)).max() <= 2  # same video, up to padding-order rounding
+
+
+def test_save_trajectory_writes_one_prediction_per_step(run_dir, tmp_path):
+    assert sample.main(["--ckpt", str(run_dir), "--prompt", "a green triangle moving up", "--steps", "4",
+                        "--save-trajectory", "--out", str(tmp_path), "--no-progress"]) == 0
+    steps = sorted((tmp_path / "a_green_triangle_moving_up.trajectory").glob("step_*.mp4"))
+    assert [s.name for s in steps] == [f"step_{i:03d}.mp4" for i in range(4)]
+    assert read_frames(steps[0]).shape == (9, 32, 32, 3)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_euler_matches_diffusers_flow_match_euler_scheduler(shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    def velocity(x, t):
+        return torch.tanh(x) * t.view(-1, 1, 1) + torch.sin(3 * x)
+
+    steps = 7
+    noise = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = flow_sample(velocity, noise, steps, shift=shift)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist())
+    x = noise.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = scheduler.sigmas[i].to(torch.float64)
+        x = scheduler.step(velocity(x, sigma.expand(2)), t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+def test_dry_run_prints_the_token_budget(run_dir, capsys):
+    assert sample.main(["--ckpt", str(run_dir), "--frames", "17", "--height", "64", "--width", "64", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 17 frames at 64x64 -> latents (16, 5, 8, 8) -> patch (1, 2, 2): 5 x 4 x 4 = 80 tokens; 272 without 4x in time
+    assert "latents (16, 5, 8, 8) -> 80 tokens (272 without temporal compression)" in out
+    assert "TFLOP" in out and "GiB" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ckpt", "{missing}", "--prompt", "x"], "no checkpoint at"),
+    (["--ckpt", "{shards}", "--prompt", "x"], "is not a trained DiT"),
+    (["--ckpt", "{run}", "--prompt", "x", "--frames", "12"], "frames must be 1 + 4k"),
+    (["--ckpt", "{run}", "--prompt", "x", "--height", "36"], "height 36 is not divisible by the spatial factor 8"),
+    (["--ckpt", "{run}", "--prompt", "x", "--height", "24"], "latent height 3 is not divisible by the patch size 2"),
+    (["--ckpt", "{run}", "--prompts", "{empty}"], "has no prompts"),
+    (["--ckpt", "{run}"], "no prompt: give --prompt"),
+])
+def test_bad_input_gets_a_one_line_error(run_dir, tmp_path, capsys, args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    fill = {"missing": str(tmp_path / "nope"), "shards": str(tmp_path), "run": str(run_dir), "empty": str(empty)}
+    assert sample.main([a.format(**fill) for a in args] + ["--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
