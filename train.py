@@ -924,6 +924,7 @@ def quickstart_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-steps", type=int, default=1200)
     p.add_argument("--dit-steps", type=int, default=3000)
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the final samples")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="videos per prompt (seeds 0, 1, ...)")
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -964,11 +965,25 @@ def run_quickstart(argv: list[str]) -> int:
         "--stage", "dit", "--latents", "--data", str(latents), "--vae", str(vae_dir), "--out", str(out / "dit"),
         "--steps", str(q.dit_steps), "--batch-size", "32", "--lr", "1e-3", "--warmup", "100", "--schedule", "cosine",
         "--ema-decay", "0.995", "--preview-steps", str(q.sample_steps), "--preview-prompts", *prompts]))
-    samples = sorted((dit_run / "previews").glob("step_*"))[-1]
+    log.info("sampling %d videos for each of %d prompts and scoring their motion", q.samples_per_prompt, len(prompts))
+    import sample
+    from data.motion_score import score_dir, table
+
+    samples = out / "samples"
+    shutil.rmtree(samples, ignore_errors=True)
+    prompt_file = out / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    if sample.main(["--ckpt", str(dit_run), "--prompts", str(prompt_file), "--num", str(q.samples_per_prompt),
+                    "--steps", str(q.sample_steps), "--out", str(samples), "--no-progress"]) != 0:
+        raise SystemExit("error: sampling the trained model failed (see above)")
+    scores, summary = score_dir(samples, shards / "manifest.json")
+    (out / "motion_scores.json").write_text(json.dumps({"summary": summary, "videos": [dataclasses.asdict(x) for x in scores]},
+                                                       indent=2))
     minutes = (time.perf_counter() - start) / 60
-    print(f"\nquickstart done in {minutes:.1f} min. Samples for {len(prompts)} prompts (the first {len(DEFAULT_HOLDOUT)} "
-          f"are caption combinations held out of training): {samples}")
-    print(f"sample more:  python sample.py --ckpt {dit_run / 'model'} --prompt \"a green square moving up\" --out samples/")
+    print(f"\nquickstart done in {minutes:.1f} min. {len(scores)} samples in {samples} ({len(DEFAULT_HOLDOUT)} of the "
+          f"{len(prompts)} prompts are caption combinations held out of training); their motion scores:\n")
+    print(table(summary))
+    print(f"\nsample more:  python sample.py --ckpt {dit_run} --prompt \"a green square moving up\" --out samples/")
     return 0
 
 

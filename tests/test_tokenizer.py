@@ -188,3 +188,18 @@ def test_presets_match_the_field():
         preset("huge")
     with pytest.raises(ValueError, match="unknown tokenizer config fields"):
         VAEConfig.from_dict({"channels": [8, 16], "depth": 3})
+
+
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("small", marks=pytest.mark.slow)])
+def test_spatial_tiles_equal_the_whole_frame(preset):
+    # every normalisation is per voxel, so a tile computed with the receptive field's worth of context
+    # around it is exact: no blending, no seams
+    vae = randomized(CausalVAE.from_preset(preset)).eval()
+    x = torch.rand(1, 3, 5, 64, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        whole, tiled = vae.encode(x), vae.encode(x, tile=32, chunk=1)
+        torch.testing.assert_close(tiled.mean, whole.mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tiled.logvar, whole.logvar, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(vae.decode(whole.mean, tile=48, chunk=2), vae.decode(whole.mean), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="tile must be a positive multiple of the spatial factor 8"):
+        vae.encode(x, tile=20)

@@ -190,7 +190,10 @@ def test_bad_options_get_one_line_errors(shards, vae_dir, tmp_path):
 
 def test_quickstart_completes_with_few_steps(tmp_path):
     proc = run_cli(["quickstart", "--out", str(tmp_path / "qs"), "--clips", "48", "--tokenizer-steps", "6",
-                    "--dit-steps", "6", "--sample-steps", "2", "--no-progress"])
-    samples = sorted((tmp_path / "qs" / "dit" / "previews").glob("step_*/*.mp4"))
-    assert len(samples) == 8
+                    "--dit-steps", "6", "--sample-steps", "2", "--samples-per-prompt", "1", "--no-progress"])
+    samples = sorted((tmp_path / "qs" / "samples").glob("*.mp4"))
+    assert len(samples) == 8 and all(s.with_suffix(".txt").is_file() for s in samples)
     assert "held out of training" in proc.stdout and "sample.py --ckpt" in proc.stdout
+    assert "| held_out |" in proc.stdout  # the motion scores, split by seen and held-out captions
+    summary = json.loads((tmp_path / "qs" / "motion_scores.json").read_text())["summary"]
+    assert summary["held_out"]["videos"] == 5 and summary["seen"]["videos"] == 3

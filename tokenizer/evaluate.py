@@ -1,7 +1,7 @@
 """How faithfully a trained tokenizer reconstructs real video.
 
     python -m tokenizer.evaluate --ckpt DIR --data PATH --frames 17 --size 256 --out DIR
-                                 [--windows 4] [--fps F] [--chunk N] [--device cuda] [--no-videos]
+                                 [--windows 4] [--fps F] [--chunk N] [--tile PX] [--device cuda] [--no-videos]
 
 PATH is a folder of video files (searched recursively), one video file, or shards (a folder of .tar,
 a glob or a brace pattern). Each video is cut into `--windows` evenly spaced windows of `--frames`
@@ -99,7 +99,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, *, fps: float | None = None,
-             windows: int = 4, chunk: int | None = None, device: torch.device | str = "cpu",
+             windows: int = 4, chunk: int | None = None, tile: int | None = None, device: torch.device | str = "cpu",
              video_dir: Path | None = None, lpips: LPIPS | None = None, fvd: FrechetVideoDistance | None = None) -> dict:
     device = torch.device(device)
     vae = vae.to(device).eval()
@@ -124,10 +124,10 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
                 x = clip.to_tensor().unsqueeze(0).to(device)  # (1, 3, T, H, W)
                 _sync(device)
                 t0 = time.perf_counter()
-                z = vae.encode(x, chunk=chunk).mean
+                z = vae.encode(x, chunk=chunk, tile=tile).mean
                 _sync(device)
                 t1 = time.perf_counter()
-                y = vae.decode(z, chunk=chunk).clamp(-1, 1)
+                y = vae.decode(z, chunk=chunk, tile=tile).clamp(-1, 1)
                 _sync(device)
                 enc_time, dec_time = enc_time + t1 - t0, dec_time + time.perf_counter() - t1
                 n_frames += frames
@@ -170,7 +170,7 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
         "decode_frames_per_s": n_frames / dec_time if dec_time else float("nan"),
         "peak_memory_mb": mem.peak_mb,
         "device": str(device),
-        "settings": {"frames": frames, "size": size, "fps": fps, "windows": windows, "chunk": chunk,
+        "settings": {"frames": frames, "size": size, "fps": fps, "windows": windows, "chunk": chunk, "tile": tile,
                      "latent_shape": list(latent_shape)},
         "conventions": {
             "psnr": "per video, from the MSE over all its evaluated frames on [0, 1] (peak 1), then averaged over videos",
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=4, help="evenly spaced windows per video (default 4)")
     parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode/decode step (bounded memory)")
+    parser.add_argument("--tile", type=int, default=None, help="spatial tiles of this many pixels (exact; for large frames)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-videos", action="store_true", help="do not write the side-by-side videos")
     parser.add_argument("--lpips-vgg", help="local VGG16 ImageNet weights (torchvision's state dict) to report LPIPS")
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no readable video under {args.data}" + "".join(f"\n  {n}: {r}" for n, r in skipped), file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    report = evaluate(vae, videos, args.frames, args.size, fps=args.fps, windows=args.windows, chunk=args.chunk,
+    report = evaluate(vae, videos, args.frames, args.size, fps=args.fps, windows=args.windows, chunk=args.chunk, tile=args.tile,
                       device=args.device, video_dir=None if args.no_videos else args.out / "videos", lpips=lpips, fvd=fvd)
     report["skipped"] = [{"video": n, "reason": r} for n, r in skipped] + report["skipped"]
     report["checkpoint"], report["data"] = str(args.ckpt), str(args.data)

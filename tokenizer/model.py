@@ -21,6 +21,8 @@ encoder and decoder, so the network starts close to a linear patch codec and tra
 
 from __future__ import annotations
 
+import math
+
 from typing import Iterator
 
 import torch
@@ -272,8 +274,48 @@ class CausalVAE(nn.Module):
 
     # ---- encode / decode ------------------------------------------------------------------------
 
-    def encode(self, video: torch.Tensor, chunk: int | None = None) -> DiagonalGaussian:
-        """The posterior over latents (B, L, 1 + k, H/s, W/s). `chunk`: latent frames per step (bounded memory)."""
+    def halo(self) -> tuple[int, int]:
+        """How many latent cells beyond a tile's edge can change the encoder's and the decoder's output inside it:
+        the spatial receptive radius of each, rounded up. Tiles computed with this margin and cropped equal the
+        whole-frame result, so tiling leaves no seams to blend."""
+        cfg = self.config
+        last = len(cfg.channels) - 1
+        enc = 1.0  # conv_in, in pixels of the first stage's grid
+        for i in range(len(cfg.channels)):
+            enc += (2 * cfg.encoder_blocks + (1 if i < last else 0)) * 2**i
+        enc += (2 * cfg.mid_blocks + 1) * 2**last  # mid blocks and conv_out
+        dec = 1.0 + 2 * cfg.mid_blocks  # conv_in and mid, in latent cells
+        for i in range(last, -1, -1):
+            dec += (2 * cfg.decoder_blocks + (1 if i > 0 else 0)) / 2 ** (last - i)
+        dec += 1 / 2**last  # conv_out
+        return math.ceil(enc / 2**last) + 1, math.ceil(dec) + 1
+
+    def _tiles(self, size: int, tile: int, halo: int):
+        """(start, stop) of each tile along one axis (latent cells), and of the tile grown by the halo."""
+        for a in range(0, size, tile):
+            b = min(size, a + tile)
+            yield (a, b), (max(0, a - halo), min(size, b + halo))
+
+    def encode(self, video: torch.Tensor, chunk: int | None = None, tile: int | None = None) -> DiagonalGaussian:
+        """The posterior over latents (B, L, 1 + k, H/s, W/s). `chunk`: latent frames per step (bounded memory);
+        `tile`: encode tiles of tile x tile pixels (a multiple of the spatial factor) for very large frames,
+        each with enough context around it that the result equals the whole-frame one."""
+        if tile is not None:
+            self.check_video(video)
+            s = self.config.spatial_factor
+            if tile < s or tile % s:
+                raise ValueError(f"tile must be a positive multiple of the spatial factor {s}, got {tile}")
+            halo = self.halo()[0]
+            _, lat, t, h, w = video.shape[0], self.config.latent_channels, *self.latent_shape(*video.shape[2:])[1:]
+            mean = video.new_empty(video.shape[0], lat, t, h, w)
+            logvar = torch.empty_like(mean)
+            for (y0, y1), (gy0, gy1) in self._tiles(h, tile // s, halo):
+                for (x0, x1), (gx0, gx1) in self._tiles(w, tile // s, halo):
+                    part = self.encode(video[..., gy0 * s : gy1 * s, gx0 * s : gx1 * s], chunk)
+                    crop = (..., slice(y0 - gy0, y1 - gy0), slice(x0 - gx0, x1 - gx0))
+                    mean[..., y0:y1, x0:x1] = part.mean[crop]
+                    logvar[..., y0:y1, x0:x1] = part.logvar[crop]
+            return DiagonalGaussian(mean, logvar)
         self.check_video(video)
         patches = self._patchify(video)  # (B, C * pt * p * p, 1 + k, H/p, W/p)
         if chunk is None or chunk >= patches.shape[2]:
@@ -282,11 +324,24 @@ class CausalVAE(nn.Module):
         parts = [self.encoder(patches[:, :, i : i + chunk], cache) for i in range(0, patches.shape[2], self._chunk(chunk))]
         return DiagonalGaussian(torch.cat([m for m, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2))
 
-    def decode(self, latents: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        """Video (B, C, 1 + 4k, H, W) from latents (B, L, 1 + k, h, w). `chunk`: latent frames per step."""
+    def decode(self, latents: torch.Tensor, chunk: int | None = None, tile: int | None = None) -> torch.Tensor:
+        """Video (B, C, 1 + 4k, H, W) from latents (B, L, 1 + k, h, w). `chunk`: latent frames per step;
+        `tile`: decode tiles of tile x tile pixels with context, equal to the whole-frame result."""
         self._check_latents(latents)
         b, _, t, h, w = latents.shape
         cfg = self.config
+        if tile is not None:
+            s = cfg.spatial_factor
+            if tile < s or tile % s:
+                raise ValueError(f"tile must be a positive multiple of the spatial factor {s}, got {tile}")
+            halo = self.halo()[1]
+            out = latents.new_empty(b, cfg.in_channels, 1 + (t - 1) * cfg.temporal_factor, h * s, w * s)
+            for (y0, y1), (gy0, gy1) in self._tiles(h, tile // s, halo):
+                for (x0, x1), (gx0, gx1) in self._tiles(w, tile // s, halo):
+                    part = self.decode(latents[..., gy0:gy1, gx0:gx1], chunk)
+                    out[..., y0 * s : y1 * s, x0 * s : x1 * s] = part[..., (y0 - gy0) * s : (y1 - gy0) * s,
+                                                                      (x0 - gx0) * s : (x1 - gx0) * s]
+            return out
         if chunk is None or chunk >= t:
             return self._unpatchify(self.decoder(latents, None))[:, :, cfg.temporal_factor - 1 :]
         out = latents.new_empty(b, cfg.in_channels, 1 + (t - 1) * cfg.temporal_factor, h * cfg.spatial_factor, w * cfg.spatial_factor)
