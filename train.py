@@ -291,6 +291,8 @@ class TokenizerStage:
             raise SystemExit("error: no readable clips to measure the latent statistics on")
         mean = total / count
         std = (squares / count - mean**2).clamp_min(0).sqrt()
+        if self.args.latent_norm == "global":  # one scale for all channels: keeps their relative energies
+            std = std.pow(2).mean().sqrt().expand_as(std)
         ema.set_latent_stats(mean.float(), std.float())
         return {"latent_mean": mean.tolist(), "latent_std": std.tolist()}
 
@@ -724,6 +726,7 @@ def train(args) -> Path:
     data = iter(loader)
     window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "time": 0.0, "grad_norm": 0.0}
     last_batch = None
+    started = time.perf_counter()
     try:
         while step < args.steps:
             t0 = time.perf_counter()
@@ -749,8 +752,10 @@ def train(args) -> Path:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            total, nonfinite, stopping = all_reduce_sum(
-                [loss_sum / args.grad_accum, float(not math.isfinite(loss_sum)), float(stop["signal"] != 0)], env.device)
+            time_up = bool(args.max_minutes) and time.perf_counter() - started > 60 * args.max_minutes
+            total, nonfinite, stopping, time_up = all_reduce_sum(  # one collective: every rank decides alike
+                [loss_sum / args.grad_accum, float(not math.isfinite(loss_sum)), float(stop["signal"] != 0), float(time_up)],
+                env.device)
             mean_loss = total / env.world
             if nonfinite or not math.isfinite(float(grad_norm)):
                 kept = ckpts.latest()
@@ -780,6 +785,10 @@ def train(args) -> Path:
                 window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "time": 0.0, "grad_norm": 0.0}
             if args.preview_every and step % args.preview_every == 0 and step < args.steps:
                 metrics.write({"step": step}, run_preview(stage, ema, step, out, last_batch, env))
+            if time_up and step < args.steps:
+                if env.main:
+                    log.info("--max-minutes %g reached at step %d: finishing the run here", args.max_minutes, step)
+                break
             if step < args.steps and (stopping or (stopped_at and step >= stopped_at)):
                 raise Stop("preempted (SIGTERM)" if stopping else f"--exit-after {args.exit_after}")
             if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.steps:
@@ -866,6 +875,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--exit-after", type=int, default=0,
                    help="checkpoint and exit after this many steps of this invocation (fixed-length job slots); 0: off")
+    g.add_argument("--max-minutes", type=float, default=0,
+                   help="end the run properly (statistics, export, final checkpoint) after this many minutes; 0: off")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--preview-every", type=int, default=0, help="steps between preview videos (0: at the end only)")
     g.add_argument("--preview-prompts", nargs="*", default=None, help="dit: prompts (default: from the data's manifest)")
@@ -893,6 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disc-start", type=int, default=2000, help="step at which the adversarial loss switches on")
     g.add_argument("--disc-lr", type=float, default=1e-4)
     g.add_argument("--stats-batches", type=int, default=16, help="batches to measure the latent statistics on")
+    g.add_argument("--latent-norm", choices=["channel", "global"], default="channel",
+                   help="normalise latents per channel, or by one scale for all (the PCA-like linear code's "
+                        "weak channels then stay weak, so the DiT spends less on them)")
     g.add_argument("--pca-init-clips", type=int, default=64,
                    help="clips whose PCA initialises the linear codec path of a fresh run (0: random init)")
     return p
@@ -920,9 +934,9 @@ def quickstart_parser() -> argparse.ArgumentParser:
         "for prompts whose caption combinations were held out of training. Each part resumes if interrupted."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(QUICKSTART_DIR), help="folder for everything it writes")
-    p.add_argument("--clips", type=int, default=2000, help="synthetic clips to generate")
-    p.add_argument("--tokenizer-steps", type=int, default=1200)
-    p.add_argument("--dit-steps", type=int, default=3000)
+    p.add_argument("--clips", type=int, default=1200, help="synthetic clips to generate")
+    p.add_argument("--tokenizer-steps", type=int, default=200)
+    p.add_argument("--dit-steps", type=int, default=1700)
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the final samples")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="videos per prompt (seeds 0, 1, ...)")
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled")
@@ -950,7 +964,8 @@ def run_quickstart(argv: list[str]) -> int:
     log.info("[2/4] training the tiny tokenizer (%d steps)", q.tokenizer_steps)
     vae_run = train(build_parser().parse_args(common + [
         "--stage", "tokenizer", "--data", str(shards), "--out", str(out / "tokenizer"), "--steps", str(q.tokenizer_steps),
-        "--batch-size", "8", "--lr", "2e-3", "--warmup", "50", "--schedule", "cosine", "--ema-decay", "0.99"]))
+        "--batch-size", "8", "--lr", "2e-3", "--warmup", "50", "--schedule", "cosine", "--ema-decay", "0.99",
+        "--latent-norm", "global"]))
     vae_dir = vae_run / "model"
     if not (latents / "done.json").is_file():
         log.info("[3/4] encoding the clips to latent shards in %s", latents)
@@ -964,7 +979,8 @@ def run_quickstart(argv: list[str]) -> int:
     dit_run = train(build_parser().parse_args(common + [
         "--stage", "dit", "--latents", "--data", str(latents), "--vae", str(vae_dir), "--out", str(out / "dit"),
         "--steps", str(q.dit_steps), "--batch-size", "32", "--lr", "1e-3", "--warmup", "100", "--schedule", "cosine",
-        "--ema-decay", "0.995", "--preview-steps", str(q.sample_steps), "--preview-prompts", *prompts]))
+        "--ema-decay", "0.995", "--shift", "3", "--override", "width=128", "--override", "depth=6",
+        "--preview-steps", str(q.sample_steps), "--preview-prompts", *prompts]))
     log.info("sampling %d videos for each of %d prompts and scoring their motion", q.samples_per_prompt, len(prompts))
     import sample
     from data.motion_score import score_dir, table
