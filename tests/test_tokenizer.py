@@ -203,3 +203,25 @@ def test_spatial_tiles_equal_the_whole_frame(preset):
         torch.testing.assert_close(vae.decode(whole.mean, tile=48, chunk=2), vae.decode(whole.mean), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="tile must be a positive multiple of the spatial factor 8"):
         vae.encode(x, tile=20)
+
+
+def test_linear_codec_init_is_the_best_linear_block_code():
+    """After init_linear_codec the model is exactly the projection of each 4x8x8 pixel block onto the top
+    principal directions of the data's blocks, so its reconstruction error is the PCA's."""
+    from einops import rearrange
+
+    torch.manual_seed(0)
+    vae = CausalVAE.from_preset("tiny")
+    x = torch.rand(4, 3, 9, 32, 32) * 2 - 1
+    x = x + torch.linspace(-0.5, 0.5, 32).view(1, 1, 1, 1, 32)  # some structure for PCA to find
+    kept = vae.init_linear_codec(x)
+    assert 0 < kept < 1
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x).mode())
+    blocks = lambda v: rearrange(vae._patchify(v), "b d t (h i) (w j) -> b t (h w) (d i j)", i=2, j=2)  # noqa: E731
+    data = blocks(x).double()
+    _, _, vt = torch.linalg.svd(data.flatten(0, 2), full_matrices=False)
+    basis = vt[:16]
+    projected = data @ basis.T @ basis
+    # latent frames 1.. (the first holds the first frame's copies, of which decoding keeps one)
+    torch.testing.assert_close(blocks(recon)[:, 1:].double(), projected[:, 1:], rtol=1e-3, atol=1e-3)
