@@ -185,8 +185,9 @@ class TokenizerStage:
         n = self.args.pca_init_clips
         if n <= 0 or not self.model.config.linear_codec:
             return
-        loader = make_loader(self.args.data, min(n, 16), self.args.frames, self.args.size, mode="eval",
-                             num_workers=0, fps=self.args.fps, rank=0, world_size=1)
+        # a shuffled stream with random windows and crops, seeded and read in full by every rank
+        loader = make_loader(self.args.data, min(n, 16), self.args.frames, self.args.size, mode="train",
+                             num_workers=0, fps=self.args.fps, seed=self.args.seed + 1, rank=0, world_size=1)
         clips = []
         for batch in loader:
             clips.append(batch["video"])
@@ -266,7 +267,9 @@ class TokenizerStage:
         paths = []
         for key, original, rebuilt in zip(batch["key"], video, recon):
             paths.append(write_video(out_dir / f"{key}.mp4", torch.cat([original, rebuilt], dim=3), fps=self._fps(batch)))
-        return paths
+        from tokenizer.metrics import psnr
+
+        return paths, {"preview/psnr": float(psnr(recon, video).mean())}
 
     def _fps(self, batch: dict) -> float:
         return float(self.args.fps or batch["fps"][0].item() or 8.0)
@@ -418,8 +421,24 @@ class DiTStage:
         videos = self.generate(ema, prompts, self.args.frames, self.args.size, self.args.preview_steps, self.args.guidance,
                                seed=self.args.seed)
         fps = float(self.args.fps or batch["fps"][0].item() or 8.0)
-        return [write_video(out_dir / f"{i:02d}_{p.replace(' ', '_')[:60]}.mp4", v, fps=fps)
-                for i, (p, v) in enumerate(zip(prompts, videos))]
+        paths = []
+        for i, (prompt, video) in enumerate(zip(prompts, videos)):
+            paths.append(write_video(out_dir / f"{i:02d}_{prompt.replace(' ', '_')[:60]}.mp4", video, fps=fps))
+            paths[-1].with_suffix(".txt").write_text(prompt + "\n")
+        return paths, self.motion_scores(prompts, videos)
+
+    @staticmethod
+    def motion_scores(prompts: list[str], videos: torch.Tensor) -> dict:
+        """The motion benchmark's averages over previews whose prompts follow the synthetic grammar."""
+        from data import tensor_to_frames
+        from data.motion_score import score_frames
+        from data.synthetic import parse_caption
+
+        scores = [score_frames(tensor_to_frames(v), p) for p, v in zip(prompts, videos) if parse_caption(p)]
+        if not scores:
+            return {}
+        return {f"motion/{m}": sum(getattr(x, m) for x in scores) / len(scores)
+                for m in ("presence", "color", "shape", "direction", "linearity")} | {"motion/videos": len(scores)}
 
     def initialize(self) -> None:
         pass
@@ -784,7 +803,8 @@ def train(args) -> Path:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "time": 0.0, "grad_norm": 0.0}
             if args.preview_every and step % args.preview_every == 0 and step < args.steps:
-                metrics.write({"step": step}, run_preview(stage, ema, step, out, last_batch, env))
+                paths, logs = run_preview(stage, ema, step, out, last_batch, env)
+                metrics.write({"step": step} | logs, paths)
             if time_up and step < args.steps:
                 if env.main:
                     log.info("--max-minutes %g reached at step %d: finishing the run here", args.max_minutes, step)
@@ -809,24 +829,25 @@ def train(args) -> Path:
                  [round(v, 3) for v in stats["latent_mean"]], [round(v, 3) for v in stats["latent_std"]])
     save_checkpoint()
     if last_batch is not None:
-        videos = run_preview(stage, ema, step, out, last_batch, env)
-        metrics.write({"step": step}, videos)
+        paths, logs = run_preview(stage, ema, step, out, last_batch, env)
+        metrics.write({"step": step} | logs, paths)
     if env.main:
         log.info("done: %d steps, %s. EMA weights for sampling: %s", step, loader.report(), out / "model")
     metrics.close()
     return out
 
 
-def run_preview(stage, ema, step: int, out: Path, batch: dict, env: Env) -> list[Path]:
-    """Preview videos by the EMA weights (every rank runs the model, as FSDP needs; rank 0 writes)."""
+def run_preview(stage, ema, step: int, out: Path, batch: dict, env: Env) -> tuple[list[Path], dict]:
+    """Preview videos by the EMA weights and their scores (every rank runs the model, as FSDP needs; rank 0
+    writes): reconstruction PSNR for the tokenizer, the motion benchmark for synthetic-grammar prompts."""
     ema.module.eval()
     directory = out / "previews" / f"step_{step:08d}"
-    paths = stage.preview(ema.module, step, directory if env.main else out / "previews" / f".rank{env.rank}", batch)
+    paths, logs = stage.preview(ema.module, step, directory if env.main else out / "previews" / f".rank{env.rank}", batch)
     if not env.main:
         shutil.rmtree(out / "previews" / f".rank{env.rank}", ignore_errors=True)
-        return []
-    log.info("previews: %s", directory)
-    return paths
+        return [], {}
+    log.info("previews: %s%s", directory, "".join(f", {k} {v:.3f}" for k, v in logs.items()))
+    return paths, logs
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -938,7 +959,7 @@ def quickstart_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-steps", type=int, default=200)
     p.add_argument("--dit-steps", type=int, default=1700)
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the final samples")
-    p.add_argument("--samples-per-prompt", type=int, default=4, help="videos per prompt (seeds 0, 1, ...)")
+    p.add_argument("--samples-per-prompt", type=int, default=8, help="videos per prompt (seeds 0, 1, ...)")
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -184,6 +184,9 @@ def test_bad_options_get_one_line_errors(shards, vae_dir, tmp_path):
         train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(tmp_path / "b"), "--frames", "12"])
     run = tmp_path / "c"
     assert train.main(dit_args(shards, vae_dir, run, "--steps", "1", "--batch-size", "2", "--num-workers", "0")) == 0
+    # previews of the manifest's captions are scored by the motion benchmark and logged
+    preview = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert preview["motion/videos"] >= 1 and 0 <= preview["motion/direction"] <= 1 and preview["previews"]
     with pytest.raises(SystemExit, match="holds a dit run"):
         train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(run), *FAST, "--steps", "1"])
 
