@@ -630,9 +630,12 @@ class MetricsLog:
         if self.wandb is not None:
             import wandb
 
-            data = {k: v for k, v in record.items() if k not in ("step", "previews")}
-            data |= {f"preview/{Path(p).stem}": wandb.Video(str(p), format="mp4") for p in videos}
-            self.wandb.log(data, step=record["step"])
+            try:
+                data = {k: v for k, v in record.items() if k not in ("step", "previews")}
+                data |= {f"preview/{Path(p).stem}": wandb.Video(str(p), format="mp4") for p in videos}
+                self.wandb.log(data, step=record["step"])
+            except Exception as e:  # logging must never stop training
+                log.warning("wandb logging failed (%s: %s); metrics go on to %s", type(e).__name__, e, self.path)
 
     def close(self) -> None:
         if self.wandb is not None:

@@ -193,8 +193,8 @@ def score_dir(directory: str | Path, manifest: str | Path | None = None) -> tupl
     return scores, summary
 
 
-def table(summary: dict) -> str:
-    header = ["group", "videos", "presence", "colour", "shape", "direction", "linearity R2", "area CV", "colour spread", "flicker"]
+def table(summary: dict, first: str = "group") -> str:
+    header = [first, "videos", "presence", "colour", "shape", "direction", "linearity R2", "area CV", "colour spread", "flicker"]
     rows = [[g, str(v["videos"])] + [f"{v[m]:.3f}" if m not in ("color_spread", "flicker") else f"{v[m]:.1f}"
                                      for m in Score.METRICS] for g, v in summary.items()]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
@@ -207,12 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", type=Path, help="folder of NAME.mp4 videos with NAME.txt captions (sample.py writes these)")
     p.add_argument("--manifest", type=Path, help="the training shards' manifest.json, to split seen / held-out captions")
     p.add_argument("--json", type=Path, help="write per-video scores and the averages here")
+    p.add_argument("--per-video", action="store_true", help="also print one row per video")
     args = p.parse_args(argv)
     try:
         scores, summary = score_dir(args.dir, args.manifest)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.per_video:
+        print(table({s.name: {"videos": 1} | {m: getattr(s, m) for m in Score.METRICS} for s in scores}, "video"))
+        print()
     print(table(summary))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -71,9 +71,9 @@ def test_command_scores_a_folder_split_by_seen_and_held_out(tmp_path, capsys):
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"holdout_captions": list(DEFAULT_HOLDOUT),
                                     "train_captions": captions[1:]}))
-    assert main([str(tmp_path), "--manifest", str(manifest), "--json", str(tmp_path / "s.json")]) == 0
+    assert main([str(tmp_path), "--manifest", str(manifest), "--json", str(tmp_path / "s.json"), "--per-video"]) == 0
     table = capsys.readouterr().out
-    assert "| held_out |" in table and "| seen " in table
+    assert "| held_out |" in table and "| seen " in table and "| v2 " in table
     summary = json.loads((tmp_path / "s.json").read_text())["summary"]
     assert summary["held_out"]["videos"] == 1 and summary["seen"]["videos"] == 2
     assert summary["all"]["direction"] == 1.0 and summary["all"]["color"] == 1.0

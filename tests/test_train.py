@@ -200,3 +200,12 @@ def test_quickstart_completes_with_few_steps(tmp_path):
     assert "| held_out |" in proc.stdout  # the motion scores, split by seen and held-out captions
     summary = json.loads((tmp_path / "qs" / "motion_scores.json").read_text())["summary"]
     assert summary["held_out"]["videos"] == 5 and summary["seen"]["videos"] == 3
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(shards, vae_dir, tmp_path):
+    common = ["--steps", "2", "--batch-size", "2", "--num-workers", "0", "--checkpoint-every", "0"]
+    assert train.main(dit_args(shards, vae_dir, tmp_path / "eager", *common)) == 0
+    assert train.main(dit_args(shards, vae_dir, tmp_path / "compiled", *common, "--compile")) == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert [compiled[k] for k in (1, 2)] == pytest.approx([eager[k] for k in (1, 2)], rel=1e-3)
