@@ -960,7 +960,7 @@ def quickstart_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(QUICKSTART_DIR), help="folder for everything it writes")
     p.add_argument("--clips", type=int, default=1200, help="synthetic clips to generate")
     p.add_argument("--tokenizer-steps", type=int, default=200)
-    p.add_argument("--dit-steps", type=int, default=1700)
+    p.add_argument("--dit-steps", type=int, default=2000)
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the final samples")
     p.add_argument("--samples-per-prompt", type=int, default=8, help="videos per prompt (seeds 0, 1, ...)")
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled")
