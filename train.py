@@ -653,7 +653,8 @@ def resolve_run(args, stage, env: Env) -> tuple[dict, Path]:
         if old["args"]["stage"] != args.stage or old.get("model") != resolved["model"]:
             raise SystemExit(f"error: {out} holds a {old['args']['stage']} run with another model configuration; "
                              f"give another --out, or the same --stage, --preset and --override to resume it")
-        changed = sorted(k for k, v in resolved["args"].items() if old["args"].get(k) != v)
+        cosmetic = {"no_progress", "wandb", "wandb_project", "wandb_run_name", "log_every", "preview_every", "num_workers"}
+        changed = sorted(k for k, v in resolved["args"].items() if old["args"].get(k) != v and k not in cosmetic)
         if changed and env.main:
             log.warning("options changed since %s was started: %s", out, ", ".join(changed))
     if env.main:
