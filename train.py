@@ -51,7 +51,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import make_loader, write_video
-from data.pretrained import config_from_dict
 from data.video_io import check_frame_count
 from parallelize import apply_activation_checkpointing, compile_blocks, data_parallel, unwrap
 from pipeline import PIPELINE_FILE, TextToVideo, generate_latents, text_inputs
@@ -203,7 +202,7 @@ class TokenizerStage:
     def tokens(self, batch: dict) -> int:
         return math.prod(self.model.latent_shape(*batch["video"].shape[2:])[1:])
 
-    def loss(self, model: nn.Module, batch: dict, step: int, sync: bool) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         from tokenizer.losses import reconstruction_loss
 
         video = batch["video"].to(self.env.device, non_blocking=True)
@@ -357,7 +356,7 @@ class DiTStage:
         """Text inputs of the wrapped model: byte ids (trained encoder) or frozen-encoder tokens."""
         return text_inputs(module, self.frozen_text, captions, self.env.device)
 
-    def loss(self, model: nn.Module, batch: dict, step: int, sync: bool) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         from dit3d.flow import interpolate, training_timesteps, velocity_target
 
         device, seed = self.env.device, self.args.seed
@@ -734,10 +733,7 @@ def train(args) -> Path:
     def export_model() -> None:
         full = get_model_state_dict(ema.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if env.main:
-            stage.export(unwrap_ema(), full, out / "model")
-
-    def unwrap_ema() -> nn.Module:
-        return ema.module
+            stage.export(ema.module, full, out / "model")
 
     metrics = MetricsLog(out / "metrics.jsonl", env, args, resolved, step)
     stop = {"signal": 0}
@@ -766,7 +762,7 @@ def train(args) -> Path:
                 elif strategy == "fsdp":
                     model.set_requires_gradient_sync(last)
                 with sync:
-                    loss, micro_logs = stage.loss(model, batch, step, last)
+                    loss, micro_logs = stage.loss(model, batch, step)
                     (loss / args.grad_accum).backward()
                 logs |= micro_logs | stage.after_backward(step, last, args.grad_accum)
                 loss_sum += loss.item()

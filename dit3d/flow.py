@@ -69,33 +69,6 @@ def sampling_timesteps(steps: int, shift: float, device=None) -> torch.Tensor:
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift).float()
 
 
-def guided(velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-           text: torch.Tensor, text_mask: torch.Tensor, uncond: torch.Tensor, uncond_mask: torch.Tensor,
-           scale: float) -> Velocity:
-    """Classifier-free guidance: v = v_uncond + scale * (v_cond - v_uncond), both in one batched call.
-
-    velocity(x, t, text, text_mask) is the conditional model; `uncond` is the null condition or the
-    encoded negative prompt. Text sequences of different lengths are padded to the longer one (masked).
-    scale 1 evaluates the conditional model alone.
-    """
-    if scale == 1.0:
-        return lambda x, t: velocity(x, t, text, text_mask)
-    length = max(text.shape[1], uncond.shape[1])
-
-    def pad(tokens: torch.Tensor, mask: torch.Tensor):
-        extra = length - tokens.shape[1]
-        return (torch.nn.functional.pad(tokens, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra)))
-
-    (ct, cm), (ut, um) = pad(text, text_mask), pad(uncond, uncond_mask)
-    both_text, both_mask = torch.cat([ct, ut]), torch.cat([cm, um])
-
-    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond, unc = velocity(torch.cat([x, x]), torch.cat([t, t]), both_text, both_mask).chunk(2)
-        return unc + scale * (cond - unc)
-
-    return v
-
-
 @torch.no_grad()
 def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.0, solver: str = "euler",
            on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit3d.flow import (FlowConfig, guided, interpolate, predicted_x0, sample, sampling_timesteps, shift_time,
+from dit3d.flow import (FlowConfig, interpolate, predicted_x0, sample, sampling_timesteps, shift_time,
                         training_timesteps, velocity_target)
 
 
@@ -47,16 +47,19 @@ def test_samplers_recover_the_data_of_an_exact_velocity_field(solver):
 
 
 def test_classifier_free_guidance_combines_both_predictions_in_one_call():
+    from pipeline import generate_latents
+
     calls = []
 
-    def velocity(x, t, text, mask):
-        calls.append(x.shape[0])
-        return text.sum(dim=(1, 2)).view(-1, 1) * torch.ones_like(x) + mask.sum(1, keepdim=True).float() * 0
+    def forward(x, t, text, mask, drop=None):
+        calls.append((x.shape[0], None if drop is None else drop.tolist()))
+        cond = torch.where(drop, 0.0, 1.0) if drop is not None else torch.ones(x.shape[0])
+        return cond.view(-1, 1, 1, 1, 1) * torch.ones_like(x)  # v = 1 with the caption, 0 without
 
-    text, mask = torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
-    uncond, uncond_mask = torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool)
-    v = guided(velocity, text, mask, uncond, uncond_mask, scale=3.0)(torch.zeros(2, 5), torch.zeros(2))
-    assert calls == [4]  # conditional and unconditional batched together
-    torch.testing.assert_close(v, torch.full((2, 5), 36.0))  # 0 + 3 * (12 - 0)
+    out = generate_latents(forward, lambda c: (torch.zeros(len(c), 3), torch.ones(len(c), 3, dtype=torch.bool)),
+                           ["a", "b"], (1, 1, 1, 1), steps=2, guidance=3.0, shift=1.0, seeds=[0, 1])
+    assert calls == [(4, [False, False, True, True])] * 2  # one batched call per step, the twins dropped
+    noise = torch.stack([torch.randn((1, 1, 1, 1), generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    torch.testing.assert_close(out, noise - 3.0)  # v = 0 + 3 * (1 - 0) integrated from t = 1 to 0
     with pytest.raises(ValueError, match="solver must be"):
         sample(lambda x, t: x, torch.zeros(1), 2, solver="rk4")

@@ -164,8 +164,8 @@ def test_tokenizer_stage_trains_with_the_discriminator_and_measures_latent_stats
 def test_a_nan_loss_stops_the_run_and_names_the_step(shards, vae_dir, tmp_path, monkeypatch):
     real_loss = train.DiTStage.loss
 
-    def loss(self, model, batch, step, sync):
-        value, logs = real_loss(self, model, batch, step, sync)
+    def loss(self, model, batch, step):
+        value, logs = real_loss(self, model, batch, step)
         return (value * float("nan"), logs) if step == 3 else (value, logs)
 
     monkeypatch.setattr(train.DiTStage, "loss", loss)
