@@ -118,6 +118,11 @@ def image_step(seed: int, step: int, prob: float) -> bool:
     return prob > 0 and torch.rand((), generator=sample_generator(seed, step, "", "image")).item() < prob
 
 
+def preview_fps(args, batch: dict) -> float:
+    """Frame rate of preview videos: the training --fps, else the clips' own, else 8."""
+    return float(args.fps or batch["fps"][0].item() or 8.0)
+
+
 def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -168,7 +173,6 @@ class TokenizerStage:
         self.disc = self.disc_opt = None
         if args.disc_weight > 0:
             self.disc = PatchDiscriminator3D(self.loss_cfg.disc_channels, self.loss_cfg.disc_layers).to(env.device)
-            self._disc_plain = self.disc
             self.disc = data_parallel(self.disc, "ddp" if env.world > 1 else "none", device=env.device)
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
                                               fused=env.device.type == "cuda")
@@ -217,9 +221,10 @@ class TokenizerStage:
         if self.disc is not None and step >= self.loss_cfg.disc_start:
             from tokenizer.losses import adaptive_weight
 
-            self._disc_plain.requires_grad_(False)
-            g_loss = -self._disc_plain(recon).mean()
-            self._disc_plain.requires_grad_(True)
+            disc = unwrap(self.disc)  # not the DDP wrapper: this pass must not touch its gradient sync
+            disc.requires_grad_(False)
+            g_loss = -disc(recon).mean()
+            disc.requires_grad_(True)
             weight = adaptive_weight(rec, g_loss, recon) if torch.is_grad_enabled() else torch.tensor(1.0)
             total = total + self.loss_cfg.disc_weight * weight * g_loss
             logs |= {"g_loss": g_loss.item(), "adaptive_weight": weight.item()}
@@ -248,7 +253,7 @@ class TokenizerStage:
             return {}
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self._disc_plain, self.disc_opt)
+        model_sd, optim_sd = get_state_dict(unwrap(self.disc), self.disc_opt)
         return {"disc": model_sd, "disc_optim": optim_sd}
 
     def load_state_dict(self, state: dict) -> None:
@@ -256,7 +261,7 @@ class TokenizerStage:
             return
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self._disc_plain, self.disc_opt, model_state_dict=state["disc"], optim_state_dict=state["disc_optim"])
+        set_state_dict(unwrap(self.disc), self.disc_opt, model_state_dict=state["disc"], optim_state_dict=state["disc_optim"])
 
     @torch.no_grad()
     def preview(self, ema: nn.Module, step: int, out_dir: Path, batch: dict) -> list[Path]:
@@ -265,13 +270,11 @@ class TokenizerStage:
         recon = ema.decode(ema.encode(video).mode()).clamp(-1, 1)
         paths = []
         for key, original, rebuilt in zip(batch["key"], video, recon):
-            paths.append(write_video(out_dir / f"{key}.mp4", torch.cat([original, rebuilt], dim=3), fps=self._fps(batch)))
+            paths.append(write_video(out_dir / f"{key}.mp4", torch.cat([original, rebuilt], dim=3),
+                                     fps=preview_fps(self.args, batch)))
         from tokenizer.metrics import psnr
 
         return paths, {"preview/psnr": float(psnr(recon, video).mean())}
-
-    def _fps(self, batch: dict) -> float:
-        return float(self.args.fps or batch["fps"][0].item() or 8.0)
 
     @torch.no_grad()
     def finish(self, ema: nn.Module) -> dict:
@@ -419,7 +422,7 @@ class DiTStage:
         prompts = self.preview_prompts() or list(dict.fromkeys(batch["caption"]))[:4]
         videos = self.generate(ema, prompts, self.args.frames, self.args.size, self.args.preview_steps, self.args.guidance,
                                seed=self.args.seed)
-        fps = float(self.args.fps or batch["fps"][0].item() or 8.0)
+        fps = preview_fps(self.args, batch)
         paths = []
         for i, (prompt, video) in enumerate(zip(prompts, videos)):
             paths.append(write_video(out_dir / f"{i:02d}_{prompt.replace(' ', '_')[:60]}.mp4", video, fps=fps))
