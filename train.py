@@ -905,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preview-every", type=int, default=0, help="steps between preview videos (0: at the end only)")
     g.add_argument("--preview-prompts", nargs="*", default=None, help="dit: prompts (default: from the data's manifest)")
     g.add_argument("--preview-steps", type=int, default=30, help="dit: sampler steps of the previews")
-    g.add_argument("--guidance", type=float, default=4.0, help="dit: classifier-free guidance scale of the previews")
+    g.add_argument("--guidance", type=float, default=5.0, help="dit: classifier-free guidance scale of the previews, and sample.py's default")
     g.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="auto",
                    help="auto: online with WANDB_API_KEY set, else offline (WANDB_MODE overrides)")
     g.add_argument("--wandb-project", default="dit3d-video")

@@ -1,7 +1,7 @@
 """The motion benchmark: sample K videos per caption from trained runs and score them side by side.
 
     python bench/motion.py --runs runs/quickstart/dit [OTHER_RUN ...] [--manifest SHARDS/manifest.json]
-                           [--captions holdout|all|train] [--k 4] [--steps 30] [--cfg 4] [--shift S]
+                           [--captions holdout|all|train] [--k 4] [--steps 30] [--cfg 5] [--shift S]
                            [--solver euler heun] [--out bench/results/motion.json]
 
 Every combination of run x steps x cfg x solver samples K videos (seeds 0..K-1) for each caption and
