@@ -289,6 +289,8 @@ def read_clip(
     try:
         stream = _video_stream(container)
         header = _header_info(container, stream)
+        if header.width <= 0 or header.height <= 0:
+            raise VideoReadError("video stream has no frame size (not a video or image, or a corrupt one)")
         total = info.frames if info is not None and info.frames > 0 else header.frames
         src_fps = header.fps
         if _is_image_format(container):

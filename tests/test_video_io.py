@@ -171,6 +171,10 @@ def test_unreadable_files_raise_read_errors(tmp_path):
         probe(text)
     with pytest.raises(VideoReadError):
         read_clip(text, 1)
+    junk = tmp_path / "junk.png"  # some demuxer opens it, with no frame size: an error, not a ZeroDivisionError
+    junk.write_bytes(b"not an image")
+    with pytest.raises(VideoReadError):
+        read_clip(junk, 1, size=32)
     with pytest.raises(VideoReadError):
         probe(truncated_copy(BIKES, tmp_path / "cut.mp4"))  # index at the end: cut off
     faststart = write_faststart_mp4(tmp_path / "fs.mp4", 33)
