@@ -12,6 +12,7 @@ A trained model is a folder (a train.py run's `model/`, or the run folder itself
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ from tokenizer import CausalVAE
 PIPELINE_FILE = "pipeline.json"
 
 
+def derived_seed(seed: int, *parts) -> int:
+    """A 63-bit seed for a sub-task of the video with `seed` (an extension step, a cascade stage)."""
+    digest = hashlib.blake2b("/".join(map(str, (seed, *parts))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 class TextToVideo(nn.Module):
     """The trained modules in one module (so that one DDP or FSDP wrapper syncs them all): the DiT and, with
     the built-in byte encoder, the text encoder trained with it."""
@@ -38,14 +45,15 @@ class TextToVideo(nn.Module):
         self.dit, self.text = dit, text
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None, given: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity for latents x (B, C, T, H, W) at times t (B,). text: byte ids (B, L) with the byte encoder,
-        else encoded tokens (B, L, D); rows where `drop` (B,) is True get the null condition instead."""
+        else encoded tokens (B, L, D); rows where `drop` (B,) is True get the null condition instead; `given`
+        (B, T) flags latent frames known clean in x."""
         if self.text is not None:
             text = self.text(text, text_mask)
         if drop is not None:
             text, text_mask = self.dit.drop_captions(text, text_mask, drop)
-        return self.dit(x, t, text, text_mask)
+        return self.dit(x, t, text, text_mask, given)
 
 
 def text_inputs(model: TextToVideo, frozen: HFTextEncoder | None, captions: list[str],
@@ -62,13 +70,16 @@ def generate_latents(forward: Callable[..., torch.Tensor], text_fn: Callable[[li
                      latent_shape: tuple[int, int, int, int], *, steps: int, guidance: float, shift: float,
                      negative: str | None = None, seeds: list[int], solver: str = "euler", device=None,
                      autocast_dtype: torch.dtype | None = None,
-                     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+                     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                     given: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Normalised latents (B, C, t, h, w) for prompts, solving the flow ODE from seeded noise.
 
-    forward(x, t, text, mask, drop) is the model (called as a whole, as FSDP needs). Guidance runs the
+    forward(x, t, text, mask, drop, given) is the model (called as a whole, as FSDP needs). Guidance runs the
     prompt and its unconditional twin in one batch: the negative prompt when given, else the null
-    condition (the caption dropped). Each video's noise comes from its own seed, so a video does not
-    depend on the others in its batch.
+    condition (the caption dropped); both see the same given frames. Each video's noise comes from its own
+    seed, so a video does not depend on the others in its batch. given = (known, mask): normalised latents
+    (B, C, t, h, w) and (B, t) bool, True on the frames to keep exactly (image-to-video, extension,
+    interpolation).
     """
     n = len(prompts)
     noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
@@ -79,15 +90,20 @@ def generate_latents(forward: Callable[..., torch.Tensor], text_fn: Callable[[li
         text, mask = text_fn(prompts + [negative or ""] * n)  # one padded batch for both halves
         drop = torch.arange(2 * n, device=device) >= n if negative is None else None
 
+    if given is not None:
+        given = (given[0].to(device=device, dtype=noise.dtype), given[1].to(device))
+    flags = None if given is None else given[1]
+
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
         with ctx:
             if guidance == 1.0:
-                return forward(x, t, text, mask).float()
-            cond, uncond = forward(torch.cat([x, x]), torch.cat([t, t]), text, mask, drop).float().chunk(2)
+                return forward(x, t, text, mask, None, flags).float()
+            both = None if flags is None else torch.cat([flags, flags])
+            cond, uncond = forward(torch.cat([x, x]), torch.cat([t, t]), text, mask, drop, both).float().chunk(2)
         return uncond + guidance * (cond - uncond)
 
-    return sample(velocity, noise, steps, shift, solver, on_step=on_step)
+    return sample(velocity, noise, steps, shift, solver, on_step=on_step, given=given)
 
 
 @dataclass
@@ -142,14 +158,75 @@ class Pipeline:
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, *, steps: int, guidance: float,
                  seeds: list[int], negative: str | None = None, shift: float | None = None, solver: str = "euler",
-                 on_step=None) -> torch.Tensor:
-        """Normalised latents (B, C, t, h, w); `decode` turns them into video."""
-        shape = self.latent_shape(frames, height, width)
+                 on_step=None, given: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Normalised latents (B, C, t, h, w); `decode` turns them into video. given = (known latents, (B, t)
+        mask) keeps those latent frames exactly (see `condition`)."""
+        return self.generate_latents(prompts, self.latent_shape(frames, height, width), steps=steps, guidance=guidance,
+                                     seeds=seeds, negative=negative, shift=shift, solver=solver, on_step=on_step,
+                                     given=given)
+
+    def generate_latents(self, prompts: list[str], shape: tuple[int, int, int, int], *, steps: int, guidance: float,
+                         seeds: list[int], negative: str | None = None, shift: float | None = None,
+                         solver: str = "euler", on_step=None, given=None) -> torch.Tensor:
+        """`generate` for a latent shape (C, t, h, w)."""
+        if given is not None and bool(given[1].any()) and not self.model.dit.config.frame_conditioning:
+            raise ValueError("this model was trained without frame conditioning, so it cannot start from an image, "
+                             "extend a video or interpolate (train one with `train.py --stage dit --condition ...`)")
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
         return generate_latents(self.model, lambda c: text_inputs(self.model, self.frozen_text, c, self.device), prompts,
                                 shape, steps=steps, guidance=guidance, negative=negative, seeds=seeds, solver=solver,
                                 shift=self.flow.shift_for(self.tokens(shape)) if shift is None else shift,
-                                device=self.device, autocast_dtype=dtype, on_step=on_step)
+                                device=self.device, autocast_dtype=dtype, on_step=on_step, given=given)
+
+    # ---- known frames: image-to-video, extension, interpolation ---------------------------------------
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, chunk: int = 2) -> torch.Tensor:
+        """Normalised latents (B, C, t, h, w) of videos (B, 3, 1 + 4k, H, W) in [-1, 1] (the posterior means),
+        encoded chunk by chunk. The tokenizer is causal, so the first latent frame is the first frame's alone."""
+        return self.vae.normalize(self.vae.encode(video.to(self.device).float(), chunk=chunk).mean)
+
+    @torch.no_grad()
+    def held_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, 1, h, w): a later latent frame showing images (B, 3, H, W) held still, the way a keyframe
+        that ends a clip is given (a latent frame after the first covers temporal_factor frames)."""
+        held = images[:, :, None].expand(-1, -1, 1 + self.vae.config.temporal_factor, -1, -1)
+        return self.encode(held)[:, :, -1:]
+
+    @staticmethod
+    def condition(shape: tuple[int, int, int, int], frames: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """given = (known, mask) for generate: latents (B, C, 1, h, w) placed at latent frame indices
+        (negative ones count from the end) of a clip of latent shape (C, t, h, w)."""
+        first = next(iter(frames.values()))
+        known = torch.zeros(first.shape[0], *shape, device=first.device)
+        mask = torch.zeros(first.shape[0], shape[1], dtype=torch.bool, device=first.device)
+        for index, z in frames.items():
+            n = z.shape[2]
+            start = index % shape[1]
+            if start + n > shape[1]:
+                raise ValueError(f"{n} given latent frame(s) at {index} do not fit a clip of {shape[1]} latent frames")
+            known[:, :, start:start + n] = z
+            mask[:, start:start + n] = True
+        return known, mask
+
+    def extend(self, latents: torch.Tensor, prompts: list[str], add: int, *, window: int, context: int,
+               seeds: list[int], **sampler) -> torch.Tensor:
+        """latents (B, C, t, h, w) continued by `add` latent frames: each step gives the last `context` latent
+        frames of what exists and generates the rest of a `window`-frame clip, until `add` are made. Step i of
+        video j draws its noise from a seed derived from (seeds[j], i), so a video does not depend on its batch."""
+        if not 1 <= context < window:
+            raise ValueError(f"the context ({context} latent frames) must be at least 1 and less than the window "
+                             f"({window}): each step has to generate something")
+        out, step = latents, 0
+        c, _, h, w = latents.shape[1:]
+        while out.shape[2] < latents.shape[2] + add:
+            shape = (c, window, h, w)
+            given = self.condition(shape, {0: out[:, :, -context:]})
+            step_seeds = [derived_seed(s, "extend", step) for s in seeds]
+            z = self.generate_latents(prompts, shape, seeds=step_seeds, given=given, **sampler)
+            out = torch.cat([out, z[:, :, context:]], dim=2)
+            step += 1
+        return out[:, :, :latents.shape[2] + add]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:

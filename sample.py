@@ -6,6 +6,9 @@
     python sample.py --ckpt RUN --prompt "..." --negative-prompt "blurry" --seed 7 --out clip.mp4 --gif --png
     python sample.py --ckpt RUN --prompt "..." --save-trajectory --out study/   # x0 prediction at every step
     python sample.py --ckpt RUN --frames 121 --height 256 --width 256 --dry-run   # the token budget, nothing run
+    python sample.py --ckpt RUN --prompt "..." --image first.png --out clip.mp4          # image to video
+    python sample.py --ckpt RUN --prompt "..." --video clip.mp4 --extend 32 --out longer.mp4  # continue a clip
+    python sample.py --ckpt RUN --prompt "..." --keyframes a.png b.png --out between.mp4    # interpolate
 
 The run folder supplies the DiT (EMA weights), its text encoder and the tokenizer (--vae overrides the
 tokenizer); frames, size, fps, steps, guidance and the timestep shift default to the training run's.
@@ -13,6 +16,13 @@ The flow ODE is solved in latent space with classifier-free guidance (against th
 the null condition), deterministically for a seed: video i of a prompt uses seed + i. Latents are
 decoded chunk by chunk (bounded memory) and written as h264 mp4. With a folder as --out each video is
 NAME.mp4 with its prompt in NAME.txt, which is what `python -m data.motion_score` reads.
+
+Known frames (a model trained with `train.py --condition ...`): --image gives the first frame; --keyframes
+gives the first and the last (the last as its image held still over the final latent frame); --video
+continues a clip by --extend frames, window by window, each window given the last --context latent frames of
+what exists. Given frames are kept exactly at every solver step, so they come back up to the tokenizer's
+reconstruction error. Images and videos are scaled to cover the size and centre-cropped; a video is read at
+the run's fps, and its last 1 + 4k frames are used.
 """
 
 from __future__ import annotations
@@ -57,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="also write NAME.png, a contact sheet of the frames")
     p.add_argument("--save-trajectory", action="store_true",
                    help="also write the clean-video prediction at every step: NAME.trajectory/step_NNN.mp4")
+    known = p.add_argument_group("known frames (models trained with --condition)")
+    start = known.add_mutually_exclusive_group()
+    start.add_argument("--image", type=Path, help="image to video: the first frame")
+    start.add_argument("--video", type=Path, help="a clip to continue (with --extend)")
+    start.add_argument("--keyframes", type=Path, nargs=2, metavar=("FIRST", "LAST"), help="interpolate between two images")
+    known.add_argument("--extend", type=int, default=None, help="with --video: frames to add (a multiple of 4)")
+    known.add_argument("--context", type=int, default=None,
+                       help="with --video: latent frames of the clip's tail given to each window (default: half "
+                            "the training window)")
     p.add_argument("--dry-run", action="store_true", help="print the token budget and exit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -139,6 +158,81 @@ def write_outputs(path: Path, video: torch.Tensor, prompt: str, fps: float, args
                            duration=int(1000 / fps), loop=0)
 
 
+def read_image(path: Path, height: int, width: int) -> torch.Tensor:
+    """(3, H, W) in [-1, 1], scaled to cover the size and centre-cropped; one-line errors."""
+    from data.video_io import VideoReadError, read_clip
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no image at {path}")
+    try:
+        return read_clip(path, 1, size=(height, width)).to_tensor()[:, 0]
+    except (VideoReadError, ValueError) as e:
+        raise ValueError(f"cannot read the image {path}: {e}") from None
+
+
+def read_tail(path: Path, height: int, width: int, fps: float, factor: int) -> torch.Tensor:
+    """The last 1 + factor * k frames of a video at `fps`, (3, T, H, W) in [-1, 1]; one-line errors."""
+    from data.video_io import VideoReadError, last_window_start, probe, read_clip, window_stride
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no video at {path}")
+    try:
+        info = probe(path)
+        stride = window_stride(info.fps, fps)
+        available = int((info.frames - 1) // stride) + 1  # frames at the target rate
+        count = 1 + (available - 1) // factor * factor
+        start = last_window_start(info.frames, count, stride)
+        return read_clip(path, count, fps=fps, size=(height, width), start=start, info=info).to_tensor()
+    except (VideoReadError, ValueError) as e:
+        raise ValueError(f"cannot read the video {path}: {e}") from None
+
+
+class KnownFrames:
+    """What --image, --keyframes and --video give the sampler, read and encoded once."""
+
+    def __init__(self, args, pipe, frames: int, height: int, width: int, fps: float):
+        self.pipe, self.shape, self.passes = pipe, pipe.latent_shape(frames, height, width), 1
+        self.mode = "image" if args.image else "interpolate" if args.keyframes else "extend" if args.video else None
+        if (args.extend is not None or args.context is not None) and self.mode != "extend":
+            raise ValueError("--extend and --context continue a clip: give it with --video")
+        if self.mode is None:
+            return
+        if not pipe.model.dit.config.frame_conditioning:
+            raise ValueError(f"the model at {args.ckpt} was trained without frame conditioning, so --{self.mode if self.mode != 'interpolate' else 'keyframes'} "
+                             f"cannot be used (train one with `train.py --stage dit --condition ...`)")
+        if args.save_trajectory and self.mode == "extend":
+            raise ValueError("--save-trajectory records one solver run; --video runs one per window")
+        if self.mode == "image":
+            self.frames = {0: pipe.encode(read_image(args.image, height, width)[None, :, None])}
+        elif self.mode == "interpolate":
+            first, last = (read_image(p, height, width)[None] for p in args.keyframes)
+            self.frames = {0: pipe.encode(first[:, :, None]), -1: pipe.held_latent(last)}
+        else:
+            factor = pipe.vae.config.temporal_factor
+            if args.extend is None or args.extend < factor or args.extend % factor:
+                raise ValueError(f"--video needs --extend N, the frames to add: a positive multiple of {factor} "
+                                 f"(got {args.extend})")
+            self.latents = pipe.encode(read_tail(args.video, height, width, fps, factor)[None], chunk=args.decode_chunk)
+            self.window = self.shape[1]
+            self.context = args.context or max(1, self.window // 2)
+            if not 1 <= self.context < self.window:
+                raise ValueError(f"--context must be 1 to {self.window - 1} latent frames (the window is "
+                                 f"{self.window}), got {self.context}")
+            self.add = args.extend // factor
+            self.passes = -(-self.add // (self.window - self.context))
+
+    def generate(self, prompts: list[str], seeds: list[int], sampler: dict) -> torch.Tensor:
+        n = len(prompts)
+        if self.mode is None:
+            return self.pipe.generate_latents(prompts, self.shape, seeds=seeds, **sampler)
+        if self.mode == "extend":
+            start = self.latents.expand(n, -1, -1, -1, -1)
+            return self.pipe.extend(start, prompts, self.add, window=self.window, context=self.context, seeds=seeds,
+                                    **sampler)
+        given = self.pipe.condition(self.shape, {i: z.expand(n, -1, -1, -1, -1) for i, z in self.frames.items()})
+        return self.pipe.generate_latents(prompts, self.shape, seeds=seeds, given=given, **sampler)
+
+
 def run(args) -> list[Path]:
     from pipeline import Pipeline
 
@@ -180,8 +274,9 @@ def run(args) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
+    known = KnownFrames(args, pipe, frames, height, width, fps)
     written = []
-    bar = tqdm(total=len(jobs) * steps, disable=args.no_progress, desc="sampling", unit="step")
+    bar = tqdm(total=len(jobs) * steps * known.passes, disable=args.no_progress, desc="sampling", unit="step")
     for start in range(0, len(jobs), batch):
         group = jobs[start : start + batch]
         trajectory: list[tuple[int, torch.Tensor]] = []
@@ -191,9 +286,9 @@ def run(args) -> list[Path]:
             if args.save_trajectory:
                 trajectory.append((i, x0.detach().clone()))
 
-        z = pipe.generate([p for p, _, _ in group], frames, height, width, steps=steps, guidance=guidance,
-                          seeds=[s for _, s, _ in group], negative=args.negative_prompt, shift=args.shift,
-                          solver=args.solver, on_step=on_step)
+        sampler = dict(steps=steps, guidance=guidance, negative=args.negative_prompt, shift=args.shift,
+                       solver=args.solver, on_step=on_step)
+        z = known.generate([p for p, _, _ in group], [s for _, s, _ in group], sampler)
         videos = pipe.decode(z, chunk=args.decode_chunk)
         for k, ((prompt, _, name), video) in enumerate(zip(group, videos)):
             path = args.out if single else out_dir / f"{name}.mp4"

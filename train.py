@@ -48,10 +48,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from data import make_loader, write_video
 from data.video_io import check_frame_count
+from dit3d.condition import ConditionConfig, given_mask
 from parallelize import apply_activation_checkpointing, compile_blocks, data_parallel, unwrap
 from pipeline import PIPELINE_FILE, TextToVideo, generate_latents, text_inputs
 
@@ -330,6 +330,10 @@ class DiTStage:
         if env.main and bool((self.vae.latent_std == 1).all() and (self.vae.latent_mean == 0).all()):
             log.warning("the tokenizer at %s has no measured latent statistics; latents are used unnormalised", args.vae)
         self.frozen_text = None
+        try:
+            self.condition = ConditionConfig.parse(args.condition)
+        except ValueError as e:
+            raise SystemExit(f"error: --condition: {e}") from None
         overrides = parse_overrides(args.override)
         if args.text_encoder == "bytes":
             cfg = dit_preset(args.preset, in_channels=self.vae.config.latent_channels, **overrides)
@@ -339,6 +343,8 @@ class DiTStage:
             cfg = dit_preset(args.preset, in_channels=self.vae.config.latent_channels, text_dim=self.frozen_text.dim,
                              **overrides)
             text = None
+        if self.condition.active and not cfg.frame_conditioning:
+            cfg = dataclasses.replace(cfg, frame_conditioning=True)
         self.model = TextToVideo(DiT3D(cfg), text).to(env.device)
         self.block_types = (DiTBlock,)
         self.flow = FlowConfig(logit_mean=args.logit_mean, logit_std=args.logit_std, shift=args.shift,
@@ -349,8 +355,35 @@ class DiTStage:
 
     def latent_grid(self, batch: dict) -> tuple[int, ...]:
         if "latents" in batch:
-            return tuple(batch["latents"].shape[2:])
-        return self.vae.latent_shape(*batch["video"].shape[2:])[1:]
+            t, h, w = batch["latents"].shape[2:]
+        else:
+            t, h, w = self.vae.latent_shape(*batch["video"].shape[2:])[1:]
+        return self.trained_frames(t), h, w
+
+    def trained_frames(self, t: int) -> int:
+        """Latent frames a clip of t trains on, after --latent-stride and --latent-window."""
+        t = -(-t // self.args.latent_stride)
+        return min(t, self.args.latent_window) if self.args.latent_window else t
+
+    def select_frames(self, z: torch.Tensor, keys: list[str], step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The latent frames each sample trains on, and which of them are given clean ((B, T) bool, or None when
+        conditioning is off). A window starts at the clip's first frame unless the window's own first frame
+        is given (extension, interpolation): then anywhere, so that given frames from the middle of a clip
+        are seen in training, as they are when a long video is extended."""
+        frames = self.trained_frames(z.shape[2])
+        z = z[:, :, ::self.args.latent_stride]
+        if not self.condition.active and frames == z.shape[2]:
+            return z, None
+        parts, masks = [], []
+        for i, key in enumerate(keys):
+            g = sample_generator(self.args.seed, step, key, "condition")
+            mode, m = self.condition.draw(g, frames) if self.condition.active else ("none", 1)
+            last = z.shape[2] - frames
+            start = int(torch.randint(last + 1, (), generator=g)) if mode in ("extend", "interpolate") else 0
+            parts.append(z[i, :, start:start + frames])
+            masks.append(given_mask(mode, frames, m))
+        given = torch.stack(masks).to(z.device) if self.condition.active else None
+        return torch.stack(parts), given
 
     def tokens(self, batch: dict) -> int:
         return math.prod(self.model.dit.token_grid(self.latent_grid(batch)))
@@ -360,7 +393,7 @@ class DiTStage:
         return text_inputs(module, self.frozen_text, captions, self.env.device)
 
     def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        from dit3d.flow import interpolate, training_timesteps, velocity_target
+        from dit3d.flow import flow_loss, interpolate, keep_given, training_timesteps, velocity_target
 
         device, seed = self.env.device, self.args.seed
         keys = batch["key"]
@@ -374,17 +407,19 @@ class DiTStage:
                 posterior = self.vae.encode(batch["video"].to(device))
                 eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in gens]).to(device)
                 z = posterior.mean + posterior.std * eps
+            z, given = self.select_frames(z, keys, step)
             if image_step(seed, step, self.args.image_prob):
-                z = z[:, :, :1]
+                z, given = z[:, :, :1], None if given is None else torch.zeros_like(given[:, :1])
             x0 = self.vae.normalize(z.float())  # (B, C, t, h, w), unit scale
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
         t = training_timesteps(self.flow, normals, math.prod(unwrap(model).dit.token_grid(tuple(x0.shape[2:])))).to(device)
-        x_t = interpolate(x0, noise, t)
+        x_t = keep_given(interpolate(x0, noise, t), None if given is None else (x0, given))
         text, mask = self.encode_text(unwrap(model), batch["caption"])
         with autocast(device):
-            v = model(x_t, t, text, mask, drop.to(device))
-        loss = F.mse_loss(v.float(), velocity_target(x0, noise))
-        return loss, {}
+            v = model(x_t, t, text, mask, drop.to(device), given)
+        loss = flow_loss(v, velocity_target(x0, noise), None if given is None else ~given)
+        logs = {} if given is None else {"given_frames": given.float().mean().item()}
+        return loss, logs
 
     def after_backward(self, step: int, last_micro: bool, micro_batches: int) -> dict:
         return {}
@@ -465,6 +500,7 @@ class DiTStage:
             "frames": self.args.frames, "size": self.args.size, "fps": self.args.fps or 8.0,
             "flow": dataclasses.asdict(self.flow),
             "sampler": {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"},
+            "condition": dataclasses.asdict(self.condition),
         })
 
 
@@ -919,6 +955,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logit-std", type=float, default=1.0, help="logit-normal timestep scale")
     g.add_argument("--shift", type=float, default=None, help="fixed timestep shift (default: from the token count)")
     g.add_argument("--shift-base-tokens", type=int, default=256, help="token count with no shift")
+    g.add_argument("--condition", nargs="*", default=None, metavar="MODE=P",
+                   help="known-frame conditioning: per sample, with probability P, give the first latent frame "
+                        "(image), the first m (extend) or the first and last (interpolate) clean and train on the "
+                        "rest, e.g. --condition image=0.2 extend=0.2 interpolate=0.1 (the rest: text only)")
+    g.add_argument("--latent-window", type=int, default=0,
+                   help="train on this many latent frames of each clip (from its start, or anywhere when the "
+                        "window's first frame is given); 0: all")
+    g.add_argument("--latent-stride", type=int, default=1,
+                   help="take every K-th latent frame first (a keyframe model, as in bench/cascade.py)")
     g = p.add_argument_group("tokenizer stage")
     g.add_argument("--kl-weight", type=float, default=1e-6)
     g.add_argument("--lpips-weight", type=float, default=0.0, help="perceptual loss weight (needs the two paths below)")
@@ -944,6 +989,8 @@ def check_args(args) -> None:
         check_frame_count(args.frames)
     except ValueError as e:
         raise SystemExit(f"error: --frames: {e}") from None
+    if args.latent_stride < 1 or args.latent_window < 0:
+        raise SystemExit("error: --latent-stride must be at least 1 and --latent-window at least 0")
     if args.latents and args.stage != "dit":
         raise SystemExit("error: --latents is for the dit stage (latent shards have no pixels to reconstruct)")
 

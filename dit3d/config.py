@@ -24,6 +24,8 @@ class DiTConfig:
     rope_theta: float = 10000.0  # base of the rotary frequencies
     attention_backend: str = "sdpa"  # sdpa | xformers | reference; DIT3D_ATTENTION overrides
     norm_eps: float = 1e-6
+    # one more input channel, 1 on latent frames given clean (image-to-video, extension, interpolation)
+    frame_conditioning: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))

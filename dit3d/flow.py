@@ -69,28 +69,57 @@ def sampling_timesteps(steps: int, shift: float, device=None) -> torch.Tensor:
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift).float()
 
 
+def keep_given(x: torch.Tensor, given: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """x (B, C, T, ...) with the latent frames flagged in given = (known (B, C, T, ...), mask (B, T)) replaced
+    by the known clean ones."""
+    if given is None:
+        return x
+    known, mask = given
+    return torch.where(mask.view(*mask.shape[:1], 1, mask.shape[1], *([1] * (x.ndim - 3))), known.to(x.dtype), x)
+
+
+def frame_weights(mask: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B, T) bool of frames to generate -> weights broadcastable to (B, C, T, ...)."""
+    return mask.view(mask.shape[0], 1, mask.shape[1], *([1] * (ndim - 3))).float()
+
+
+def flow_loss(v: torch.Tensor, target: torch.Tensor, generate: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of the velocity. With `generate` (B, T) bool, only the latent frames to be generated
+    count: each sample's error is averaged over its generated frames, then the samples are averaged (so a
+    sample's weight does not depend on how many of its frames were given)."""
+    err = (v.float() - target.float()).pow(2)
+    if generate is None:
+        return err.mean()
+    w = frame_weights(generate.to(err.device), err.ndim)
+    per_sample = (err * w).flatten(1).sum(1) / (w.expand_as(err).flatten(1).sum(1)).clamp(min=1)
+    return per_sample.mean()
+
+
 @torch.no_grad()
 def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.0, solver: str = "euler",
-           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+           given: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Integrate from `noise` (t = 1) to data (t = 0) in `steps` steps; returns x0 in noise's shape.
 
     solver: "euler" (one model call per step) or "heun" (two per step, except the last, second order).
     on_step(i, t, x0_prediction) is called after every step, e.g. to save the denoising trajectory.
+    given = (known, mask): latent frames known clean (mask (B, T) True), kept exactly at every model call and
+    in the result; only the others are integrated.
     """
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
     ts = sampling_timesteps(steps, shift, noise.device)
-    x = noise
+    x = keep_given(noise, given)
     batch = noise.shape[0]
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         tb = t.expand(batch)
         v = velocity(x, tb)
         if on_step is not None:
-            on_step(i, t, predicted_x0(x, tb, v))
-        x_next = x + (t_next - t) * v
+            on_step(i, t, keep_given(predicted_x0(x, tb, v), given))
+        x_next = keep_given(x + (t_next - t) * v, given)
         if solver == "heun" and t_next > 0:
             v_next = velocity(x_next, t_next.expand(batch))
-            x_next = x + (t_next - t) * 0.5 * (v + v_next)
+            x_next = keep_given(x + (t_next - t) * 0.5 * (v + v_next), given)
         x = x_next
     return x

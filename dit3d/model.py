@@ -10,6 +10,11 @@ through adaLN-Zero, with one modulation projection shared by all blocks plus a l
 (as PixArt-alpha and Wan do); the gates and the output layer start at zero, so each block starts as the
 identity and the model's output starts at exactly zero. Activation checkpointing, compile and sharding
 are applied from outside (see `parallelize.py`).
+
+Known frames. With `frame_conditioning`, the input has one more channel that is 1 on the latent frames
+given clean (`given`, (B, T) bool: the first frame for image-to-video, the first m for extension, the first
+and last for interpolation) and 0 elsewhere, so every token sees which of its frames are known. With
+nothing given the extra channel is zero and the model computes exactly what it computes without it.
 """
 
 from __future__ import annotations
@@ -125,10 +130,11 @@ class DiT3D(nn.Module):
         super().__init__()
         self.config = cfg = config
         pt, ph, pw = cfg.patch_size
+        channels = cfg.in_channels + int(cfg.frame_conditioning)  # + the "given" flag channel
         if cfg.patch_embed == "conv":
-            self.embed = nn.Conv3d(cfg.in_channels, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+            self.embed = nn.Conv3d(channels, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         else:
-            self.embed = nn.Linear(cfg.in_channels * pt * ph * pw, cfg.width)
+            self.embed = nn.Linear(channels * pt * ph * pw, cfg.width)
         self.time_embed = nn.Sequential(nn.Linear(256, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))  # shared by all blocks
         self.text_embed = nn.Sequential(nn.Linear(cfg.text_dim, cfg.width), nn.GELU(approximate="tanh"),
@@ -191,18 +197,21 @@ class DiT3D(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None,
+                given: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity (B, C, T, H, W) for latents x (B, C, T, H, W) at flow time t (B,) given text (B, L, text_dim)
-        and its mask (B, L), True for real tokens (None: all real)."""
+        and its mask (B, L), True for real tokens (None: all real). `given` (B, T) bool marks the latent frames
+        that are known and clean in x (needs `frame_conditioning`; None: none)."""
         cfg = self.config
         self._check_latents(x, batched=True)
         grid = self.token_grid(tuple(x.shape[2:]))
         cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)  # (N, head_dim)
-        h = self._run(self._embed(x), cos, sin, t, text, text_mask, None)
+        h = self._run(self._embed(x, given), cos, sin, t, text, text_mask, None)
         return unpatchify(h, grid, cfg.patch_size)
 
     def forward_varlen(self, xs: list[torch.Tensor], t: torch.Tensor, text: torch.Tensor,
-                       text_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+                       text_mask: torch.Tensor | None = None,
+                       given: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """A batch that mixes durations and sizes: latents xs[i] (C, T_i, H_i, W_i) -> velocities of the same shapes.
 
         Each clip keeps its own token grid and rotary positions; the token sequences are padded to the longest
@@ -211,12 +220,13 @@ class DiT3D(nn.Module):
         """
         cfg = self.config
         grids, tokens, coss, sins = [], [], [], []
-        for x in xs:
+        for i, x in enumerate(xs):
             self._check_latents(x, batched=False)
             grid = self.token_grid(tuple(x.shape[1:]))
             cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)
             grids.append(grid)
-            tokens.append(self._embed(x[None])[0])  # (N_i, width)
+            g = given[i] if given is not None else None
+            tokens.append(self._embed(x[None], None if g is None else g[None])[0])  # (N_i, width)
             coss.append(cos)
             sins.append(sin)
         lengths = [len(tk) for tk in tokens]
@@ -232,8 +242,19 @@ class DiT3D(nn.Module):
             shape = "(B, {}, T, H, W)" if batched else "({}, T, H, W)"
             raise ValueError(f"expected latents {shape.format(self.config.in_channels)}, got shape {tuple(x.shape)}")
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> tokens (B, N, width)."""
+    def _embed(self, x: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, T, H, W) and the given-frame flags (B, T) -> tokens (B, N, width)."""
+        if self.config.frame_conditioning:
+            b, _, t, h, w = x.shape
+            flag = torch.zeros(b, 1, t, h, w, dtype=x.dtype, device=x.device)
+            if given is not None:
+                if given.shape != (b, t):
+                    raise ValueError(f"given must be (batch, latent frames) = {(b, t)}, got {tuple(given.shape)}")
+                flag = flag + given.to(device=x.device, dtype=x.dtype)[:, None, :, None, None]
+            x = torch.cat([x, flag], dim=1)
+        elif given is not None and bool(given.any()):
+            raise ValueError("this DiT was trained without frame conditioning, so it cannot take given frames "
+                             "(train one with `train.py --stage dit --condition ...`)")
         if isinstance(self.embed, nn.Conv3d):
             return self.embed(x).flatten(2).transpose(1, 2)
         return self.embed(patchify(x, self.config.patch_size))

@@ -51,7 +51,7 @@ def test_classifier_free_guidance_combines_both_predictions_in_one_call():
 
     calls = []
 
-    def forward(x, t, text, mask, drop=None):
+    def forward(x, t, text, mask, drop=None, given=None):
         calls.append((x.shape[0], None if drop is None else drop.tolist()))
         cond = torch.where(drop, 0.0, 1.0) if drop is not None else torch.ones(x.shape[0])
         return cond.view(-1, 1, 1, 1, 1) * torch.ones_like(x)  # v = 1 with the caption, 0 without
