@@ -11,6 +11,7 @@ the pixels far from it, and the object its largest connected component. Per vide
 - shape: fill of its bounding box (square ~1, circle ~0.79, triangle ~0.5; majority over frames);
 - direction: the displacement of its centre from the first to the last frame points the caption's way;
 - linearity: R^2 of a straight-line fit of the centre over time along the caption's axis;
+- identity: fraction of frames in which the object keeps the colour and shape it has in most frames;
 - stability: coefficient of variation of its area over time, and the spread of its colour (0-255);
 - flicker: mean absolute change between consecutive frames away from the object (0-255).
 
@@ -46,12 +47,13 @@ class Score:
     shape: float
     direction: float
     linearity: float
+    identity: float
     area_cv: float
     color_spread: float
     flicker: float
     seen: str  # "seen", "held_out" or "unknown"
 
-    METRICS = ("presence", "color", "shape", "direction", "linearity", "area_cv", "color_spread", "flicker")
+    METRICS = ("presence", "color", "shape", "direction", "linearity", "identity", "area_cv", "color_spread", "flicker")
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -99,40 +101,64 @@ def _majority(values: list[str]) -> str | None:
     return max(set(values), key=values.count) if values else None
 
 
+@dataclass
+class Detection:
+    """The object found in one frame (None fields when there is none of plausible size)."""
+
+    present: bool  # exactly one foreground component, and it is of an object's size
+    mask: np.ndarray  # (H, W) bool, the object grown by one pixel
+    centre: np.ndarray | None = None  # (x, y) in the synthetic set's continuous frame
+    area: int = 0
+    colour: np.ndarray | None = None  # mean RGB
+    shape: str | None = None
+
+
+def detect(frame: np.ndarray) -> Detection:
+    """Find the object in one frame (H, W, 3), from the pixels alone."""
+    f = frame.astype(np.float64)
+    h, w = f.shape[:2]
+    background = np.median(f.reshape(-1, 3), axis=0)
+    mask = np.linalg.norm(f - background, axis=-1) > FOREGROUND_DISTANCE
+    big = [c for c in _components(mask) if len(c) >= MIN_AREA * h * w]
+    comps = [c for c in big if len(c) <= MAX_AREA * h * w]  # of an object's size
+    obj_mask = np.zeros((h, w), dtype=bool)
+    if not comps:
+        return Detection(False, _dilate(obj_mask))
+    obj = comps[0]
+    obj_mask[obj[:, 0], obj[:, 1]] = True
+    return Detection(len(big) == 1 and len(comps) == 1, _dilate(obj_mask), obj.mean(0)[::-1] + 0.5, len(obj),
+                     f[obj[:, 0], obj[:, 1]].mean(0), _shape_of(obj))
+
+
+def object_centres(frames: np.ndarray) -> list[tuple[float, float] | None]:
+    """The object's centre (x, y) in every frame of uint8 (T, H, W, 3), None where none is found."""
+    return [None if d.centre is None else (float(d.centre[0]), float(d.centre[1])) for d in map(detect, frames)]
+
+
 def score_frames(frames: np.ndarray, caption: str, name: str = "", seen: str = "unknown") -> Score:
     """Score uint8 frames (T, H, W, 3) against a caption of the synthetic grammar."""
     parsed = parse_caption(caption)
     if parsed is None:
         raise ValueError(f"{name or 'video'}: the caption {caption!r} is not 'a {{color}} {{shape}} moving {{direction}}'")
     color, shape, direction = parsed
-    t, h, w, _ = frames.shape
+    t = frames.shape[0]
     f = frames.astype(np.float64)
-    present, centres, areas, colours, shapes, masks = [], [], [], [], [], []
-    for frame in f:
-        background = np.median(frame.reshape(-1, 3), axis=0)
-        mask = np.linalg.norm(frame - background, axis=-1) > FOREGROUND_DISTANCE
-        big = [c for c in _components(mask) if len(c) >= MIN_AREA * h * w]
-        comps = [c for c in big if len(c) <= MAX_AREA * h * w]  # of an object's size
-        obj_mask = np.zeros((h, w), dtype=bool)
-        if comps:
-            obj_mask[comps[0][:, 0], comps[0][:, 1]] = True
-        masks.append(_dilate(obj_mask))
-        present.append(len(big) == 1 and len(comps) == 1)
-        if comps:
-            obj = comps[0]
-            centres.append(obj.mean(0)[::-1] + 0.5)  # (x, y) in the synthetic set's continuous frame
-            areas.append(len(obj))
-            colours.append(frame[obj[:, 0], obj[:, 1]].mean(0))
-            shapes.append(_shape_of(obj))
-        else:
-            centres.append(None)
+    detections = [detect(frame) for frame in frames]
+    present = [d.present for d in detections]
+    masks = [d.mask for d in detections]
+    centres = [d.centre for d in detections]
+    found_d = [d for d in detections if d.centre is not None]
+    areas, colours, shapes = [d.area for d in found_d], [d.colour for d in found_d], [d.shape for d in found_d]
     found = [i for i, c in enumerate(centres) if c is not None]
     color_ok = shape_ok = direction_ok = 0.0
-    linearity = 0.0
+    linearity = identity = 0.0
     area_cv = color_spread = float("nan")
     if found:
-        color_ok = float(_majority([_nearest_color(c) for c in colours]) == color)
+        names = [_nearest_color(c) for c in colours]
+        color_ok = float(_majority(names) == color)
         shape_ok = float(_majority(shapes) == shape)
+        kinds = list(zip(names, shapes))
+        identity = kinds.count(_majority(kinds)) / len(kinds)
         areas_a, colours_a = np.array(areas, dtype=float), np.array(colours)
         area_cv = float(areas_a.std() / areas_a.mean())
         color_spread = float(np.linalg.norm(colours_a - colours_a.mean(0), axis=1).mean())
@@ -154,8 +180,8 @@ def score_frames(frames: np.ndarray, caption: str, name: str = "", seen: str = "
         outside = ~(np.stack(masks[:-1]) | np.stack(masks[1:]))  # (T - 1, H, W)
         if outside.any():
             flicker = float(np.abs(np.diff(f, axis=0)).mean(-1)[outside].mean())
-    return Score(name, caption, float(np.mean(present)), color_ok, shape_ok, direction_ok, linearity, area_cv,
-                 color_spread, flicker, seen)
+    return Score(name, caption, float(np.mean(present)), color_ok, shape_ok, direction_ok, linearity, identity,
+                 area_cv, color_spread, flicker, seen)
 
 
 def read_frames(path: Path) -> np.ndarray:
@@ -194,7 +220,8 @@ def score_dir(directory: str | Path, manifest: str | Path | None = None) -> tupl
 
 
 def table(summary: dict, first: str = "group") -> str:
-    header = [first, "videos", "presence", "colour", "shape", "direction", "linearity R2", "area CV", "colour spread", "flicker"]
+    header = [first, "videos", "presence", "colour", "shape", "direction", "linearity R2", "identity", "area CV",
+              "colour spread", "flicker"]
     rows = [[g, str(v["videos"])] + [f"{v[m]:.3f}" if m not in ("color_spread", "flicker") else f"{v[m]:.1f}"
                                      for m in Score.METRICS] for g, v in summary.items()]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from data.motion_score import main, score_dir, score_frames
+from data.motion_score import main, object_centres, score_dir, score_frames
 from data.synthetic import BACKGROUND, COLORS, DEFAULT_HOLDOUT, SyntheticSpec, render_object_track, render_sample
 from data.video_io import write_video
 
@@ -27,7 +27,7 @@ def test_the_generators_own_videos_score_perfectly():
                                  "a yellow circle moving down", "a white triangle moving right"]):
         s = score_frames(synthetic(caption, i), caption)
         assert (s.presence, s.color, s.shape, s.direction) == (1.0, 1.0, 1.0, 1.0), (caption, s)
-        assert s.linearity > 0.99 and s.area_cv < 0.1 and s.flicker < 1.0
+        assert s.linearity > 0.99 and s.identity == 1.0 and s.area_cv < 0.1 and s.flicker < 1.0
 
 
 def test_noise_and_a_static_object_score_badly():
@@ -52,7 +52,9 @@ def test_hand_made_videos_get_their_known_answers():
     assert s.presence == 1.0 and s.shape == 1.0 and s.direction == 1.0
     assert s.color == 1.0  # 9 of 17 frames green: the majority
     assert 0.5 < s.linearity < 0.9
-    assert s.color_spread > 50
+    assert s.color_spread > 50 and s.identity == 9 / 17  # green square in 9 frames, white square in 8
+    found = object_centres(frames.round().astype(np.uint8))
+    np.testing.assert_allclose([c[0] for c in found], xs, atol=0.5)
     wrong_way = score_frames(frames, "a green square moving right")
     assert wrong_way.direction == 0.0 and score_frames(frames, "a green circle moving left").shape == 0.0
     # two objects: presence counts frames with exactly one
