@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=int, default=1200, help="synthetic 65-frame clips to train on")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=2000, help="training steps of (a); (b)'s two models get half each")
+    p.add_argument("--keyframe-steps", type=int, default=None,
+                   help="override (b)'s keyframe model steps (default --steps / 2: equal compute)")
+    p.add_argument("--interpolate-steps", type=int, default=None,
+                   help="override (b)'s interpolation model steps (default --steps / 2: equal compute)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=6)
@@ -114,8 +118,8 @@ def train_models(args, vae: Path, latents: Path) -> dict[str, Path]:
               "--wandb", args.wandb, "--num-workers", "1", "--log-every", "50", "--checkpoint-every", "500",
               "--no-progress"]
     plans = {"whole": ["--steps", str(2 * half), "--condition", "extend=0.5"],
-             "keyframes": ["--steps", str(half), "--latent-stride", str(KEY_STRIDE)],
-             "interpolate": ["--steps", str(half), "--condition", "interpolate=1.0"]}
+             "keyframes": ["--steps", str(args.keyframe_steps or half), "--latent-stride", str(KEY_STRIDE)],
+             "interpolate": ["--steps", str(args.interpolate_steps or half), "--condition", "interpolate=1.0"]}
     runs, seconds = {}, {}
     for name, extra in plans.items():
         t0 = time.perf_counter()
@@ -204,7 +208,7 @@ def trajectory_figure(dirs: dict[str, dict[str, Path]], captions: list[str], pat
 
     palette = [(230, 60, 60), (60, 170, 80), (60, 110, 235), (210, 160, 30), (150, 80, 200), (40, 170, 180)]
     pad, frames = 40, LENGTHS["4x"]
-    image = Image.new("RGB", (2 * panel + 3 * pad, panel + 2 * pad), "white")
+    image = Image.new("RGB", (2 * panel + 3 * pad, panel + 2 * pad + 12 * samples), "white")
     draw = ImageDraw.Draw(image)
     names = sorted(p.stem for p in dirs["whole"]["4x"].glob("*.mp4"))
     chosen = [n for c in captions for n in names if n.startswith(c.replace(" ", "_"))][:: max(1, len(names) // samples)]
@@ -254,8 +258,11 @@ def report(args, dirs: dict, manifest: Path, captions: list[str]) -> dict:
     print(table)
     trajectory_figure(dirs, captions, args.out / "trajectories.png")
     train_seconds = json.loads((args.out / "train_seconds.json").read_text())
+    steps = {name: json.loads((args.out / name / "config.json").read_text())["args"]["steps"]
+             for name in ("whole", "keyframes", "interpolate")}
+    print(f"training steps (same model size, batch and tokens per step): {steps}")
     record = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "captions": captions, "train_seconds": train_seconds, "results": results}
+              "captions": captions, "train_steps": steps, "train_seconds": train_seconds, "results": results}
     (args.out / "cascade.json").write_text(json.dumps(record, indent=2))
     (args.out / "cascade.md").write_text(table + "\n")
     return record

@@ -22,6 +22,7 @@ def test_cascade_bench_runs_end_to_end(tmp_path, capsys):
                          "--steps", "2", "--batch-size", "2", "--width", "32", "--depth", "1", "--k", "1",
                          "--seen-captions", "1", "--sample-steps", "2", "--batch", "4"]) == 0
     record = json.loads((out / "cascade.json").read_text())
+    assert record["train_steps"] == {"whole": 2, "keyframes": 1, "interpolate": 1}  # equal compute
     assert set(record["results"]) == {f"{m}_{n}" for m in ("whole", "cascade") for n in ("1x", "2x", "4x")}
     for method in ("whole", "cascade"):
         for length, frames in (("1x", 17), ("2x", 33), ("4x", 65)):
