@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -53,7 +52,7 @@ from data import make_loader, write_video
 from data.video_io import check_frame_count
 from dit3d.condition import ConditionConfig, given_mask
 from parallelize import apply_activation_checkpointing, compile_blocks, data_parallel, unwrap
-from pipeline import PIPELINE_FILE, TextToVideo, generate_latents, text_inputs
+from pipeline import PIPELINE_FILE, TextToVideo, derived_seed, generate_latents, text_inputs
 
 log = logging.getLogger("train")
 
@@ -109,8 +108,7 @@ def sample_generator(seed: int, step: int, key: str, purpose: str = "") -> torch
     """A CPU generator for one sample at one step: its noise, time and caption dropout depend on the sample
     and the step alone, not on how samples are spread over ranks and micro-batches, so 1 process with
     gradient accumulation and N processes with DDP take the same steps, and a resumed run repeats nothing."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{key}/{purpose}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(derived_seed(seed, step, key, purpose))
 
 
 def image_step(seed: int, step: int, prob: float) -> bool:

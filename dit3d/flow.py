@@ -69,18 +69,18 @@ def sampling_timesteps(steps: int, shift: float, device=None) -> torch.Tensor:
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift).float()
 
 
+def per_frame(mask: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (B, T) per-latent-frame mask viewed as (B, 1, T, 1, ...), broadcastable to (B, C, T, ...) of `ndim` dims."""
+    return mask.view(mask.shape[0], 1, mask.shape[1], *([1] * (ndim - 3)))
+
+
 def keep_given(x: torch.Tensor, given: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """x (B, C, T, ...) with the latent frames flagged in given = (known (B, C, T, ...), mask (B, T)) replaced
     by the known clean ones."""
     if given is None:
         return x
     known, mask = given
-    return torch.where(mask.view(*mask.shape[:1], 1, mask.shape[1], *([1] * (x.ndim - 3))), known.to(x.dtype), x)
-
-
-def frame_weights(mask: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(B, T) bool of frames to generate -> weights broadcastable to (B, C, T, ...)."""
-    return mask.view(mask.shape[0], 1, mask.shape[1], *([1] * (ndim - 3))).float()
+    return torch.where(per_frame(mask, x.ndim), known.to(x.dtype), x)
 
 
 def flow_loss(v: torch.Tensor, target: torch.Tensor, generate: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +90,7 @@ def flow_loss(v: torch.Tensor, target: torch.Tensor, generate: torch.Tensor | No
     err = (v.float() - target.float()).pow(2)
     if generate is None:
         return err.mean()
-    w = frame_weights(generate.to(err.device), err.ndim)
+    w = per_frame(generate.to(err.device), err.ndim).float()
     per_sample = (err * w).flatten(1).sum(1) / (w.expand_as(err).flatten(1).sum(1)).clamp(min=1)
     return per_sample.mean()
 
