@@ -262,17 +262,14 @@ class TokenizerStage:
         set_state_dict(unwrap(self.disc), self.disc_opt, model_state_dict=state["disc"], optim_state_dict=state["disc_optim"])
 
     @torch.no_grad()
-    def preview(self, ema: nn.Module, step: int, out_dir: Path, batch: dict) -> list[Path]:
-        """Originals beside their reconstructions by the EMA weights, side by side."""
-        video = batch["video"][:4].to(self.env.device)
-        recon = ema.decode(ema.encode(video).mode()).clamp(-1, 1)
-        paths = []
-        for key, original, rebuilt in zip(batch["key"], video, recon):
-            paths.append(write_video(out_dir / f"{key}.mp4", torch.cat([original, rebuilt], dim=3),
-                                     fps=preview_fps(self.args, batch)))
+    def preview(self, ema: nn.Module, batch: dict) -> tuple[list[tuple[str, torch.Tensor, str | None]], dict]:
+        """Originals beside their reconstructions by the EMA weights: (name, video, caption) items and the PSNR."""
         from tokenizer.metrics import psnr
 
-        return paths, {"preview/psnr": float(psnr(recon, video).mean())}
+        video = batch["video"][:4].to(self.env.device)
+        recon = ema.decode(ema.encode(video).mode()).clamp(-1, 1)
+        items = [(key, torch.cat([original, rebuilt], dim=3), None) for key, original, rebuilt in zip(batch["key"], video, recon)]
+        return items, {"preview/psnr": float(psnr(recon, video).mean())}
 
     @torch.no_grad()
     def finish(self, ema: nn.Module) -> dict:
@@ -451,16 +448,13 @@ class DiTStage:
                              autocast_dtype=torch.bfloat16 if self.env.device.type == "cuda" else None)
         return self.vae.decode(self.vae.denormalize(z), chunk=2).clamp(-1, 1)
 
-    def preview(self, ema: nn.Module, step: int, out_dir: Path, batch: dict) -> list[Path]:
+    def preview(self, ema: nn.Module, batch: dict) -> tuple[list[tuple[str, torch.Tensor, str | None]], dict]:
+        """Samples of the preview prompts by the EMA weights: (name, video, prompt) items and their motion scores."""
         prompts = self.preview_prompts() or list(dict.fromkeys(batch["caption"]))[:4]
         videos = self.generate(ema, prompts, self.args.frames, self.args.size, self.args.preview_steps, self.args.guidance,
                                seed=self.args.seed)
-        fps = preview_fps(self.args, batch)
-        paths = []
-        for i, (prompt, video) in enumerate(zip(prompts, videos)):
-            paths.append(write_video(out_dir / f"{i:02d}_{prompt.replace(' ', '_')[:60]}.mp4", video, fps=fps))
-            paths[-1].with_suffix(".txt").write_text(prompt + "\n")
-        return paths, self.motion_scores(prompts, videos)
+        items = [(f"{i:02d}_{prompt.replace(' ', '_')[:60]}", video, prompt) for i, (prompt, video) in enumerate(zip(prompts, videos))]
+        return items, self.motion_scores(prompts, videos)
 
     @staticmethod
     def motion_scores(prompts: list[str], videos: torch.Tensor) -> dict:
@@ -878,11 +872,16 @@ def run_preview(stage, ema, step: int, out: Path, batch: dict, env: Env) -> tupl
     """Preview videos by the EMA weights and their scores (every rank runs the model, as FSDP needs; rank 0
     writes): reconstruction PSNR for the tokenizer, the motion benchmark for synthetic-grammar prompts."""
     ema.module.eval()
-    directory = out / "previews" / f"step_{step:08d}"
-    paths, logs = stage.preview(ema.module, step, directory if env.main else out / "previews" / f".rank{env.rank}", batch)
+    items, logs = stage.preview(ema.module, batch)
     if not env.main:
-        shutil.rmtree(out / "previews" / f".rank{env.rank}", ignore_errors=True)
         return [], {}
+    directory = out / "previews" / f"step_{step:08d}"
+    fps = preview_fps(stage.args, batch)
+    paths = []
+    for name, video, caption in items:
+        paths.append(write_video(directory / f"{name}.mp4", video, fps=fps))
+        if caption is not None:
+            paths[-1].with_suffix(".txt").write_text(caption + "\n")
     log.info("previews: %s%s", directory, "".join(f", {k} {v:.3f}" for k, v in logs.items()))
     return paths, logs
 
