@@ -168,10 +168,8 @@ class Pipeline:
     def generate_latents(self, prompts: list[str], shape: tuple[int, int, int, int], *, steps: int, guidance: float,
                          seeds: list[int], negative: str | None = None, shift: float | None = None,
                          solver: str = "euler", on_step=None, given=None) -> torch.Tensor:
-        """`generate` for a latent shape (C, t, h, w)."""
-        if given is not None and bool(given[1].any()) and not self.model.dit.config.frame_conditioning:
-            raise ValueError("this model was trained without frame conditioning, so it cannot start from an image, "
-                             "extend a video or interpolate (train one with `train.py --stage dit --condition ...`)")
+        """`generate` for a latent shape (C, t, h, w). Given frames need a model trained with frame conditioning
+        (DiT3D says so with a ValueError otherwise)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
         return generate_latents(self.model, lambda c: text_inputs(self.model, self.frozen_text, c, self.device), prompts,
                                 shape, steps=steps, guidance=guidance, negative=negative, seeds=seeds, solver=solver,

@@ -246,6 +246,11 @@ def test_extend_continues_a_clip_and_keeps_it(runs, tmp_path):
 
 def test_known_frame_errors(runs, tmp_path, capsys):
     image = frame_png(tmp_path / "a.png", (230, 40, 40), (4, 4))
+    plain = Pipeline.load(runs["plain"])  # the library refuses given frames too (the DiT itself checks)
+    shape = plain.latent_shape(9, 32, 32)
+    given = plain.condition(shape, {0: torch.zeros(1, shape[0], 1, *shape[2:])})
+    with pytest.raises(ValueError, match="without frame conditioning"):
+        plain.generate_latents(["x"], shape, steps=1, guidance=1.0, seeds=[0], given=given)
     cases = [
         (["--ckpt", str(runs["plain"]), "--image", str(image)], "without frame conditioning"),
         (["--ckpt", str(runs["cond"]), "--image", str(tmp_path / "missing.png")], "no image at"),
