@@ -5,7 +5,7 @@ libraries never import it.
 
 A trained model is a folder (a train.py run's `model/`, or the run folder itself) holding
     dit/        the DiT (config.json + model.safetensors, EMA weights)
-    text/       the built-in byte text encoder trained with it (absent for a frozen T5 / UMT5 / CLIP)
+    text/       the built-in text encoder (bytes or words) trained with it (absent for a frozen T5 / UMT5 / CLIP)
     tokenizer/  the frozen tokenizer, with its latent statistics
     pipeline.json  the text encoder's kind or path, the training clip shape, flow and sampler defaults
 """
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from dit3d import DiT3D
 from dit3d.flow import FlowConfig, sample
-from dit3d.text import ByteTextEncoder, HFTextEncoder
+from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
 from tokenizer import CausalVAE
 
 PIPELINE_FILE = "pipeline.json"
@@ -38,15 +38,15 @@ def derived_seed(seed: int, *parts) -> int:
 
 class TextToVideo(nn.Module):
     """The trained modules in one module (so that one DDP or FSDP wrapper syncs them all): the DiT and, with
-    the built-in byte encoder, the text encoder trained with it."""
+    a built-in text encoder (bytes or words), the text encoder trained with it."""
 
-    def __init__(self, dit: DiT3D, text: ByteTextEncoder | None):
+    def __init__(self, dit: DiT3D, text: nn.Module | None):
         super().__init__()
         self.dit, self.text = dit, text
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 drop: torch.Tensor | None = None, given: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity for latents x (B, C, T, H, W) at times t (B,). text: byte ids (B, L) with the byte encoder,
+        """Velocity for latents x (B, C, T, H, W) at times t (B,). text: token ids (B, L) with a built-in encoder,
         else encoded tokens (B, L, D); rows where `drop` (B,) is True get the null condition instead; `given`
         (B, T) flags latent frames known clean in x."""
         if self.text is not None:
@@ -58,7 +58,7 @@ class TextToVideo(nn.Module):
 
 def text_inputs(model: TextToVideo, frozen: HFTextEncoder | None, captions: list[str],
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """What `model.forward` takes as text: byte ids (trained encoder) or the frozen encoder's tokens."""
+    """What `model.forward` takes as text: token ids (built-in encoder) or the frozen encoder's tokens."""
     if frozen is not None:
         return frozen.encode(captions)
     ids, mask = model.text.tokenize(captions)
@@ -129,8 +129,8 @@ class Pipeline:
         device = torch.device(device)
         dit = DiT3D.from_pretrained(root / "dit")
         frozen, text = None, None
-        if spec["text_encoder"] == "bytes":
-            text = ByteTextEncoder.from_pretrained(root / "text")
+        if spec["text_encoder"] in BUILTIN_TEXT_ENCODERS:
+            text = BUILTIN_TEXT_ENCODERS[spec["text_encoder"]].from_pretrained(root / "text")
         else:
             frozen = HFTextEncoder(spec["text_encoder"], device=device)
         tokenizer = CausalVAE.from_pretrained(vae or root / "tokenizer")

@@ -315,7 +315,7 @@ class DiTStage:
         from dit3d import preset as dit_preset
         from dit3d.flow import FlowConfig
         from dit3d.model import DiTBlock
-        from dit3d.text import ByteTextConfig, ByteTextEncoder, HFTextEncoder
+        from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
         from tokenizer import CausalVAE
 
         self.args, self.env = args, env
@@ -330,9 +330,10 @@ class DiTStage:
         except ValueError as e:
             raise SystemExit(f"error: --condition: {e}") from None
         overrides = parse_overrides(args.override)
-        if args.text_encoder == "bytes":
+        if args.text_encoder in BUILTIN_TEXT_ENCODERS:
             cfg = dit_preset(args.preset, in_channels=self.vae.config.latent_channels, **overrides)
-            text = ByteTextEncoder(ByteTextConfig(dim=cfg.text_dim))
+            builtin = BUILTIN_TEXT_ENCODERS[args.text_encoder]
+            text = builtin(builtin.CONFIG(dim=cfg.text_dim))
         else:
             self.frozen_text = HFTextEncoder(args.text_encoder, device=env.device)
             cfg = dit_preset(args.preset, in_channels=self.vae.config.latent_channels, text_dim=self.frozen_text.dim,
@@ -384,7 +385,7 @@ class DiTStage:
         return math.prod(self.model.dit.token_grid(self.latent_grid(batch)))
 
     def encode_text(self, module: TextToVideo, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text inputs of the wrapped model: byte ids (trained encoder) or frozen-encoder tokens."""
+        """Text inputs of the wrapped model: token ids (built-in encoder) or frozen-encoder tokens."""
         return text_inputs(module, self.frozen_text, captions, self.env.device)
 
     def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
@@ -484,11 +485,11 @@ class DiTStage:
         save_checkpoint(directory / "dit", dataclasses.asdict(ema.dit.config), dit_state, kind="dit")
         if ema.text is not None:
             text_state = {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
-            save_checkpoint(directory / "text", dataclasses.asdict(ema.text.config), text_state, kind="text-bytes")
+            save_checkpoint(directory / "text", dataclasses.asdict(ema.text.config), text_state, kind=ema.text.KIND)
         if not (directory / "tokenizer" / "config.json").is_file():
             self.vae.save_pretrained(directory / "tokenizer")
         write_json_atomic(directory / PIPELINE_FILE, {
-            "text_encoder": "bytes" if ema.text is not None else str(Path(self.args.text_encoder).resolve()),
+            "text_encoder": self.args.text_encoder if ema.text is not None else str(Path(self.args.text_encoder).resolve()),
             "frames": self.args.frames, "size": self.args.size, "fps": self.args.fps or 8.0,
             "flow": dataclasses.asdict(self.flow),
             "sampler": {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"},
@@ -946,7 +947,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("dit stage")
     g.add_argument("--text-encoder", default="bytes",
-                   help="bytes (built in, trained with the DiT) or a local folder with a T5 / UMT5 / CLIP text model")
+                   help="bytes or words (built in, trained with the DiT; see dit3d/text.py) or a local folder with a "
+                        "T5 / UMT5 / CLIP text model")
     g.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
     g.add_argument("--logit-mean", type=float, default=0.0, help="logit-normal timestep location")
     g.add_argument("--logit-std", type=float, default=1.0, help="logit-normal timestep scale")

@@ -1,8 +1,14 @@
 """Text encoders behind one interface: `encode(captions) -> (tokens (B, L, dim), mask (B, L))`.
 
-- `ByteTextEncoder`: built in and offline. UTF-8 bytes are the tokens, embedded and passed through a
-  small transformer that is trained together with the DiT (its parameters go to the same optimiser).
-  No vocabulary file, no download, any language.
+- The built-in encoders work offline with no vocabulary file and no download. Their tokens are embedded and
+  passed through a small transformer that is trained together with the DiT (its parameters go to the same
+  optimiser). Two ways to cut a caption into tokens:
+  - `ByteTextEncoder`: UTF-8 bytes. Any language and any spelling; the transformer must learn words itself.
+  - `WordTextEncoder`: lower-cased words and punctuation marks, each hashed (CRC-32) into one of `buckets`
+    embeddings (the hashing trick: no vocabulary to build or ship; two words may share a bucket, rarely
+    with a few thousand buckets and a small vocabulary). A word is one token wherever it stands in the
+    caption, which is what a tiny model trained for minutes needs to put a known word into an unseen
+    combination ("a red triangle moving up" when red triangles were only seen moving other ways).
 - `HFTextEncoder`: a frozen Hugging Face encoder (T5, UMT5 or CLIP text) loaded with its tokenizer from a
   local folder, never from the hub. Needs the optional `transformers` dependency (`pip install '.[text]'`).
 
@@ -14,6 +20,8 @@ empty caption.
 from __future__ import annotations
 
 import os
+import re
+import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,31 +35,30 @@ class TextEncoder(Protocol):
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-@dataclass(frozen=True)
-class ByteTextConfig:
-    dim: int = 64  # token width (the DiT's text_dim)
-    layers: int = 2
-    heads: int = 4
-    max_bytes: int = 96  # longer captions are truncated
+class _LearnedTextEncoder(nn.Module):
+    """Token ids -> embeddings + learned positions -> a small pre-norm transformer. Subclasses cut the text."""
 
+    KIND: str  # recorded in the saved config
+    PAD: int  # the padding id
 
-class ByteTextEncoder(nn.Module):
-    PAD = 256  # byte values are 0..255
-
-    def __init__(self, config: ByteTextConfig = ByteTextConfig()):
+    def __init__(self, config, vocab: int, max_tokens: int):
         super().__init__()
         self.config = config
         self.dim = config.dim
-        self.embed = nn.Embedding(257, config.dim)
-        self.position = nn.Parameter(torch.randn(config.max_bytes, config.dim) * 0.02)
+        self.embed = nn.Embedding(vocab, config.dim)
+        self.position = nn.Parameter(torch.randn(max_tokens, config.dim) * 0.02)
         layer = nn.TransformerEncoderLayer(config.dim, config.heads, 4 * config.dim, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.dim)
 
+    def token_ids(self, caption: str) -> list[int]:
+        """One caption's ids, unpadded and at least one; each subclass cuts text its own way."""
+        raise NotImplementedError
+
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Byte ids (B, L) and mask (B, L), padded to the longest caption (at least one token each)."""
-        encoded = [list(c.encode("utf-8"))[: self.config.max_bytes] or [ord(" ")] for c in captions]
+        """Token ids (B, L) and mask (B, L), padded to the longest caption (at least one token each)."""
+        encoded = [self.token_ids(c)[: self.position.shape[0]] for c in captions]
         length = max(len(e) for e in encoded)
         ids = torch.full((len(captions), length), self.PAD, dtype=torch.long)
         for i, e in enumerate(encoded):
@@ -72,13 +79,61 @@ class ByteTextEncoder(nn.Module):
     def save_pretrained(self, directory) -> None:
         from data.pretrained import save_model
 
-        save_model(self, directory, kind="text-bytes")
+        save_model(self, directory, kind=self.KIND)
 
     @classmethod
-    def from_pretrained(cls, directory) -> "ByteTextEncoder":
+    def from_pretrained(cls, directory):
         from data.pretrained import load_model
 
-        return load_model(cls, ByteTextConfig, directory, kind="text-bytes")
+        return load_model(cls, cls.CONFIG, directory, kind=cls.KIND)
+
+
+@dataclass(frozen=True)
+class _LearnedTextConfig:
+    dim: int = 64  # token width (the DiT's text_dim)
+    layers: int = 2  # transformer layers
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class ByteTextConfig(_LearnedTextConfig):
+    max_bytes: int = 96  # longer captions are truncated
+
+
+class ByteTextEncoder(_LearnedTextEncoder):
+    KIND, CONFIG = "text-bytes", ByteTextConfig
+    PAD = 256  # byte values are 0..255
+
+    def __init__(self, config: ByteTextConfig = ByteTextConfig()):
+        super().__init__(config, vocab=257, max_tokens=config.max_bytes)
+
+    def token_ids(self, caption: str) -> list[int]:
+        return list(caption.encode("utf-8")) or [ord(" ")]
+
+
+@dataclass(frozen=True)
+class WordTextConfig(_LearnedTextConfig):
+    max_words: int = 64  # longer captions are truncated
+    buckets: int = 4096  # hashed word embeddings (bucket 0 is padding)
+
+
+class WordTextEncoder(_LearnedTextEncoder):
+    KIND, CONFIG = "text-words", WordTextConfig
+    PAD = 0
+    _WORD = re.compile(r"\w+|[^\w\s]")
+
+    def __init__(self, config: WordTextConfig = WordTextConfig()):
+        if config.buckets < 2:
+            raise ValueError(f"WordTextConfig.buckets must be at least 2 (bucket 0 is padding), got {config.buckets}")
+        super().__init__(config, vocab=config.buckets, max_tokens=config.max_words)
+
+    def token_ids(self, caption: str) -> list[int]:
+        words = self._WORD.findall(caption.lower()) or [""]
+        return [1 + zlib.crc32(w.encode("utf-8")) % (self.config.buckets - 1) for w in words]
+
+
+BUILTIN_TEXT_ENCODERS = {"bytes": ByteTextEncoder, "words": WordTextEncoder}
+
 
 class HFTextEncoder:
     """A frozen Hugging Face text encoder from a local folder (config, weights and tokenizer files)."""
@@ -90,8 +145,9 @@ class HFTextEncoder:
         except ImportError as e:
             raise ImportError("HFTextEncoder needs transformers: pip install '.[text]'") from e
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"no text encoder at {path}: give a local folder holding a Hugging Face T5, "
-                                    f"UMT5 or CLIP text model and its tokenizer (nothing is downloaded)")
+            raise FileNotFoundError(f"no text encoder at {path}: give a local folder holding a Hugging Face T5, UMT5 "
+                                    f"or CLIP text model and its tokenizer (nothing is downloaded), or a built-in "
+                                    f"encoder: bytes or words")
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         classes = {"t5": transformers.T5EncoderModel, "umt5": transformers.UMT5EncoderModel,
                    "clip": transformers.CLIPTextModel, "clip_text_model": transformers.CLIPTextModel}

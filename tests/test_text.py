@@ -1,4 +1,4 @@
-"""Text encoders: the built-in byte encoder and a tiny random T5 loaded from a local folder."""
+"""Text encoders: the built-in byte and word encoders, and a tiny random T5 loaded from a local folder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dit3d import DiT3D
-from dit3d.text import ByteTextConfig, ByteTextEncoder, HFTextEncoder
+from dit3d.text import ByteTextConfig, ByteTextEncoder, HFTextEncoder, WordTextConfig, WordTextEncoder
 
 
 def test_byte_encoder_tokens_and_mask():
@@ -33,6 +33,41 @@ def test_byte_encoder_trains_with_the_dit_and_round_trips(tmp_path):
     loaded = ByteTextEncoder.from_pretrained(tmp_path / "text")
     assert loaded.config == enc.config
     torch.testing.assert_close(loaded.encode(["x"])[0], enc.encode(["x"])[0])
+
+
+def test_word_encoder_tokens_and_mask():
+    enc = WordTextEncoder(WordTextConfig(dim=32, max_words=6, buckets=1000))
+    ids, mask = enc.tokenize(["A red circle, moving LEFT", "a red", "", "one two three four five six seven"])
+    assert ids.shape == (4, 6) and mask.sum(1).tolist() == [6, 2, 1, 6]  # the comma is a token; truncated to 6
+    assert (ids[mask] >= 1).all() and (ids[mask] < 1000).all() and (ids[~mask] == WordTextEncoder.PAD).all()
+    # a word is one id wherever it stands and whatever its case
+    assert ids[0, 0] == ids[1, 0] and ids[0, 1] == ids[1, 1] and ids[0, 5] == enc.tokenize(["left"])[0][0, 0]
+    assert len(set(ids[0].tolist())) == 6
+    # the hashing is fixed (CRC-32), not Python's per-process salted hash(): the same ids in every process
+    import zlib
+
+    assert ids[0, 1] == 1 + zlib.crc32(b"red") % 999
+    tokens, mask = enc.encode(["a red circle", "a red"])
+    assert tokens[1, 2:].abs().max() == 0
+    alone, _ = enc.encode(["a red"])
+    torch.testing.assert_close(alone[0], tokens[1, :2], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="buckets must be at least 2"):
+        WordTextEncoder(WordTextConfig(buckets=1))
+
+
+def test_word_encoder_trains_with_the_dit_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    enc = WordTextEncoder(WordTextConfig(dim=64))
+    dit = DiT3D.from_preset("tiny")
+    text, mask = enc.encode(["a red circle moving left", "a blue square moving up"])
+    dit(torch.randn(2, 16, 1, 4, 4), torch.rand(2), text, mask).sum().backward()
+    assert enc.embed.weight.grad is not None
+    enc.save_pretrained(tmp_path / "text")
+    loaded = WordTextEncoder.from_pretrained(tmp_path / "text")
+    assert loaded.config == enc.config
+    torch.testing.assert_close(loaded.encode(["a red x"])[0], enc.encode(["a red x"])[0])
+    with pytest.raises(ValueError, match="text-words"):  # a word encoder's folder is not a byte encoder's
+        ByteTextEncoder.from_pretrained(tmp_path / "text")
 
 
 @pytest.fixture(scope="module")

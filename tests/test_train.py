@@ -194,6 +194,20 @@ def test_bad_options_get_one_line_errors(shards, vae_dir, tmp_path):
         train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(run), *FAST, "--steps", "1"])
 
 
+def test_the_word_text_encoder_trains_and_samples(shards, vae_dir, tmp_path):
+    from dit3d.text import WordTextEncoder
+    from pipeline import Pipeline
+
+    run = tmp_path / "words"
+    assert train.main(dit_args(shards, vae_dir, run, "--steps", "1", "--batch-size", "2", "--num-workers", "0",
+                               "--checkpoint-every", "0", "--text-encoder", "words")) == 0
+    assert json.loads((run / "model" / "pipeline.json").read_text())["text_encoder"] == "words"
+    pipe = Pipeline.load(run)
+    assert isinstance(pipe.model.text, WordTextEncoder)
+    latents = pipe.generate(["a red circle moving left"], frames=5, height=32, width=32, steps=2, guidance=3.0, seeds=[0])
+    assert pipe.decode(latents).shape == (1, 3, 5, 32, 32)
+
+
 def test_quickstart_completes_with_few_steps(tmp_path):
     proc = run_cli(["quickstart", "--out", str(tmp_path / "qs"), "--clips", "48", "--tokenizer-steps", "6",
                     "--dit-steps", "6", "--sample-steps", "2", "--samples-per-prompt", "1", "--no-progress"])
