@@ -6,16 +6,157 @@ parallelism, either DDP (a full replica per rank, gradients all-reduced) or FSDP
 block, then on the root: parameters, gradients and optimiser state sharded across ranks, each block's
 parameters gathered just before it runs).
 
-Order matters and is fixed here: checkpointing, then compile, then DDP or FSDP2.
+Sequence parallelism (Ulysses, as in DeepSpeed-Ulysses, xDiT and Open-Sora 2.0) splits every video's tokens
+across a group of ranks. Each rank runs the norms, MLPs, modulation and text cross-attention on its own
+contiguous slice of the sequence; around self-attention one all-to-all turns the split by tokens into a
+split by heads (each rank attends over the whole sequence with heads / ranks of the heads) and another turns
+it back; after the last block the output tokens are gathered. The data-parallel wrapper (DDP or FSDP2) then
+spans all ranks: the ranks of a sequence group see the same samples, and since the gather's backward sums
+their gradients, averaging over all ranks gives each sample's gradient exactly once.
+
+Order matters and is fixed here: sequence parallelism, then checkpointing, then compile, then DDP or FSDP2.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    sp: int = 1  # ranks per sequence-parallel group (they share samples and split each one's tokens)
+    sp_group: object = None  # that group (a torch.distributed ProcessGroup) when sp > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel replica this rank is: the ranks of one sequence group read the same samples."""
+        return self.rank // self.sp
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.sp
+
+
+def setup_distributed(device_arg: str, sp: int = 1) -> Env:
+    """One process per GPU under torchrun (NCCL), or per CPU worker (gloo); a plain process otherwise.
+
+    With sp > 1 the ranks form a 2D mesh (data parallel x sequence parallel): consecutive ranks
+    (one node's GPUs first, where the all-to-all is fastest) make up each sequence group."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if sp < 1 or world % sp:
+        raise SystemExit(f"error: --sp-size {sp} must divide the number of processes ({world}); launch a multiple "
+                         f"of {sp} processes with torchrun, or change --sp-size")
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but no CUDA device is visible; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(device_arg)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    sp_group = None
+    if sp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+        sp_group = mesh.get_group("sp")
+    return Env(rank, world, local_rank, device, sp, sp_group)
+
+
+class UlyssesAttend(nn.Module):
+    """Wraps a block's attention call: q, k, v (B, heads, N / P, D) on each of the P ranks of `group` ->
+    all-to-all -> (B, heads / P, N, D) -> the wrapped attention over the whole sequence -> all-to-all back."""
+
+    def __init__(self, inner: nn.Module, group: dist.ProcessGroup):
+        super().__init__()
+        self.inner, self.group, self.ranks = inner, group, dist.get_world_size(group)
+
+    def _tokens_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, H, n, D) -> send head group j to rank j -> receive every rank's n tokens of our heads: (B, H / P, P n, D)
+        b, h, n, d = x.shape
+        x = x.reshape(b, self.ranks, h // self.ranks, n, d).transpose(0, 1).contiguous()  # (P, B, H / P, n, D)
+        x = fc.all_to_all_single_autograd(x, None, None, self.group)  # dim 0 now: the source rank
+        return x.permute(1, 2, 0, 3, 4).reshape(b, h // self.ranks, self.ranks * n, d)
+
+    def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, H / P, P n, D) -> send token slice j to rank j -> receive every rank's heads of our tokens: (B, H, n, D)
+        b, hp, n_all, d = x.shape
+        n = n_all // self.ranks
+        x = x.reshape(b, hp, self.ranks, n, d).permute(2, 0, 1, 3, 4).contiguous()  # (P, B, H / P, n, D)
+        x = fc.all_to_all_single_autograd(x, None, None, self.group)  # dim 0 now: the source rank = head group
+        return x.transpose(0, 1).reshape(b, hp * self.ranks, n, d)
+
+    def forward(self, q, k, v, key_mask=None):
+        q, k, v = (self._tokens_to_heads(x) for x in (q, k, v))
+        return self._heads_to_tokens(self.inner(q, k, v, key_mask))
+
+
+class UlyssesLayout(nn.Module):
+    """Gives rank r of the P ranks in `group` tokens [r N / P, (r + 1) N / P) of every sequence, with their
+    rotary angles, and gathers the output tokens of all ranks after the last block."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        super().__init__()
+        self.group, self.ranks, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.multiple = self.ranks
+
+    def split(self, h, cos, sin):  # h (B, N, width), cos / sin (..., N, head_dim)
+        n = h.shape[1]
+        if n % self.ranks:
+            raise ValueError(f"sequence parallelism over {self.ranks} ranks needs a token count divisible by "
+                             f"{self.ranks}, got {n} tokens: change the frame count or size, or --sp-size")
+        part = slice(self.rank * n // self.ranks, (self.rank + 1) * n // self.ranks)
+        return h[:, part], cos[..., part, :], sin[..., part, :]
+
+    def gather(self, out):  # (B, N / P, C) -> (B, N, C); the backward sums the ranks' gradients of each slice
+        gathered = fc.all_gather_single_autograd(out.transpose(0, 1).contiguous(), 0, self.group)  # (N, B, C)
+        return gathered.transpose(0, 1)
+
+
+def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup) -> int:
+    """Ulysses sequence parallelism over `group` for a model built of `Attend` calls and one `TokenLayout`
+    (DiT3D): swap in the wrappers above. Every rank of the group must then get the same inputs. Returns the
+    number of attention calls wrapped; a head count that the group size does not divide is a ValueError."""
+    from dit3d.model import Attend, TokenLayout
+
+    ranks = dist.get_world_size(group)
+    wrapped, layouts = 0, 0
+    for parent in list(model.modules()):
+        heads = getattr(parent, "heads", None)
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Attend):
+                if heads is None or heads % ranks:
+                    raise ValueError(f"sequence parallelism over {ranks} ranks splits the attention heads across "
+                                     f"them, but this model has {heads} heads: use an --sp-size that divides {heads}")
+                setattr(parent, name, UlyssesAttend(child, group))
+                wrapped += 1
+            elif isinstance(child, TokenLayout):
+                setattr(parent, name, UlyssesLayout(group))
+                layouts += 1
+    if not wrapped or layouts != 1:
+        raise ValueError(f"{type(model).__name__} has {wrapped} attention calls and {layouts} token layouts; sequence "
+                         f"parallelism needs a DiT3D (at least one Attend and exactly one TokenLayout)")
+    return wrapped
 
 
 def apply_activation_checkpointing(model: nn.Module, block_type: type[nn.Module]) -> int:

@@ -2,13 +2,14 @@
 """Text to video from the command line, with a model trained by train.py.
 
     python sample.py --ckpt runs/quickstart/dit --prompt "a red circle moving right" --out samples/
-    python sample.py --ckpt RUN --prompts prompts.txt --num 4 --steps 50 --cfg 5 --solver heun --out samples/
+    python sample.py --ckpt RUN --prompts prompts.txt --videos-per-prompt 4 --steps 50 --cfg 5 --solver heun --out samples/
     python sample.py --ckpt RUN --prompt "..." --negative-prompt "blurry" --seed 7 --out clip.mp4 --gif --png
     python sample.py --ckpt RUN --prompt "..." --save-trajectory --out study/   # x0 prediction at every step
     python sample.py --ckpt RUN --frames 121 --height 256 --width 256 --dry-run   # the token budget, nothing run
     python sample.py --ckpt RUN --prompt "..." --image first.png --out clip.mp4          # image to video
     python sample.py --ckpt RUN --prompt "..." --video clip.mp4 --extend 32 --out longer.mp4  # continue a clip
     python sample.py --ckpt RUN --prompt "..." --keyframes a.png b.png --out between.mp4    # interpolate
+    torchrun --nproc_per_node 8 sample.py --ckpt RUN --prompts p.txt --sp-size 4 --frames 121 --out samples/
 
 The run folder supplies the DiT (EMA weights), its text encoder and the tokenizer (--vae overrides the
 tokenizer); frames, size, fps, steps, guidance and the timestep shift default to the training run's.
@@ -23,6 +24,12 @@ continues a clip by --extend frames, window by window, each window given the las
 what exists. Given frames are kept exactly at every solver step, so they come back up to the tokenizer's
 reconstruction error. Images and videos are scaled to cover the size and centre-cropped; a video is read at
 the run's fps, and its last 1 + 4k frames are used.
+
+Long videos on several GPUs: under torchrun, --sp-size N splits every video's tokens over N ranks (Ulysses
+sequence parallelism, see parallelize.py), and the process count / N groups share out the batches of
+prompts; the first rank of each group decodes and writes. The video is the one a single process makes.
+--dry-run prints, for each --sp-size that divides the heads, the tokens, FLOPs, memory and all-to-all
+traffic per rank, and the smallest one whose memory fits this device.
 """
 
 from __future__ import annotations
@@ -50,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     what.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
     p.add_argument("--negative-prompt", default=None, help="guide away from this instead of the null condition")
-    p.add_argument("--num", type=int, default=1, help="videos per prompt (seeds seed, seed + 1, ...)")
+    p.add_argument("--videos-per-prompt", "--num", dest="num", type=int, default=1,
+                   help="videos per prompt (seeds seed, seed + 1, ...); under torchrun spell it out, as torchrun "
+                        "reads --num as an abbreviation of its own --numa-binding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=None, help="1 + 4k (default: the training clips')")
     p.add_argument("--height", type=int, default=None)
@@ -77,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --video: latent frames of the clip's tail given to each window (default: half "
                             "the training window)")
     p.add_argument("--dry-run", action="store_true", help="print the token budget and exit")
+    p.add_argument("--sp-size", type=int, default=1,
+                   help="under torchrun: ranks that split each video's tokens (sequence parallelism); must divide "
+                        "the process count and the DiT's heads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -100,8 +112,10 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "video"
 
 
-def budget(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int) -> dict:
-    """Tokens, FLOPs and memory of one denoising step and of the run (forward passes only)."""
+def budget(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, sp: int = 1) -> dict:
+    """Tokens, FLOPs and memory of one denoising step and of the run (forward passes only), per rank when the
+    tokens are split over `sp` ranks: each holds N / sp tokens between blocks and does 1 / sp of the work; each
+    block's 4 all-to-alls (q, k, v in, the output back) send (sp - 1) / sp of a (batch, N / sp, width) tensor."""
     cfg = pipe.model.dit.config
     shape = pipe.latent_shape(frames, height, width)
     n = pipe.tokens(shape)
@@ -113,12 +127,39 @@ def budget(pipe, frames: int, height: int, width: int, steps: int, guidance: flo
     dtype_bytes = 2 if pipe.device.type == "cuda" else 4
     weights = sum(p.numel() for p in pipe.model.parameters()) * dtype_bytes
     activations = per_pass * batch * n * cfg.width * dtype_bytes * (6 + 2 * cfg.mlp_ratio)  # one block live at a time
-    return {"latent": shape, "tokens": n, "tokens_without_temporal_compression": n * frames // shape[1],
-            "attention_tflop_per_step": per_pass * batch * attention / 1e12,
-            "total_tflop_per_step": per_pass * batch * (attention + linear) / 1e12,
-            "total_tflop_run": per_pass * batch * (attention + linear) * steps / 1e12,
-            "memory_gb": (weights + activations) / 2**30, "attention_matrix_gb_if_materialised":
-            per_pass * batch * cfg.heads * n * n * dtype_bytes / 2**30}
+    exchanged = per_pass * batch * 4 * (n // sp) * cfg.width * dtype_bytes * (sp - 1) / sp * cfg.depth
+    return {"sp": sp, "latent": shape, "tokens": n, "tokens_per_rank": n // sp,
+            "tokens_without_temporal_compression": n * frames // shape[1],
+            "attention_tflop_per_step": per_pass * batch * attention / sp / 1e12,
+            "total_tflop_per_step": per_pass * batch * (attention + linear) / sp / 1e12,
+            "total_tflop_run": per_pass * batch * (attention + linear) * steps / sp / 1e12,
+            "memory_gb": (weights + activations / sp) / 2**30, "all_to_all_gb_per_step": exchanged / 2**30,
+            "attention_matrix_gb_if_materialised": per_pass * batch * cfg.heads * n * n * dtype_bytes / 2**30}
+
+
+def dry_run(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, device) -> None:
+    """Print the token budget, and per --sp-size (the divisors of the heads, up to 64) what each rank carries."""
+    b = budget(pipe, frames, height, width, steps, guidance, batch)
+    c, t, h, w = b["latent"]
+    print(f"{frames} frames at {height}x{width} -> latents ({c}, {t}, {h}, {w}) -> {b['tokens']:,} tokens "
+          f"({b['tokens_without_temporal_compression']:,} without temporal compression)")
+    print(f"per step (batch {batch}{', x2 for guidance' if guidance != 1.0 else ''}): {b['total_tflop_per_step']:.3g} TFLOP "
+          f"({b['attention_tflop_per_step']:.3g} in attention); {steps} steps: {b['total_tflop_run']:.3g} TFLOP")
+    print(f"memory: about {b['memory_gb']:.2f} GiB (weights and one block's activations; attention never holds "
+          f"the {b['attention_matrix_gb_if_materialised']:.2f} GiB score matrix)")
+    free = free_memory_gb(device)
+    heads = pipe.model.dit.config.heads
+    rows = [budget(pipe, frames, height, width, steps, guidance, batch, sp)
+            for sp in range(1, min(heads, 64) + 1) if heads % sp == 0 and b["tokens"] % sp == 0]
+    print(f"\nsequence parallelism (torchrun ... sample.py --sp-size N); {free:.1f} GiB free on {device}:")
+    print("| --sp-size | tokens per rank | TFLOP per step per rank | memory per rank GiB | all-to-all GiB per step per rank |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['sp']} | {r['tokens_per_rank']:,} | {r['total_tflop_per_step']:.3g} | {r['memory_gb']:.2f} | "
+              f"{r['all_to_all_gb_per_step']:.3g} |")
+    fits = [r["sp"] for r in rows if r["memory_gb"] <= free]
+    print(f"smallest --sp-size that fits here: {fits[0]}" if fits else
+          "no --sp-size fits here: lower --batch-size, --frames or the size")
 
 
 def free_memory_gb(device: torch.device) -> float:
@@ -234,11 +275,16 @@ class KnownFrames:
 
 
 def run(args) -> list[Path]:
+    from parallelize import apply_sequence_parallel, setup_distributed
     from pipeline import Pipeline
 
     prompts = read_prompts(args)
-    device = torch.device(args.device)
+    env = setup_distributed(args.device, 1 if args.dry_run else args.sp_size)
+    device = env.device
     pipe = Pipeline.load(args.ckpt, vae=args.vae, device=device)
+    heads = pipe.model.dit.config.heads
+    if args.sp_size < 1 or heads % args.sp_size:
+        raise ValueError(f"--sp-size {args.sp_size} must divide the DiT's {heads} attention heads")
     d = pipe.defaults
     frames = args.frames or d["frames"]
     height, width = args.height or d["size"], args.width or d["size"]
@@ -246,23 +292,21 @@ def run(args) -> list[Path]:
     guidance = d["sampler"]["guidance"] if args.cfg is None else args.cfg
     fps = args.fps or d.get("fps") or 8.0
     check_frame_count(frames)
-    for name in ("num", "batch_size", "decode_chunk"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for flag, value in (("--videos-per-prompt", args.num), ("--batch-size", args.batch_size), ("--decode-chunk", args.decode_chunk)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     jobs = [(p, args.seed + i, f"{slug(p)}_{args.seed + i}" if args.num > 1 else slug(p)) for p in prompts for i in range(args.num)]
     batch = max(1, min(args.batch_size, len(jobs) or 1))
-    b = budget(pipe, frames, height, width, steps, guidance, batch)
     if args.dry_run:
-        c, t, h, w = b["latent"]
-        print(f"{frames} frames at {height}x{width} -> latents ({c}, {t}, {h}, {w}) -> {b['tokens']:,} tokens "
-              f"({b['tokens_without_temporal_compression']:,} without temporal compression)")
-        print(f"per step (batch {batch}{', x2 for guidance' if guidance != 1.0 else ''}): {b['total_tflop_per_step']:.3g} TFLOP "
-              f"({b['attention_tflop_per_step']:.3g} in attention); {steps} steps: {b['total_tflop_run']:.3g} TFLOP")
-        print(f"memory: about {b['memory_gb']:.2f} GiB (weights and one block's activations; attention never holds "
-              f"the {b['attention_matrix_gb_if_materialised']:.2f} GiB score matrix)")
+        dry_run(pipe, frames, height, width, steps, guidance, batch, device)
         return []
+    b = budget(pipe, frames, height, width, steps, guidance, batch, env.sp)
+    if env.sp > 1:
+        if b["tokens"] % env.sp:
+            raise ValueError(f"{b['tokens']} tokens cannot be split over --sp-size {env.sp}: change --frames or the size")
+        apply_sequence_parallel(pipe.model.dit, env.sp_group)
     free = free_memory_gb(device)
     if b["memory_gb"] > free:
         print(f"warning: this needs about {b['memory_gb']:.1f} GiB and {device} has {free:.1f} GiB free; lower "
@@ -275,9 +319,12 @@ def run(args) -> list[Path]:
     from tqdm import tqdm
 
     known = KnownFrames(args, pipe, frames, height, width, fps)
+    writer = env.rank % env.sp == 0  # the first rank of each sequence group
+    starts = list(range(0, len(jobs), batch))[env.dp_rank :: env.dp_world]  # sequence groups share out the batches
     written = []
-    bar = tqdm(total=len(jobs) * steps * known.passes, disable=args.no_progress, desc="sampling", unit="step")
-    for start in range(0, len(jobs), batch):
+    bar = tqdm(total=len(starts) * batch * steps * known.passes, disable=args.no_progress or not env.main,
+               desc="sampling", unit="step")
+    for start in starts:
         group = jobs[start : start + batch]
         trajectory: list[tuple[int, torch.Tensor]] = []
 
@@ -289,6 +336,8 @@ def run(args) -> list[Path]:
         sampler = dict(steps=steps, guidance=guidance, negative=args.negative_prompt, shift=args.shift,
                        solver=args.solver, on_step=on_step)
         z = known.generate([p for p, _, _ in group], [s for _, s, _ in group], sampler)
+        if not writer:
+            continue
         videos = pipe.decode(z, chunk=args.decode_chunk)
         for k, ((prompt, _, name), video) in enumerate(zip(group, videos)):
             path = args.out if single else out_dir / f"{name}.mp4"
@@ -308,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if written:
         print(f"wrote {len(written)} video(s): {written[0] if len(written) == 1 else written[0].parent}")
     return 0

@@ -15,6 +15,9 @@
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id RUN \\
         train.py --stage dit ...
 
+    # long clips: each clip's tokens split over 8 ranks (Ulysses sequence parallelism), FSDP2 over all ranks
+    torchrun --nnodes 4 --nproc_per_node 8 ... train.py --stage dit --preset 1.3B --parallel fsdp --sp-size 8 ...
+
     # SLURM: one task per node, torchrun starts the GPU processes
     #   #SBATCH --nodes 4 --ntasks-per-node 1 --gpus-per-node 8
     #   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -51,7 +54,8 @@ import torch.nn as nn
 from data import make_loader, write_video
 from data.video_io import check_frame_count
 from dit3d.condition import ConditionConfig, given_mask
-from parallelize import apply_activation_checkpointing, compile_blocks, data_parallel, unwrap
+from parallelize import (Env, apply_activation_checkpointing, apply_sequence_parallel, compile_blocks, data_parallel,
+                         setup_distributed, unwrap)
 from pipeline import PIPELINE_FILE, TextToVideo, derived_seed, generate_latents, text_inputs
 
 log = logging.getLogger("train")
@@ -60,36 +64,6 @@ QUICKSTART_DIR = Path("runs/quickstart")
 
 
 # ---- distributed setup --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Env:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_arg: str) -> Env:
-    """One process per GPU under torchrun (NCCL), or per CPU worker (gloo); a plain process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_arg == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda, but no CUDA device is visible; use --device cpu")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device(device_arg)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return Env(rank, world, local_rank, device)
 
 
 def barrier() -> None:
@@ -697,7 +671,9 @@ def resolve_run(args, stage, env: Env) -> tuple[dict, Path]:
 
 
 def train(args) -> Path:
-    env = setup_distributed(args.device)
+    if args.sp_size > 1 and args.stage != "dit":
+        raise SystemExit(f"error: --sp-size splits the DiT's token sequence; the {args.stage} stage has none (use 1)")
+    env = setup_distributed(args.device, args.sp_size)
     logging.basicConfig(level=logging.INFO if env.main else logging.WARNING, format="%(message)s", force=True)
     check_frame_count(args.frames)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -713,6 +689,9 @@ def train(args) -> Path:
     from torch.optim.swa_utils import AveragedModel
 
     ema = AveragedModel(plain, multi_avg_fn=ema_update_fn(args.ema_decay)).requires_grad_(False)
+    if env.sp > 1:  # the EMA too: previews run under the same token budget per rank
+        apply_sequence_parallel(plain, env.sp_group)
+        apply_sequence_parallel(ema.module, env.sp_group)
     if args.checkpoint_activations:
         apply_activation_checkpointing(plain, stage.block_types[0])
     if args.compile:
@@ -724,7 +703,8 @@ def train(args) -> Path:
     opt, sched = build_optimizer(model, args, env.device)
     loader = make_loader(args.data, args.batch_size, None if args.latents else args.frames,
                          None if args.latents else args.size, mode="train", num_workers=args.num_workers,
-                         fps=args.fps, seed=args.seed, shuffle_buffer=args.shuffle_buffer)
+                         fps=args.fps, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
+                         rank=env.dp_rank, world_size=env.dp_world)
 
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                          set_model_state_dict, set_state_dict)
@@ -752,8 +732,9 @@ def train(args) -> Path:
                 log.info("%s is already trained to step %d; nothing to do (raise --steps to train on)", out, step)
             return out
     elif env.main:
-        log.info("training the %s stage (%s preset, %.2fM parameters) on %d process(es), %s, into %s", args.stage,
-                 args.preset, n_params / 1e6, env.world, env.device, out)
+        log.info("training the %s stage (%s preset, %.2fM parameters) on %d process(es)%s, %s, into %s", args.stage,
+                 args.preset, n_params / 1e6, env.world,
+                 f" ({env.dp_world} data-parallel x {env.sp} sequence-parallel)" if env.sp > 1 else "", env.device, out)
 
     def save_checkpoint() -> None:
         trainer_state = {"step": step, "samples_seen": samples_seen, "scheduler": sched.state_dict()}
@@ -798,8 +779,8 @@ def train(args) -> Path:
                     (loss / args.grad_accum).backward()
                 logs |= micro_logs | stage.after_backward(step, last, args.grad_accum)
                 loss_sum += loss.item()
-                window["samples"] += len(batch["key"]) * env.world
-                window["tokens"] += stage.tokens(batch) * len(batch["key"]) * env.world
+                window["samples"] += len(batch["key"]) * env.dp_world
+                window["tokens"] += stage.tokens(batch) * len(batch["key"]) * env.dp_world
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
@@ -819,7 +800,7 @@ def train(args) -> Path:
             opt.zero_grad(set_to_none=True)
             ema.update_parameters(plain)
             step += 1
-            samples_seen += args.batch_size * args.grad_accum * env.world
+            samples_seen += args.batch_size * args.grad_accum * env.dp_world
             window["time"] += time.perf_counter() - t0
             window["loss"] += mean_loss
             window["grad_norm"] += float(grad_norm)
@@ -926,6 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, default=0.999)
     g = p.add_argument_group("parallelism and speed")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="with several processes")
+    g.add_argument("--sp-size", type=int, default=1,
+                   help="Ulysses sequence parallelism: split each video's tokens over this many consecutive ranks "
+                        "(must divide the process count and the DiT's heads); DDP / FSDP2 over the rest")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
     g.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward (memory)")
     g = p.add_argument_group("checkpoints and logging")
@@ -1059,7 +1043,7 @@ def run_quickstart(argv: list[str]) -> int:
     shutil.rmtree(samples, ignore_errors=True)
     prompt_file = out / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
-    if sample.main(["--ckpt", str(dit_run), "--prompts", str(prompt_file), "--num", str(q.samples_per_prompt),
+    if sample.main(["--ckpt", str(dit_run), "--prompts", str(prompt_file), "--videos-per-prompt", str(q.samples_per_prompt),
                     "--steps", str(q.sample_steps), "--out", str(samples), "--no-progress"]) != 0:
         raise SystemExit("error: sampling the trained model failed (see above)")
     scores, summary = score_dir(samples, shards / "manifest.json")

@@ -20,19 +20,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure_in_subprocess(script: str, spec: dict) -> dict:
+def measure_in_subprocess(script: str, spec: dict, nproc: int = 1) -> dict:
+    """`script --worker SPEC` in a fresh process, or under torchrun in `nproc` of them (rank 0 prints)."""
     result: dict = {}
     for measure in ("time", "memory"):
         env = dict(os.environ)
         if measure == "memory":
             env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        cmd = [sys.executable, script, "--worker", json.dumps(spec | {"measure": measure})]
+        launcher = [sys.executable]
+        if nproc > 1:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+            launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+        cmd = launcher + [script, "--worker", json.dumps(spec | {"measure": measure})]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"benchmark worker failed for {spec}:\n{out.stderr[-3000:]}")
         result |= json.loads(out.stdout.strip().splitlines()[-1])
     result.pop("measure")
     return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def time_or_memory(run, spec: dict, device) -> dict:
@@ -44,7 +57,7 @@ def time_or_memory(run, spec: dict, device) -> dict:
     if spec["measure"] == "memory":
         with PeakMemory(device) as mem:
             run()
-        return {"peak_mb": mem.peak_mb}
+        return {"peak_mb": mem.peak_mb, "held_mb": mem.held_mb}
     times = []
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()

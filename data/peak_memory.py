@@ -2,7 +2,7 @@
 
     with PeakMemory(device) as mem:
         run()
-    mem.peak_mb   # the increase over what was held when the block began
+    mem.peak_mb   # the increase over what was held when the block began (mem.held_mb)
 
 On the CPU the kernel's high-water mark of resident memory is reset when the block begins (Linux:
 /proc/self/clear_refs), so the figure is the block's own peak, not the process's lifetime peak.
@@ -28,7 +28,7 @@ class PeakMemory:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.peak_mb = float("nan")
-        self._held = 0.0
+        self.held_mb = 0.0
 
     @property
     def supported(self) -> bool:
@@ -39,15 +39,15 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._held = torch.cuda.memory_allocated(self.device) / 2**20
+            self.held_mb = torch.cuda.memory_allocated(self.device) / 2**20
         elif self.supported:
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS
-            self._held = _status_mb("VmRSS")
+            self.held_mb = _status_mb("VmRSS")
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._held
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.held_mb
         elif self.supported:
-            self.peak_mb = _status_mb("VmHWM") - self._held
+            self.peak_mb = _status_mb("VmHWM") - self.held_mb

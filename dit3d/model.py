@@ -8,8 +8,9 @@ position table, so any T, H, W divisible by the patch works), cross-attention to
 honours the padding mask, and an MLP; RMS norm on queries and keys. The flow time modulates every block
 through adaLN-Zero, with one modulation projection shared by all blocks plus a learned table per block
 (as PixArt-alpha and Wan do); the gates and the output layer start at zero, so each block starts as the
-identity and the model's output starts at exactly zero. Activation checkpointing, compile and sharding
-are applied from outside (see `parallelize.py`).
+identity and the model's output starts at exactly zero. Activation checkpointing, compile, sharding and
+sequence parallelism are applied from outside (see `parallelize.py`), the last by swapping the `Attend`
+calls and the `TokenLayout` below for versions that exchange tokens between ranks.
 
 Known frames. With `frame_conditioning`, the input has one more channel that is 1 on the latent frames
 given clean (`given`, (B, T) bool: the first frame for image-to-video, the first m for extension, the first
@@ -55,10 +56,39 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class Attend(nn.Module):
+    """The attention call of a block, as a module so that sequence parallelism can wrap it from outside
+    (parallelize.py swaps in one that exchanges heads for tokens around it). No parameters."""
+
+    def __init__(self, backend: str):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, q, k, v, key_mask=None):  # q (B, heads, N, D), k/v (B, heads, L, D) -> (B, heads, N, D)
+        return attention(q, k, v, self.backend, key_mask=key_mask)
+
+
+class TokenLayout(nn.Module):
+    """Where the blocks' tokens live: here, all on this process. Sequence parallelism (parallelize.py)
+    replaces it by one that gives each rank a contiguous slice of every sequence and gathers the output.
+
+    split(h (B, N, width), cos, sin (..., N, head_dim)) -> this rank's tokens and their rotary angles;
+    gather(out (B, n, C)) -> the whole sequence; `multiple`: sequence lengths must divide by it."""
+
+    multiple = 1
+
+    def split(self, h, cos, sin):
+        return h, cos, sin
+
+    def gather(self, out):
+        return out
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.heads, self.backend = cfg.heads, cfg.attention_backend
+        self.heads = cfg.heads
+        self.attend = Attend(cfg.attention_backend)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -67,14 +97,14 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        out = attention(q, k, v, self.backend, key_mask=token_mask)  # (B, heads, N, head_dim)
+        out = self.attend(q, k, v, token_mask)  # (B, heads, N, head_dim)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class CrossAttention(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.heads, self.backend = cfg.heads, cfg.attention_backend
+        self.heads, self.backend = cfg.heads, cfg.attention_backend  # queries are local: no sequence exchange
         self.q = nn.Linear(cfg.width, cfg.width)
         self.kv = nn.Linear(cfg.width, 2 * cfg.width)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -145,6 +175,7 @@ class DiT3D(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
         self.out_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
         self.out = nn.Linear(cfg.width, cfg.output_channels * pt * ph * pw)
+        self.layout = TokenLayout()
         self.initialize_weights()
 
     @classmethod
@@ -230,7 +261,7 @@ class DiT3D(nn.Module):
             coss.append(cos)
             sins.append(sin)
         lengths = [len(tk) for tk in tokens]
-        n = max(lengths)
+        n = -(-max(lengths) // self.layout.multiple) * self.layout.multiple
         pad = lambda parts, value: torch.stack([F.pad(p, (0, 0, 0, n - len(p)), value=value) for p in parts])  # noqa: E731
         token_mask = torch.arange(n, device=tokens[0].device)[None] < torch.tensor(lengths, device=tokens[0].device)[:, None]
         h = self._run(pad(tokens, 0.0), pad(coss, 1.0)[:, None], pad(sins, 0.0)[:, None], t, text, text_mask, token_mask)
@@ -264,12 +295,13 @@ class DiT3D(nn.Module):
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
         emb = self.time_embed(timestep_embedding(t).to(h.dtype))  # (B, width)
+        h, cos, sin = self.layout.split(h, cos, sin)  # (B, N / ranks, width) with sequence parallelism
         shared = self.time_modulation(emb).unflatten(1, (6, self.config.width))  # (B, 6, width)
         txt = self.text_embed(text)  # (B, L, width)
         for block in self.blocks:
             h = block(h, shared, cos, sin, txt, text_mask, token_mask)
         shift, scale = self.out_modulation(emb).chunk(2, dim=1)
-        return self.out(modulate(self.norm_out(h), shift, scale))
+        return self.layout.gather(self.out(modulate(self.norm_out(h), shift, scale)))  # (B, N, C_out * patch)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sample
 import train
@@ -35,7 +36,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_videos_have_the_requested_shape_and_their_prompts_beside_them(run_dir, tmp_path):
     out = tmp_path / "out"
     assert sample.main(["--ckpt", str(run_dir), "--prompt", "a red circle moving right", "--prompt", "a blue square",
-                        "--frames", "13", "--height", "32", "--width", "48", "--steps", "3", "--num", "2",
+                        "--frames", "13", "--height", "32", "--width", "48", "--steps", "3", "--videos-per-prompt", "2",
                         "--out", str(out), "--no-progress", "--png", "--gif"]) == 0
     videos = sorted(out.glob("*.mp4"))
     assert [v.name for v in videos] == ["a_blue_square_0.mp4", "a_blue_square_1.mp4",
@@ -97,6 +98,33 @@ def test_dry_run_prints_the_token_budget(run_dir, capsys):
     # 17 frames at 64x64 -> latents (16, 5, 8, 8) -> patch (1, 2, 2): 5 x 4 x 4 = 80 tokens; 272 without 4x in time
     assert "latents (16, 5, 8, 8) -> 80 tokens (272 without temporal compression)" in out
     assert "TFLOP" in out and "GiB" in out
+    # per --sp-size (divisors of the tiny DiT's 4 heads): 80 tokens split 1, 2 and 4 ways
+    assert "| 1 | 80 |" in out and "| 2 | 40 |" in out and "| 4 | 20 |" in out and "smallest --sp-size that fits here: 1" in out
+
+
+def test_sequence_parallel_sampling_gives_the_same_video(run_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_train import free_port
+
+    common = ["--ckpt", str(run_dir), "--prompt", "a red circle moving right", "--prompt", "a blue square", "--videos-per-prompt", "2",
+              "--frames", "13", "--steps", "3", "--cfg", "3", "--batch-size", "2", "--no-progress", "--png"]
+    assert sample.main(common + ["--out", str(tmp_path / "one")]) == 0
+    root = Path(sample.__file__).parent
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    for name, extra in (("sp", ["--sp-size", "2"]), ("dp", [])):  # one sequence group of 2; two groups of 1
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(free_port()), str(root / "sample.py"), *common, *extra, "--out", str(tmp_path / name)],
+                              capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        names = sorted(p.name for p in (tmp_path / name).glob("*.png"))
+        assert names == sorted(p.name for p in (tmp_path / "one").glob("*.png")) and len(names) == 4
+        for n in names:
+            a = np.asarray(Image.open(tmp_path / "one" / n), dtype=int)
+            b = np.asarray(Image.open(tmp_path / name / n), dtype=int)
+            assert np.abs(a - b).max() <= 1, (name, n)
 
 
 @pytest.mark.parametrize("args,message", [

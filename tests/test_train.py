@@ -89,6 +89,24 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shards, 
     assert not torch.equal(a["position"], torch.zeros_like(a["position"]))
 
 
+def test_sequence_parallel_two_processes_equal_one_process(shards, vae_dir, tmp_path):
+    # --sp-size 2 on 2 ranks: one data-parallel replica whose two ranks read the same clips and each hold half
+    # of every clip's tokens (the tiny DiT has 4 heads, 2 per rank). It must take the steps of one process.
+    common = ["--steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--num-workers", "1"]
+    run_cli(dit_args(shards, vae_dir, tmp_path / "one", *common))
+    sp = run_cli(dit_args(shards, vae_dir, tmp_path / "sp", *common, "--sp-size", "2"), nproc=2)
+    assert "1 data-parallel x 2 sequence-parallel" in sp.stdout + sp.stderr
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "sp")
+    assert [one[k] for k in (1, 2)] == pytest.approx([two[k] for k in (1, 2)], rel=1e-5)
+    for part in ("dit", "text"):
+        a = load_file(tmp_path / "one" / "model" / part / "model.safetensors")
+        b = load_file(tmp_path / "sp" / "model" / part / "model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    with pytest.raises(SystemExit, match="--sp-size 2 must divide the number of processes"):
+        train.main(dit_args(shards, vae_dir, tmp_path / "bad", *common, "--sp-size", "2"))
+
+
 def test_a_stopped_run_resumes_on_the_loss_curve_of_an_uninterrupted_one(shards, vae_dir, tmp_path):
     common = ["--steps", "6", "--batch-size", "3", "--num-workers", "2", "--checkpoint-every", "2"]
     run_cli(dit_args(shards, vae_dir, tmp_path / "whole", *common))
