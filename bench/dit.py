@@ -2,14 +2,18 @@
 and the attention backends side by side.
 
     python bench/dit.py [--presets tiny S] [--tokens 2048 8192] [--attention-tokens 1024 2048 4096 8192 16384]
-                        [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 2] [--out bench/results/dit.json]
+                        [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 2] [--rounds 3]
+                        [--out bench/results/dit.json]
 
 1. Forward + backward of one training step (batch 1, 32 text tokens, latents of 16 channels with 32x32
    latent frames and as many frames as the token count needs, patch 1x2x2), for each preset and token
    count: seconds per step, tokens/s, peak memory, and model FLOPs per second. FLOPs per token for training
    are 6 N + 12 L d S (N parameters, L layers, width d, S tokens); MFU divides the achieved rate by the
    measured peak of a large matmul in the same dtype on the same device. The Wan model gets the same width,
-   depth, heads, patch, FFN width and text width, random weights; both use PyTorch SDPA.
+   depth, heads, patch, FFN width and text width, random weights; both use PyTorch SDPA. The two models
+   alternate, each round in fresh processes and in the other order from the round before, so that a
+   machine's drift (other load, clocks) falls on both alike; the ratio is the median of the rounds' ratios
+   and the times are the median over rounds.
 2. The attention function alone (forward, 6 heads of 64) from 1k to 16k tokens, per backend: time and
    peak memory. No backend may grow quadratically in memory.
 Each figure comes from a fresh process (see bench/common.py). Prints tables with ratios and writes JSON.
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -126,7 +131,8 @@ def main() -> None:
     parser.add_argument("--attention-tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per process (their median)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and Wan (their median)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dit.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,13 +148,25 @@ def main() -> None:
         if tokens % FRAME_TOKENS:
             raise SystemExit(f"error: token counts must be multiples of {FRAME_TOKENS} (one 32x32 latent frame), got {tokens}")
 
+    rounds = []  # rounds[r][(model, preset, tokens)] = that round's measurement
+    for r in range(args.rounds):
+        this = {}
+        for name in args.presets:
+            for tokens in args.tokens:
+                for model in (("ours", "wan") if r % 2 == 0 else ("wan", "ours")):
+                    spec = base | {"kind": "step", "model": model, "preset": name, "tokens": tokens}
+                    this[model, name, tokens] = res = measure_in_subprocess(__file__, spec)
+                    print(f"  round {r + 1}: {model} {name} {tokens} tokens: {res['tokens_per_s']:.0f} tokens/s, "
+                          f"+{res['peak_mb']:.0f} MB", file=sys.stderr)
+        rounds.append(this)
     steps = []
-    for name in args.presets:
-        for tokens in args.tokens:
-            for model in ("ours", "wan"):
-                steps.append(measure_in_subprocess(__file__, base | {"kind": "step", "model": model, "preset": name, "tokens": tokens}))
-                r = steps[-1]
-                print(f"  {model} {name} {tokens} tokens: {r['tokens_per_s']:.0f} tokens/s, +{r['peak_mb']:.0f} MB", file=sys.stderr)
+    for key in rounds[0]:
+        runs = [rd[key] for rd in rounds]
+        seconds = statistics.median(x["seconds"] for x in runs)
+        steps.append(runs[0] | {"seconds": seconds, "seconds_per_round": [x["seconds"] for x in runs],
+                                "tokens_per_s": key[2] / seconds, "tflops": statistics.median(x["tflops"] for x in runs),
+                                "mfu": statistics.median(x["mfu"] for x in runs),
+                                "peak_mb": max(x["peak_mb"] for x in runs)})
     backends = ["sdpa", "reference"] + (["xformers"] if device == "cuda" and _has_xformers() else [])
     attn = []
     for tokens in args.attention_tokens:
@@ -158,17 +176,20 @@ def main() -> None:
     def get(model, name, tokens):
         return next(r for r in steps if (r["model"], r["preset"], r["tokens"]) == (model, name, tokens))
 
-    rows = []
+    rows, ratios = [], []
     for name in args.presets:
         for tokens in args.tokens:
             o, w = get("ours", name, tokens), get("wan", name, tokens)
+            per_round = [rd["wan", name, tokens]["seconds"] / rd["ours", name, tokens]["seconds"] for rd in rounds]
+            ratios.append({"preset": name, "tokens": tokens, "ratio": statistics.median(per_round), "per_round": per_round})
             rows.append([name, f"{o['params'] / 1e6:.1f}M / {w['params'] / 1e6:.1f}M", tokens, f"{w['tokens_per_s']:.0f}",
-                         f"{o['tokens_per_s']:.0f}", f"{o['tokens_per_s'] / w['tokens_per_s']:.2f}x",
-                         f"{w['peak_mb']:.0f}", f"{o['peak_mb']:.0f}", f"{o['tflops']:.3f}", f"{100 * o['mfu']:.1f}%"])
-    print(f"\nTraining step (forward + backward), {device} {dtype}, batch 1; matmul peak "
-          f"{steps[0]['peak_tflops']:.2f} TFLOP/s")
-    print(markdown_table(["preset", "params ours / Wan", "tokens", "Wan tokens/s", "ours tokens/s", "ratio",
-                          "Wan peak MB", "ours peak MB", "ours TFLOP/s", "ours MFU"], rows))
+                         f"{o['tokens_per_s']:.0f}", f"{ratios[-1]['ratio']:.2f}x",
+                         " ".join(f"{x:.2f}" for x in per_round), f"{w['peak_mb']:.0f}", f"{o['peak_mb']:.0f}",
+                         f"{o['tflops']:.3f}", f"{100 * o['mfu']:.1f}%"])
+    print(f"\nTraining step (forward + backward), {device} {dtype}, batch 1, median of {args.rounds} alternating "
+          f"rounds of {args.repeats} steps; matmul peak {steps[0]['peak_tflops']:.2f} TFLOP/s")
+    print(markdown_table(["preset", "params ours / Wan", "tokens", "Wan tokens/s", "ours tokens/s", "ratio (ours / Wan)",
+                          "ratio per round", "Wan peak MB", "ours peak MB", "ours TFLOP/s", "ours MFU"], rows))
     print(f"\nAttention alone (forward, 6 heads x 64), {device} {dtype}")
     rows = []
     for tokens in args.attention_tokens:
@@ -180,7 +201,8 @@ def main() -> None:
     print(markdown_table(["tokens"] + [f"{b} {m}" for b in backends for m in ("ms", "TFLOP/s", "peak MB")], rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    args.out.write_text(json.dumps({"machine": machine, "args": base, "steps": steps, "attention": attn}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"machine": machine, "args": base | {"rounds": args.rounds}, "steps": steps,
+                                    "ratios": ratios, "attention": attn}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 
