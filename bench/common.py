@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure_in_subprocess(script: str, spec: dict, nproc: int = 1) -> dict:
-    """`script --worker SPEC` in a fresh process, or under torchrun in `nproc` of them (rank 0 prints)."""
+def measure_in_subprocess(script: str, spec: dict, nproc: int = 1, measures=("time", "memory")) -> dict:
+    """`script --worker SPEC` in a fresh process per measure, or under torchrun in `nproc` of them (rank 0 prints)."""
     result: dict = {}
-    for measure in ("time", "memory"):
+    for measure in measures:
         env = dict(os.environ)
         if measure == "memory":
             env["MALLOC_MMAP_THRESHOLD_"] = "65536"

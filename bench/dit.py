@@ -13,7 +13,7 @@ and the attention backends side by side.
    depth, heads, patch, FFN width and text width, random weights; both use PyTorch SDPA. The two models
    alternate, each round in fresh processes and in the other order from the round before, so that a
    machine's drift (other load, clocks) falls on both alike; the ratio is the median of the rounds' ratios
-   and the times are the median over rounds.
+   and the times are the median over rounds (peak memory, which does not drift, from the first round).
 2. The attention function alone (forward, 6 heads of 64) from 1k to 16k tokens, per backend: time and
    peak memory. No backend may grow quadratically in memory.
 Each figure comes from a fresh process (see bench/common.py). Prints tables with ratios and writes JSON.
@@ -155,9 +155,11 @@ def main() -> None:
             for tokens in args.tokens:
                 for model in (("ours", "wan") if r % 2 == 0 else ("wan", "ours")):
                     spec = base | {"kind": "step", "model": model, "preset": name, "tokens": tokens}
-                    this[model, name, tokens] = res = measure_in_subprocess(__file__, spec)
-                    print(f"  round {r + 1}: {model} {name} {tokens} tokens: {res['tokens_per_s']:.0f} tokens/s, "
-                          f"+{res['peak_mb']:.0f} MB", file=sys.stderr)
+                    # memory does not drift like time: the first round measures it, the others time alone
+                    this[model, name, tokens] = res = measure_in_subprocess(
+                        __file__, spec, measures=("time", "memory") if r == 0 else ("time",))
+                    print(f"  round {r + 1}: {model} {name} {tokens} tokens: {res['tokens_per_s']:.0f} tokens/s",
+                          file=sys.stderr)
         rounds.append(this)
     steps = []
     for key in rounds[0]:
@@ -166,7 +168,7 @@ def main() -> None:
         steps.append(runs[0] | {"seconds": seconds, "seconds_per_round": [x["seconds"] for x in runs],
                                 "tokens_per_s": key[2] / seconds, "tflops": statistics.median(x["tflops"] for x in runs),
                                 "mfu": statistics.median(x["mfu"] for x in runs),
-                                "peak_mb": max(x["peak_mb"] for x in runs)})
+                                "peak_mb": runs[0]["peak_mb"]})
     backends = ["sdpa", "reference"] + (["xformers"] if device == "cuda" and _has_xformers() else [])
     attn = []
     for tokens in args.attention_tokens:
