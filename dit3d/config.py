@@ -26,9 +26,6 @@ class DiTConfig:
     norm_eps: float = 1e-6
     # one more input channel, 1 on latent frames given clean (image-to-video, extension, interpolation)
     frame_conditioning: bool = False
-    # also condition every block's adaLN on the mean of the text tokens (a global caption vector, as SD3 adds
-    # its pooled text embedding to the timestep's), besides the per-token cross-attention
-    pooled_text: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))

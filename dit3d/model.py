@@ -167,8 +167,6 @@ class DiT3D(nn.Module):
             self.embed = nn.Linear(channels * pt * ph * pw, cfg.width)
         self.time_embed = nn.Sequential(nn.Linear(256, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))  # shared by all blocks
-        if cfg.pooled_text:  # the masked mean of the text tokens, added to the timestep embedding
-            self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
         self.text_embed = nn.Sequential(nn.Linear(cfg.text_dim, cfg.width), nn.GELU(approximate="tanh"),
                                         nn.Linear(cfg.width, cfg.width))
         # a learned one-token "no caption", for caption dropout and classifier-free guidance
@@ -195,10 +193,7 @@ class DiT3D(nn.Module):
             nn.init.zeros_(self.embed.bias)
         nn.init.normal_(self.time_embed[0].weight, std=0.02)
         nn.init.normal_(self.time_embed[2].weight, std=0.02)
-        zeroed = [self.time_modulation[1], self.out_modulation[1], self.out]
-        if self.config.pooled_text:
-            zeroed.append(self.text_pool[2])  # starts as a model without it
-        for layer in zeroed:
+        for layer in (self.time_modulation[1], self.out_modulation[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -300,9 +295,6 @@ class DiT3D(nn.Module):
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
         emb = self.time_embed(timestep_embedding(t).to(h.dtype))  # (B, width)
-        if self.config.pooled_text:
-            weights = text_mask.to(text.dtype)[..., None]  # (B, L, 1)
-            emb = emb + self.text_pool((text * weights).sum(1) / weights.sum(1).clamp(min=1))
         h, cos, sin = self.layout.split(h, cos, sin)  # (B, N / ranks, width) with sequence parallelism
         shared = self.time_modulation(emb).unflatten(1, (6, self.config.width))  # (B, 6, width)
         txt = self.text_embed(text)  # (B, L, width)

@@ -33,11 +33,10 @@ def inputs(batch=2, frames=5, height=8, width=12, text_len=7, text_dim=64, seed=
     return x, t, text, mask
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["cross-attention", "+pooled-text"])
-def model(request) -> DiT3D:
-    """The tiny DiT with random weights; also with the pooled caption vector in its adaLN (pooled_text)."""
+@pytest.fixture(scope="module")
+def model() -> DiT3D:
     torch.manual_seed(0)
-    return randomized(DiT3D.from_preset("tiny", pooled_text=request.param)).eval()
+    return randomized(DiT3D.from_preset("tiny")).eval()
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (5, 8, 12), (9, 4, 16), (2, 6, 6)])
@@ -128,21 +127,6 @@ def test_unavailable_backend_falls_back_with_one_log_line(caplog, monkeypatch):
     monkeypatch.setenv("DIT3D_ATTENTION", "flash9")
     with pytest.raises(ValueError, match="unknown attention backend 'flash9'"):
         resolve_backend("sdpa", torch.device("cpu"))
-
-
-def test_pooled_text_conditions_every_block_and_starts_switched_off():
-    torch.manual_seed(0)
-    plain = DiT3D.from_preset("tiny")
-    pooled = DiT3D.from_preset("tiny", pooled_text=True)
-    pooled.load_state_dict(plain.state_dict(), strict=False)  # shared weights; text_pool keeps its zero output
-    randomized(plain)
-    pooled.load_state_dict(plain.state_dict(), strict=False)
-    x, t, text, mask = inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(pooled(x, t, text, mask), plain(x, t, text, mask), rtol=0, atol=0)
-        randomized(pooled.text_pool, seed=1)  # now the caption's mean moves every block's modulation
-        assert (pooled(x, t, text, mask) - plain(x, t, text, mask)).abs().max() > 1e-3
-    assert set(pooled.state_dict()) - set(plain.state_dict()) == {f"text_pool.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
 
 
 def test_output_at_initialisation_is_exactly_zero():
