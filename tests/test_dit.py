@@ -248,3 +248,14 @@ def test_presets():
     assert (c.width, c.depth, c.heads, int(c.width * c.mlp_ratio)) == (1536, 30, 12, 8960)
     with pytest.raises(ValueError, match="must be divisible by heads"):
         DiTConfig(width=100, heads=3)
+
+
+def test_rotary_tables_are_cached_and_usable_by_autograd():
+    with torch.inference_mode():  # built first while sampling...
+        cos, sin = rope_cos_sin((2, 3, 4), 32, 10000.0, "cpu", torch.float32)
+    again = rope_cos_sin((2, 3, 4), 32, 10000.0, torch.device("cpu"), torch.float32)
+    assert again[0] is cos and again[1] is sin
+    assert not cos.is_inference()  # ...then saved for backward in training
+    x = torch.randn(1, 2, 24, 32, requires_grad=True)
+    apply_rope(x, cos, sin).pow(2).sum().backward()
+    assert x.grad is not None
