@@ -322,8 +322,8 @@ def run(args) -> list[Path]:
     writer = env.rank % env.sp == 0  # the first rank of each sequence group
     starts = list(range(0, len(jobs), batch))[env.dp_rank :: env.dp_world]  # sequence groups share out the batches
     written = []
-    bar = tqdm(total=len(starts) * batch * steps * known.passes, disable=args.no_progress or not env.main,
-               desc="sampling", unit="step")
+    bar = tqdm(total=sum(len(jobs[s : s + batch]) for s in starts) * steps * known.passes,
+               disable=args.no_progress or not env.main, desc="sampling", unit="step")
     for start in starts:
         group = jobs[start : start + batch]
         trajectory: list[tuple[int, torch.Tensor]] = []
