@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.common import free_port
 from data import LATENT_EXT, ShardWriter, latent_sample, make_loader, read_clip
 from data import loader as loader_module
 from data.make_shards import main as make_shards_main
@@ -223,12 +223,6 @@ def test_latent_shards(tmp_path):
     assert LATENT_EXT == "latents.npy"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _eval_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -244,7 +238,7 @@ def _eval_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
 
 def test_eval_two_ranks_two_workers_read_disjoint_shards_covering_everything(synthetic_shards, tmp_path):
     out = tmp_path / "keys.json"
-    mp.spawn(_eval_rank, args=(2, _free_port(), str(synthetic_shards), str(out)), nprocs=2, join=True)
+    mp.spawn(_eval_rank, args=(2, free_port(), str(synthetic_shards), str(out)), nprocs=2, join=True)
     per_rank = json.loads(out.read_text())
     shards_of = [{int(k.split("_")[1]) // 4 for k in keys} for keys in per_rank]
     assert not set(per_rank[0]) & set(per_rank[1])

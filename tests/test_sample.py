@@ -107,7 +107,7 @@ def test_sequence_parallel_sampling_gives_the_same_video(run_dir, tmp_path):
     import subprocess
     import sys
 
-    from tests.test_train import free_port
+    from bench.common import free_port
 
     common = ["--ckpt", str(run_dir), "--prompt", "a red circle moving right", "--prompt", "a blue square", "--videos-per-prompt", "2",
               "--frames", "13", "--steps", "3", "--cfg", "3", "--batch-size", "2", "--no-progress", "--png"]

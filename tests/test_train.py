@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from bench.common import free_port
 from data.synthetic import SyntheticSpec, generate
 from tokenizer import CausalVAE
 
@@ -41,12 +41,6 @@ def vae_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(args: list[str], nproc: int = 1, **kwargs) -> subprocess.CompletedProcess:
