@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import markdown_table, measure_in_subprocess, time_or_memory  # noqa: E402
+from bench.dit import FRAME_TOKENS, matmul_peak_flops  # noqa: E402  (the same 32x32 latent frames as bench/dit.py)
 
-FRAME_TOKENS = 256  # a 32x32 latent frame in 2x2 patches
 TEXT_TOKENS = 64
 STATE_BYTES_PER_PARAM = 16  # float32 weights, gradients and AdamW's two moments
 PROJECTED_RANKS = (1, 2, 4, 8)
@@ -47,7 +47,6 @@ def measure(spec: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from bench.dit import matmul_peak_flops
     from dit3d import DiT3D, preset
     from dit3d.model import DiTBlock
     from parallelize import apply_activation_checkpointing, apply_sequence_parallel, data_parallel, setup_distributed
@@ -121,14 +120,17 @@ def all_to_all_bytes(cfg, tokens: int, ranks: int, dtype_bytes: int) -> float:
 
 
 def capacity_mb(device: str) -> float:
+    """A GPU's whole memory, or the memory the CPU machine has available (sample.py's reading of it)."""
     import torch
+
+    from sample import free_memory_gb
 
     if device == "cuda":
         return torch.cuda.get_device_properties(0).total_memory / 2**20
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit("error: cannot read the available memory; give --capacity-gb")
+    available = free_memory_gb(torch.device("cpu"))
+    if available == float("inf"):
+        raise SystemExit("error: cannot read the available memory; give --capacity-gb")
+    return available * 1024
 
 
 def main() -> None:

@@ -7,8 +7,8 @@
   - `WordTextEncoder`: lower-cased words and punctuation marks, each hashed (CRC-32) into one of `buckets`
     embeddings (the hashing trick: no vocabulary to build or ship; two words may share a bucket, rarely
     with a few thousand buckets and a small vocabulary). A word is one token wherever it stands in the
-    caption, which is what a tiny model trained for minutes needs to put a known word into an unseen
-    combination ("a red triangle moving up" when red triangles were only seen moving other ways).
+    caption. (On the quickstart it did not beat bytes: held-out direction accuracy 0.68 against 0.90-0.93
+    in single runs, so bytes stay the default.)
 - `HFTextEncoder`: a frozen Hugging Face encoder (T5, UMT5 or CLIP text) loaded with its tokenizer from a
   local folder, never from the hub. Needs the optional `transformers` dependency (`pip install '.[text]'`).
 
