@@ -155,7 +155,7 @@ class TokenizerStage:
 
     @torch.no_grad()
     def initialize(self) -> None:
-        """A fresh run starts as the best linear block code of the first --pca-init-clips clips (the same on
+        """A fresh run starts as the linear codec fitted to the first --pca-init-clips clips (the same on
         every rank: each reads them all), so training begins at a linear codec's quality, not at noise."""
         n = self.args.pca_init_clips
         if n <= 0 or not self.model.config.linear_codec:
@@ -172,7 +172,7 @@ class TokenizerStage:
             raise SystemExit(f"error: no readable clips in {self.args.data} to initialise the tokenizer from")
         kept = self.model.init_linear_codec(torch.cat(clips)[:n].to(self.env.device))
         if self.env.main:
-            log.info("initialised as the linear block code of %d clips (%.2f%% of their energy kept)",
+            log.info("initialised as the linear codec of %d clips (%.2f%% of their energy reconstructed)",
                      min(n, sum(len(c) for c in clips)), 100 * kept)
 
     def tokens(self, batch: dict) -> int:
@@ -960,7 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="normalise latents per channel, or by one scale for all (the PCA-like linear code's "
                         "weak channels then stay weak, so the DiT spends less on them)")
     g.add_argument("--pca-init-clips", type=int, default=64,
-                   help="clips whose PCA initialises the linear codec path of a fresh run (0: random init)")
+                   help="clips the linear codec path of a fresh run is fitted to: PCA encoder, least-squares decoder (0: random init)")
     return p
 
 
@@ -1065,6 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         check_args(args)
         train(args)
+        if dist.is_initialized():
+            dist.barrier()  # every rank done before any tears the group down (not after an error: a dead peer would hang it)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from einops import rearrange
 
 from tokenizer import CausalCache, CausalVAE, DiagonalGaussian, VAEConfig, preset
 
@@ -208,10 +209,8 @@ def test_spatial_tiles_equal_the_whole_frame(preset):
 def test_linear_codec_init_is_the_best_linear_block_code():
     """After init_linear_codec the model is exactly the projection of each 4x8x8 pixel block onto the top
     principal directions of the data's blocks, so its reconstruction error is the PCA's."""
-    from einops import rearrange
-
     torch.manual_seed(0)
-    vae = CausalVAE.from_preset("tiny")
+    vae = CausalVAE.from_preset("tiny", linear_context=0, linear_frames=1)  # the decoder sees each block's cell only
     x = torch.rand(4, 3, 9, 32, 32) * 2 - 1
     x = x + torch.linspace(-0.5, 0.5, 32).view(1, 1, 1, 1, 32)  # some structure for PCA to find
     kept = vae.init_linear_codec(x)
@@ -225,3 +224,38 @@ def test_linear_codec_init_is_the_best_linear_block_code():
     projected = data @ basis.T @ basis
     # latent frames 1.. (the first holds the first frame's copies, of which decoding keeps one)
     torch.testing.assert_close(blocks(recon)[:, 1:].double(), projected[:, 1:], rtol=1e-3, atol=1e-3)
+
+
+def test_linear_codec_init_with_context_is_the_least_squares_decoder():
+    """With context (the default: 3x3 latent cells, this and the previous latent frame) the decoder's linear
+    path is fitted by least squares: the gradient of the squared error with respect to its weights vanishes at
+    init, and it reconstructs better than the block code that sees one cell."""
+    torch.manual_seed(0)
+    t = torch.linspace(0, 1, 64)
+    x = torch.sin(6.3 * t.view(1, 1, 1, 1, 64) + 4 * t.view(1, 1, 1, 64, 1) + torch.rand(4, 3, 1, 1, 1) * 6)
+    x = (0.7 * x.expand(4, 3, 9, 64, 64) + 0.3 * torch.rand(4, 3, 9, 64, 64)).contiguous()  # smooth + noise
+    errors = {}
+    for context, frames in ((0, 1), (1, 2)):
+        vae = CausalVAE.from_preset("tiny", linear_context=context, linear_frames=frames)
+        kept = vae.init_linear_codec(x)
+        with torch.no_grad():
+            errors[context] = (vae.decode(vae.encode(x).mode()) - x).pow(2).mean().item()
+        assert 0 < kept < 1
+    assert errors[1] < 0.9 * errors[0]
+
+    patches = vae._patchify(x)
+    with torch.no_grad():
+        z = vae.encoder.linear(patches)
+    s = vae.decoder.block
+    target = rearrange(patches, "b d t (h i) (w j) -> b (d i j) t h w", i=s, j=s)
+    conv = vae.decoder.linear.conv
+
+    def grad_norm() -> float:
+        conv.zero_grad()
+        (vae.decoder.linear(z) - target).pow(2).sum().backward()
+        return conv.weight.grad.norm().item()
+
+    at_fit = grad_norm()
+    with torch.no_grad():
+        conv.weight.add_(torch.randn_like(conv.weight) * 1e-3)
+    assert at_fit < 1e-3 * grad_norm()

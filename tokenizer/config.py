@@ -21,9 +21,13 @@ class VAEConfig:
     mid_blocks: int = 1  # residual blocks at the latent resolution, in each of encoder and decoder
     temporal_kernel: int = 3  # causal conv kernel along time (at the latent frame rate)
     logvar_init: float = -6.0  # initial posterior log-variance bias: start nearly deterministic
-    # a linear block codec beside the network (each latent cell <-> its tf x sf x sf pixel block); with
-    # init_linear_codec() it starts as the best linear code of the data (PCA) and the network learns the rest
+    # a linear codec beside the network: the encoder maps each tf x sf x sf pixel block to its latent cell;
+    # the decoder rebuilds each block from the latent cells around it (linear_context on each side) in this
+    # and the previous linear_frames - 1 latent frames (causal). init_linear_codec() makes the encoder the
+    # data's principal directions and the decoder their least-squares inverse; the network learns the rest
     linear_codec: bool = True
+    linear_context: int = 1
+    linear_frames: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -42,6 +46,9 @@ class VAEConfig:
                 raise ValueError(f"stage widths {a} -> {b}: 4 x {a} must be divisible by {b} (space-to-channel shortcut)")
         if self.channels[-1] % self.latent_channels:
             raise ValueError(f"the last width {self.channels[-1]} must be a multiple of latent_channels {self.latent_channels}")
+        if self.linear_context < 0 or self.linear_frames < 1:
+            raise ValueError(f"linear_context must be >= 0 and linear_frames >= 1, got {self.linear_context} and "
+                             f"{self.linear_frames}")
         if self.temporal_kernel < 1:
             raise ValueError(f"temporal_kernel must be at least 1, got {self.temporal_kernel}")
 

@@ -182,16 +182,19 @@ class Decoder(nn.Module):
         patch_dim = cfg.in_channels * cfg.temporal_factor * cfg.patch_size**2
         self.conv_out = CausalConv3d(chans[0], patch_dim, (kt, 3, 3))
         self.linear = None
-        if cfg.linear_codec:
-            s = cfg.spatial_factor // cfg.patch_size
-            self.linear = nn.ConvTranspose3d(cfg.latent_channels, patch_dim, (1, s, s), stride=(1, s, s), bias=False)
+        self.block = cfg.spatial_factor // cfg.patch_size  # latent cell side, in patches
+        if cfg.linear_codec:  # each cell's block of patches from the cells around it, then depth-to-space
+            k = 2 * cfg.linear_context + 1
+            self.linear = CausalConv3d(cfg.latent_channels, patch_dim * self.block**2, (cfg.linear_frames, k, k))
 
     def forward(self, z: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
         h = self.conv_in(z, cache) + repeat(z, "b l t h w -> b (l r) t h w", r=self.repeats)
         for block in list(self.mid) + [b for stage in self.stages for b in stage]:
             h = block(h, cache)
         out = self.conv_out(F.silu(self.norm_out(h)), cache)  # (B, C * pt * p * p, t, H/p, W/p)
-        return out if self.linear is None else out + self.linear(z)
+        if self.linear is None:
+            return out
+        return out + rearrange(self.linear(z, cache), "b (d i j) t h w -> b d t (h i) (w j)", i=self.block, j=self.block)
 
 
 class DiagonalGaussian:
@@ -288,6 +291,8 @@ class CausalVAE(nn.Module):
         for i in range(last, -1, -1):
             dec += (2 * cfg.decoder_blocks + (1 if i > 0 else 0)) / 2 ** (last - i)
         dec += 1 / 2**last  # conv_out
+        if cfg.linear_codec:
+            dec = max(dec, cfg.linear_context)
         return math.ceil(enc / 2**last) + 1, math.ceil(dec) + 1
 
     def _tiles(self, size: int, tile: int, halo: int):
@@ -381,29 +386,56 @@ class CausalVAE(nn.Module):
     # ---- initialisation from data ---------------------------------------------------------------
 
     @torch.no_grad()
-    def init_linear_codec(self, videos: torch.Tensor) -> float:
-        """Start as the best linear code of `videos` (B, 3, 1 + 4k, H, W): the linear path becomes the top
-        latent_channels principal directions (uncentred) of the tf x sf x sf pixel blocks, and the network's
-        output layers are zeroed, so the model reconstructs as well as any linear block codec at step 0 and
-        training learns only what a linear code misses. Returns the fraction of the blocks' energy kept."""
+    def init_linear_codec(self, videos: torch.Tensor, ridge: float = 1e-6, batch: int = 16) -> float:
+        """Start as a linear codec fitted to `videos` (B, 3, 1 + 4k, H, W), with the network's output layers
+        zeroed, so that training learns only what a linear code misses. The encoder's linear path becomes the
+        top latent_channels principal directions (uncentred) of the tf x sf x sf pixel blocks; the decoder's,
+        which reads the cells around each block and the previous latent frames, becomes the least-squares
+        decoder of those latents (ridge-regularised by `ridge` times the mean feature energy). With no context
+        (linear_context=0, linear_frames=1) that decoder is the transpose of the encoder: the best linear block
+        code. The sums are accumulated `batch` clips at a time, so memory does not grow with the clip count.
+        Returns the fraction of the blocks' energy the codec reconstructs."""
         cfg = self.config
         if not cfg.linear_codec:
             raise ValueError("this tokenizer has no linear codec path (linear_codec=False)")
         self.check_video(videos)
-        s = cfg.spatial_factor // cfg.patch_size
-        patches = self._patchify(videos.float())  # (B, D, t, H/p, W/p)
-        blocks = rearrange(patches, "b d t (h i) (w j) -> (b t h w) (d i j)", i=s, j=s).double()  # one row per latent cell
-        energy = blocks.T @ blocks / blocks.shape[0]  # (D s s, D s s)
-        eigenvalues, eigenvectors = torch.linalg.eigh(energy)  # ascending
-        basis = eigenvectors[:, -cfg.latent_channels :].flip(1).T.float()  # (L, D s s), strongest first
-        weight = basis.reshape(cfg.latent_channels, -1, 1, s, s)
-        self.encoder.linear.weight.copy_(weight)
-        self.decoder.linear.weight.copy_(weight)  # ConvTranspose3d: (L, D, 1, s, s), the transpose map
-        for conv in (self.encoder.conv_out.conv, self.decoder.conv_out.conv):
-            conv.weight.zero_()
+        s = self.decoder.block
+        conv = self.decoder.linear
+        kt, k = conv.conv.kernel_size[0], conv.conv.kernel_size[1]
+
+        def blocks_of(part):  # (cells, D s s): every latent cell's pixel block, and the patches
+            patches = self._patchify(part.float())  # (b, D, t, H/p, W/p)
+            return rearrange(patches, "b d t (h i) (w j) -> (b t h w) (d i j)", i=s, j=s).double(), patches
+
+        def features_of(patches):  # (cells, L kt k k): the decoder conv's causal, zero-padded input at each cell
+            latents = self.encoder.linear(patches)  # (b, L, t, h, w)
+            past = latents[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
+            padded = F.pad(torch.cat([past, latents], dim=2), (k // 2,) * 4)
+            t, h, w = latents.shape[2:]
+            taps = [padded[:, :, a : a + t, b : b + h, c : c + w] for a in range(kt) for b in range(k) for c in range(k)]
+            return rearrange(torch.stack(taps, 2), "b l n t h w -> (b t h w) (l n)").double()
+
+        parts = videos.split(batch)
+        energy = sum(blocks.T @ blocks for blocks, _ in map(blocks_of, parts))  # (D s s, D s s)
+        _, eigenvectors = torch.linalg.eigh(energy)  # eigenvalues ascending
+        basis = eigenvectors[:, -cfg.latent_channels :].flip(1).T  # (L, D s s), strongest first
+        self.encoder.linear.weight.copy_(basis.reshape(cfg.latent_channels, -1, 1, s, s))
+
+        gram = cross = 0
+        for blocks, patches in map(blocks_of, parts):
+            features = features_of(patches)
+            gram, cross = gram + features.T @ features, cross + features.T @ blocks
+        regularised = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        solution = torch.linalg.solve(regularised, cross)  # (L kt k k, D s s)
+        conv.conv.weight.copy_(solution.T.reshape(conv.conv.weight.shape))
+        conv.conv.bias.zero_()  # no intercept: with no context the fit is then exactly the encoder's transpose
+        for out in (self.encoder.conv_out.conv, self.decoder.conv_out.conv):
+            out.weight.zero_()
         self.encoder.conv_out.conv.bias[: cfg.latent_channels].zero_()
         self.decoder.conv_out.conv.bias.zero_()
-        return float(eigenvalues[-cfg.latent_channels :].sum() / eigenvalues.sum())
+        # |B - F S|^2 = |B|^2 - 2 <S, F'B> + <S, F'F S>
+        residual = energy.trace() - 2 * (solution * cross).sum() + (solution * (gram @ solution)).sum()
+        return float(1 - residual / energy.trace())
 
     # ---- latent statistics ----------------------------------------------------------------------
 
