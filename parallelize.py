@@ -92,11 +92,11 @@ class UlyssesAttend(nn.Module):
         self.inner, self.group, self.ranks = inner, group, dist.get_world_size(group)
 
     def _tokens_to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, H, n, D) -> send head group j to rank j -> receive every rank's n tokens of our heads: (B, H / P, P n, D)
-        b, h, n, d = x.shape
-        x = x.reshape(b, self.ranks, h // self.ranks, n, d).transpose(0, 1).contiguous()  # (P, B, H / P, n, D)
+        # (..., H, n, D) -> send head group j to rank j -> receive every rank's n tokens of our heads: (..., H / P, P n, D)
+        *lead, h, n, d = x.shape
+        x = x.reshape(*lead, self.ranks, h // self.ranks, n, d).movedim(len(lead), 0).contiguous()  # (P, ..., H / P, n, D)
         x = fc.all_to_all_single_autograd(x, None, None, self.group)  # dim 0 now: the source rank
-        return x.permute(1, 2, 0, 3, 4).reshape(b, h // self.ranks, self.ranks * n, d)
+        return x.movedim(0, -3).reshape(*lead, h // self.ranks, self.ranks * n, d)
 
     def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         # (B, H / P, P n, D) -> send token slice j to rank j -> receive every rank's heads of our tokens: (B, H, n, D)
@@ -107,7 +107,8 @@ class UlyssesAttend(nn.Module):
         return x.transpose(0, 1).reshape(b, hp * self.ranks, n, d)
 
     def forward(self, q, k, v, key_mask=None):
-        q, k, v = (self._tokens_to_heads(x) for x in (q, k, v))
+        # one exchange for q, k and v together (fewer, larger messages than three), then one back
+        q, k, v = self._tokens_to_heads(torch.stack([q, k, v])).unbind(0)
         return self._heads_to_tokens(self.inner(q, k, v, key_mask))
 
 

@@ -115,7 +115,8 @@ def slug(text: str, limit: int = 60) -> str:
 def budget(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, sp: int = 1) -> dict:
     """Tokens, FLOPs and memory of one denoising step and of the run (forward passes only), per rank when the
     tokens are split over `sp` ranks: each holds N / sp tokens between blocks and does 1 / sp of the work; each
-    block's 4 all-to-alls (q, k, v in, the output back) send (sp - 1) / sp of a (batch, N / sp, width) tensor."""
+    block's all-to-alls (q, k and v stacked in one, the output back) send (sp - 1) / sp of 4 (batch, N / sp, width)
+    tensors."""
     cfg = pipe.model.dit.config
     shape = pipe.latent_shape(frames, height, width)
     n = pipe.tokens(shape)
@@ -349,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         written = run(args)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank done before any tears the group down
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -93,6 +93,7 @@ def measure(spec: dict) -> dict:
     else:
         result |= {"peak_mb": max(r["peak_mb"] for r in everyone), "held_mb": max(r["held_mb"] for r in everyone)}
     if dist.is_initialized():
+        dist.barrier()  # every rank done before any tears the group down
         dist.destroy_process_group()
     return spec | result if env.main else {}
 

@@ -232,6 +232,7 @@ def _eval_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
         dist.all_gather_object(gathered, keys)
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
+        dist.barrier()  # no rank tears the group down while its peer is still in a collective
     finally:
         dist.destroy_process_group()
 

@@ -31,6 +31,7 @@ def _init_and_run(rank: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         fn(rank, *args)
+        dist.barrier()  # no rank tears the group down while its peer is still in a collective
     finally:
         dist.destroy_process_group()
 
