@@ -261,3 +261,27 @@ def test_linear_codec_init_with_context_is_the_least_squares_decoder():
     with torch.no_grad():
         conv.weight.add_(torch.randn_like(conv.weight) * 1e-3)
     assert at_fit < 1e-3 * grad_norm()
+
+
+def test_checkpoints_saved_before_the_context_decoder_still_load(tmp_path):
+    """A checkpoint whose config has no linear_context and whose decoder path is a ConvTranspose3d weight
+    (L, D, 1, s, s) loads as the equivalent block code and decodes the same."""
+    import dataclasses
+
+    from data.pretrained import save_checkpoint
+
+    torch.manual_seed(0)
+    vae = randomized(CausalVAE.from_preset("tiny", linear_context=0, linear_frames=1))
+    vae.decoder.linear.conv.bias.data.zero_()  # the old path had no bias
+    state = dict(vae.state_dict())
+    w = state.pop("decoder.linear.conv.weight")  # (D s s, L, 1, 1, 1), channels ordered (d, i, j)
+    state.pop("decoder.linear.conv.bias")
+    s = vae.decoder.block
+    state["decoder.linear.weight"] = w.reshape(-1, s, s, w.shape[1]).permute(3, 0, 1, 2).unsqueeze(2).contiguous()
+    config = {k: v for k, v in dataclasses.asdict(vae.config).items() if k not in ("linear_context", "linear_frames")}
+    save_checkpoint(tmp_path, config, state, "tokenizer")
+    loaded = CausalVAE.from_pretrained(tmp_path).eval()
+    assert (loaded.config.linear_context, loaded.config.linear_frames) == (0, 1)
+    z = torch.randn(1, 16, 2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(z), vae.decode(z))

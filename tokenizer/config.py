@@ -61,6 +61,8 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
+        if "linear_codec" in d and "linear_context" not in d:  # saved before the context decoder: a block code
+            d = d | {"linear_context": 0, "linear_frames": 1}
         return config_from_dict(cls, d, "tokenizer")
 
 PRESETS: dict[str, VAEConfig] = {

@@ -186,6 +186,15 @@ class Decoder(nn.Module):
         if cfg.linear_codec:  # each cell's block of patches from the cells around it, then depth-to-space
             k = 2 * cfg.linear_context + 1
             self.linear = CausalConv3d(cfg.latent_channels, patch_dim * self.block**2, (cfg.linear_frames, k, k))
+            nn.init.zeros_(self.linear.conv.weight)  # silent until fitted (init_linear_codec) or trained
+            nn.init.zeros_(self.linear.conv.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = state_dict.pop(prefix + "linear.weight", None)  # a checkpoint's ConvTranspose3d (L, D, 1, s, s)
+        if old is not None:  # the same map as a 1x1x1 conv to (D s s) channels, then depth-to-space
+            state_dict[prefix + "linear.conv.weight"] = old.permute(1, 3, 4, 0, 2).reshape(-1, old.shape[0], 1, 1, 1)
+            state_dict[prefix + "linear.conv.bias"] = old.new_zeros(old.shape[1] * old.shape[3] * old.shape[4])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, z: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
         h = self.conv_in(z, cache) + repeat(z, "b l t h w -> b (l r) t h w", r=self.repeats)
