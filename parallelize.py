@@ -83,6 +83,17 @@ def setup_distributed(device_arg: str, sp: int = 1) -> Env:
     return Env(rank, world, local_rank, device, sp, sp_group)
 
 
+def teardown_distributed(ok: bool) -> None:
+    """Destroys the process group, if there is one. After a successful run (`ok`) every rank first waits for
+    the others, so none tears gloo or NCCL down while a peer is still in a collective; after an error it does
+    not wait, since a peer that died would never arrive at the barrier."""
+    if not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 class UlyssesAttend(nn.Module):
     """Wraps a block's attention call: q, k, v (B, heads, N / P, D) on each of the P ranks of `group` ->
     all-to-all -> (B, heads / P, N, D) -> the wrapped attention over the whole sequence -> all-to-all back."""
@@ -99,12 +110,12 @@ class UlyssesAttend(nn.Module):
         return x.movedim(0, -3).reshape(*lead, h // self.ranks, self.ranks * n, d)
 
     def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, H / P, P n, D) -> send token slice j to rank j -> receive every rank's heads of our tokens: (B, H, n, D)
-        b, hp, n_all, d = x.shape
+        # (..., H / P, P n, D) -> send token slice j to rank j -> receive every rank's heads of our tokens: (..., H, n, D)
+        *lead, hp, n_all, d = x.shape
         n = n_all // self.ranks
-        x = x.reshape(b, hp, self.ranks, n, d).permute(2, 0, 1, 3, 4).contiguous()  # (P, B, H / P, n, D)
+        x = x.reshape(*lead, hp, self.ranks, n, d).movedim(-3, 0).contiguous()  # (P, ..., H / P, n, D)
         x = fc.all_to_all_single_autograd(x, None, None, self.group)  # dim 0 now: the source rank = head group
-        return x.transpose(0, 1).reshape(b, hp * self.ranks, n, d)
+        return x.movedim(0, len(lead)).reshape(*lead, self.ranks * hp, n, d)
 
     def forward(self, q, k, v, key_mask=None):
         # one exchange for q, k and v together (fewer, larger messages than three), then one back

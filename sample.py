@@ -347,17 +347,18 @@ def run(args) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from parallelize import teardown_distributed
+
     args = build_parser().parse_args(argv)
+    ok = False
     try:
         written = run(args)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every rank done before any tears the group down
+        ok = True
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        teardown_distributed(ok)
     if written:
         print(f"wrote {len(written)} video(s): {written[0] if len(written) == 1 else written[0].parent}")
     return 0

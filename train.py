@@ -55,7 +55,7 @@ from data import make_loader, write_video
 from data.video_io import check_frame_count
 from dit3d.condition import ConditionConfig, given_mask
 from parallelize import (Env, apply_activation_checkpointing, apply_sequence_parallel, compile_blocks, data_parallel,
-                         setup_distributed, unwrap)
+                         setup_distributed, teardown_distributed, unwrap)
 from pipeline import PIPELINE_FILE, TextToVideo, derived_seed, generate_latents, text_inputs
 
 log = logging.getLogger("train")
@@ -1059,20 +1059,19 @@ def run_quickstart(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ok = False
     try:
         if not argv or argv[0] == "quickstart":
             return run_quickstart(argv[1:])
         args = build_parser().parse_args(argv)
         check_args(args)
         train(args)
-        if dist.is_initialized():
-            dist.barrier()  # every rank done before any tears the group down (not after an error: a dead peer would hang it)
+        ok = True
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed(ok)
     return 0
 
 

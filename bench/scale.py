@@ -49,7 +49,8 @@ def measure(spec: dict) -> dict:
 
     from dit3d import DiT3D, preset
     from dit3d.model import DiTBlock
-    from parallelize import apply_activation_checkpointing, apply_sequence_parallel, data_parallel, setup_distributed
+    from parallelize import (apply_activation_checkpointing, apply_sequence_parallel, data_parallel, setup_distributed,
+                             teardown_distributed)
 
     env = setup_distributed(spec["device"], spec["ranks"])
     device = env.device
@@ -92,9 +93,7 @@ def measure(spec: dict) -> dict:
                    "mfu": flops / env.world / seconds / peak, "peak_tflops": peak / 1e12}
     else:
         result |= {"peak_mb": max(r["peak_mb"] for r in everyone), "held_mb": max(r["held_mb"] for r in everyone)}
-    if dist.is_initialized():
-        dist.barrier()  # every rank done before any tears the group down
-        dist.destroy_process_group()
+    teardown_distributed(ok=True)
     return spec | result if env.main else {}
 
 

@@ -19,6 +19,7 @@ from data import LATENT_EXT, ShardWriter, latent_sample, make_loader, read_clip
 from data import loader as loader_module
 from data.make_shards import main as make_shards_main
 from data.video_io import encode_mp4
+from parallelize import teardown_distributed
 
 from .conftest import BIKES, CARPHONE, copy_clip, truncated_copy
 
@@ -225,6 +226,7 @@ def test_latent_shards(tmp_path):
 
 def _eval_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    ok = False
     try:
         loader = make_loader(shards, 3, 5, 32, mode="eval", num_workers=2)  # rank and world from torch.distributed
         keys = [k for b in loader for k in b["key"]]
@@ -232,9 +234,9 @@ def _eval_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
         dist.all_gather_object(gathered, keys)
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
-        dist.barrier()  # no rank tears the group down while its peer is still in a collective
+        ok = True
     finally:
-        dist.destroy_process_group()
+        teardown_distributed(ok)
 
 
 def test_eval_two_ranks_two_workers_read_disjoint_shards_covering_everything(synthetic_shards, tmp_path):

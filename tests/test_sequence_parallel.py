@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from bench.common import free_port
 from dit3d import DiT3D
 from dit3d.model import Attend
+from parallelize import teardown_distributed
 
 
 def _spawn(fn, *args) -> None:
@@ -29,11 +30,12 @@ def _init_and_run(rank: int, port: int, fn, args) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    ok = False
     try:
         fn(rank, *args)
-        dist.barrier()  # no rank tears the group down while its peer is still in a collective
+        ok = True
     finally:
-        dist.destroy_process_group()
+        teardown_distributed(ok)
 
 
 def _summed_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

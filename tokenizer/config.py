@@ -56,6 +56,11 @@ class VAEConfig:
     def compression(self) -> tuple[int, int, int]:
         return self.temporal_factor, self.spatial_factor, self.spatial_factor
 
+    @property
+    def cell_patches(self) -> int:
+        """Side of one latent cell in input patches (after the patch_size space-to-depth)."""
+        return self.spatial_factor // self.patch_size
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 

@@ -149,7 +149,7 @@ class Encoder(nn.Module):
         self.latent_channels = cfg.latent_channels
         self.linear = None
         if cfg.linear_codec:  # each latent cell from its own pixel block: no time extent, so causal
-            s = cfg.spatial_factor // cfg.patch_size
+            s = cfg.cell_patches
             self.linear = nn.Conv3d(patch_dim, cfg.latent_channels, (1, s, s), stride=(1, s, s), bias=False)
 
     def forward(self, patches: torch.Tensor, cache: CausalCache | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +182,7 @@ class Decoder(nn.Module):
         patch_dim = cfg.in_channels * cfg.temporal_factor * cfg.patch_size**2
         self.conv_out = CausalConv3d(chans[0], patch_dim, (kt, 3, 3))
         self.linear = None
-        self.block = cfg.spatial_factor // cfg.patch_size  # latent cell side, in patches
+        self.block = cfg.cell_patches
         if cfg.linear_codec:  # each cell's block of patches from the cells around it, then depth-to-space
             k = 2 * cfg.linear_context + 1
             self.linear = CausalConv3d(cfg.latent_channels, patch_dim * self.block**2, (cfg.linear_frames, k, k))
@@ -408,7 +408,7 @@ class CausalVAE(nn.Module):
         if not cfg.linear_codec:
             raise ValueError("this tokenizer has no linear codec path (linear_codec=False)")
         self.check_video(videos)
-        s = self.decoder.block
+        s = cfg.cell_patches
         conv = self.decoder.linear
         kt, k = conv.conv.kernel_size[0], conv.conv.kernel_size[1]
 
