@@ -68,9 +68,14 @@ def save_model(model, directory: str | os.PathLike, kind: str) -> Path:
 
 
 def load_model(model_cls, config_cls, directory: str | os.PathLike, kind: str, map_location="cpu"):
-    """Build `model_cls(config)` from a checkpoint written by `save_model` and load its weights."""
+    """Build `model_cls(config)` from a checkpoint written by `save_model` and load its weights.
+
+    The constructor's random initialisation (overwritten by the checkpoint) runs on a forked generator, so
+    loading a model never moves torch's global random state: a DiT built after loading its tokenizer gets
+    the same initial weights from the same seed whatever the tokenizer's architecture."""
     config, state = load_checkpoint(directory, kind)
     from_dict = getattr(config_cls, "from_dict", None)
-    model = model_cls(from_dict(config) if from_dict else config_from_dict(config_cls, config, kind))
+    with torch.random.fork_rng(devices=[]):
+        model = model_cls(from_dict(config) if from_dict else config_from_dict(config_cls, config, kind))
     model.load_state_dict(state)
     return model.to(map_location)

@@ -153,7 +153,8 @@ class HFTextEncoder:
                    "clip": transformers.CLIPTextModel, "clip_text_model": transformers.CLIPTextModel}
         if config.model_type not in classes:
             raise ValueError(f"{path} holds a {config.model_type!r} model; supported: {', '.join(sorted(classes))}")
-        self.model = classes[config.model_type].from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        with torch.random.fork_rng(devices=[]):  # loading leaves torch's global random state as it was
+            self.model = classes[config.model_type].from_pretrained(path, local_files_only=True, torch_dtype=dtype)
         self.model.to(device).eval().requires_grad_(False)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.max_length = max_length

@@ -226,7 +226,9 @@ def test_sizes_that_do_not_divide_are_refused(model):
 
 def test_save_and_load(model, tmp_path):
     model.save_pretrained(tmp_path / "dit")
+    rng = torch.get_rng_state()
     loaded = DiT3D.from_pretrained(tmp_path / "dit").eval()
+    assert torch.equal(torch.get_rng_state(), rng)  # loading draws nothing from the global generator
     assert loaded.config == model.config
     x, t, text, mask = inputs()
     with torch.no_grad():

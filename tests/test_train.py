@@ -64,6 +64,23 @@ def dit_args(shards: Path, vae_dir: Path, out: Path, *extra: str) -> list[str]:
             "--log-every", "1", *FAST, *extra]
 
 
+def test_the_dit_starts_from_the_same_weights_whatever_the_tokenizer(shards, vae_dir, tmp_path):
+    """The seed alone sets the DiT's initial weights: loading a tokenizer of another architecture (whose
+    constructor draws other random numbers before its checkpoint overwrites them) must not change them."""
+    from parallelize import Env
+
+    other = tmp_path / "other_vae"
+    CausalVAE.from_preset("tiny", linear_context=1, linear_frames=2, decoder_blocks=2).save_pretrained(other)
+    env = Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    initial = []
+    for vae in (vae_dir, other):
+        torch.manual_seed(0)
+        stage = train.DiTStage(train.build_parser().parse_args(dit_args(shards, vae, tmp_path / "run")), env)
+        initial.append(stage.model.state_dict())
+    assert initial[0].keys() == initial[1].keys()
+    assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])
+
+
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shards, vae_dir, tmp_path):
     # global batch 4 both ways: 2 ranks x 2 clips, or 1 process x 2 micro-batches of 2 clips. Readers
     # (rank x worker) 0 and 1 read the same shards either way, and each clip's noise, time and caption
