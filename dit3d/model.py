@@ -95,9 +95,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        # tokens stay outermost in memory, (B, N, heads, D), and attention gets (B, heads, N, D) views: the
+        # kernels then write their output in that layout too, and merging the heads back is free (no copy)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        out = self.attend(q, k, v, token_mask)  # (B, heads, N, head_dim)
+        out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), token_mask)  # (B, heads, N, D)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -112,9 +114,10 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)
-        out = attention(self.q_norm(q), self.k_norm(k), v, self.backend, key_mask=text_mask)
+        q = rearrange(self.q(x), "b n (h d) -> b n h d", h=self.heads)  # the layout SelfAttention keeps
+        k, v = rearrange(self.kv(text), "b l (two h d) -> two b l h d", two=2, h=self.heads)
+        q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
+        out = attention(q, k, v.transpose(1, 2), self.backend, key_mask=text_mask)  # (B, heads, N, D)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -264,7 +267,7 @@ class DiT3D(nn.Module):
         n = -(-max(lengths) // self.layout.multiple) * self.layout.multiple
         pad = lambda parts, value: torch.stack([F.pad(p, (0, 0, 0, n - len(p)), value=value) for p in parts])  # noqa: E731
         token_mask = torch.arange(n, device=tokens[0].device)[None] < torch.tensor(lengths, device=tokens[0].device)[:, None]
-        h = self._run(pad(tokens, 0.0), pad(coss, 1.0)[:, None], pad(sins, 0.0)[:, None], t, text, text_mask, token_mask)
+        h = self._run(pad(tokens, 0.0), pad(coss, 1.0), pad(sins, 0.0), t, text, text_mask, token_mask)
         return [unpatchify(h[i : i + 1, :length], grid, cfg.patch_size)[0] for i, (length, grid) in enumerate(zip(lengths, grids))]
 
     def _check_latents(self, x: torch.Tensor, batched: bool) -> None:

@@ -51,11 +51,13 @@ def _cos_sin(grid, head_dim, theta, device, dtype):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + head_dim / 2) of x (B, heads, N, head_dim) by the angles behind cos/sin (N, head_dim).
+    """Rotate channel pairs (i, i + head_dim / 2) of x (B, N, heads, head_dim) by the angles behind cos/sin
+    (N, head_dim) or (B, N, head_dim), the same for every head.
 
     Pairing each channel with the one half a head away (rather than its neighbour) needs two multiplies
     and a concatenation; which channels pair up does not matter, as long as it never changes.
     """
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., N, 1, head_dim): broadcast over the heads
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).type_as(x)

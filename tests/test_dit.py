@@ -258,6 +258,6 @@ def test_rotary_tables_are_cached_and_usable_by_autograd():
     again = rope_cos_sin((2, 3, 4), 32, 10000.0, torch.device("cpu"), torch.float32)
     assert again[0] is cos and again[1] is sin
     assert not cos.is_inference()  # ...then saved for backward in training
-    x = torch.randn(1, 2, 24, 32, requires_grad=True)
+    x = torch.randn(1, 24, 2, 32, requires_grad=True)  # (B, N, heads, head_dim)
     apply_rope(x, cos, sin).pow(2).sum().backward()
     assert x.grad is not None
