@@ -115,7 +115,11 @@ class UlyssesAttend(nn.Module):
         n = n_all // self.ranks
         x = x.reshape(*lead, hp, self.ranks, n, d).movedim(-3, 0).contiguous()  # (P, ..., H / P, n, D)
         x = fc.all_to_all_single_autograd(x, None, None, self.group)  # dim 0 now: the source rank = head group
-        return x.movedim(0, len(lead)).reshape(*lead, self.ranks * hp, n, d)
+        # (..., n, P, H / P, D) in memory, returned as a (..., H, n, D) view: the layout the local kernels give,
+        # so the block merges the heads without another copy
+        k = len(lead)  # x: (P, ..., H / P, n, D) -> (..., n, P, H / P, D)
+        x = x.permute(*range(1, k + 1), k + 2, 0, k + 1, k + 3)
+        return x.reshape(*lead, n, self.ranks * hp, d).transpose(-3, -2)
 
     def forward(self, q, k, v, key_mask=None):
         # one exchange for q, k and v together (fewer, larger messages than three), then one back
