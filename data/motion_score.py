@@ -7,7 +7,8 @@ The object is found from the pixels alone: the background is the frame's median 
 the pixels far from it, and the object its largest connected component. Per video:
 
 - presence: fraction of frames with exactly one object of plausible size (0.5% to 25% of the frame);
-- colour: the object's mean colour is nearest to the caption's in the palette (majority over frames);
+- colour: the object's mean colour, seen from the background's, points nearest to the caption's palette
+  colour (majority over frames); by direction, not RGB distance, so blur and dimming keep the hue;
 - shape: fill of its bounding box (square ~1, circle ~0.79, triangle ~0.5; majority over frames);
 - direction: the displacement of its centre from the first to the last frame points the caption's way;
 - linearity: R^2 of a straight-line fit of the centre over time along the caption's axis;
@@ -93,8 +94,21 @@ def _shape_of(pixels: np.ndarray) -> str:
     return "square" if fill >= FILL_SQUARE else "circle" if fill >= FILL_CIRCLE else "triangle"
 
 
-def _nearest_color(rgb: np.ndarray) -> str:
-    return min(COLORS, key=lambda name: float(np.sum((np.array(COLORS[name], dtype=float) - rgb) ** 2)))
+def _nearest_color(rgb: np.ndarray, background: np.ndarray) -> str:
+    """The palette colour whose direction from the background is closest (cosine) to the object's.
+
+    Anti-aliased edges, blur and dimming mix the object's colour with the background's, which moves it along
+    the line between the two but not off it; so the direction of (colour - background) keeps the hue where
+    the nearest colour in plain RGB distance does not (a dimmed yellow is nearer to green, a grey-white to
+    yellow)."""
+    v = rgb - background
+    v = v / max(float(np.linalg.norm(v)), 1e-9)
+
+    def cosine(name: str) -> float:
+        p = np.array(COLORS[name], dtype=float) - background
+        return float(v @ p / max(float(np.linalg.norm(p)), 1e-9))
+
+    return max(COLORS, key=cosine)
 
 
 def _majority(values: list[str]) -> str | None:
@@ -111,6 +125,7 @@ class Detection:
     area: int = 0
     colour: np.ndarray | None = None  # mean RGB
     shape: str | None = None
+    colour_name: str | None = None  # the palette colour it is nearest to, seen against the background
 
 
 def detect(frame: np.ndarray) -> Detection:
@@ -126,8 +141,9 @@ def detect(frame: np.ndarray) -> Detection:
         return Detection(False, _dilate(obj_mask))
     obj = comps[0]
     obj_mask[obj[:, 0], obj[:, 1]] = True
+    colour = f[obj[:, 0], obj[:, 1]].mean(0)
     return Detection(len(big) == 1 and len(comps) == 1, _dilate(obj_mask), obj.mean(0)[::-1] + 0.5, len(obj),
-                     f[obj[:, 0], obj[:, 1]].mean(0), _shape_of(obj))
+                     colour, _shape_of(obj), _nearest_color(colour, background))
 
 
 def object_centres(frames: np.ndarray) -> list[tuple[float, float] | None]:
@@ -149,12 +165,12 @@ def score_frames(frames: np.ndarray, caption: str, name: str = "", seen: str = "
     centres = [d.centre for d in detections]
     found_d = [d for d in detections if d.centre is not None]
     areas, colours, shapes = [d.area for d in found_d], [d.colour for d in found_d], [d.shape for d in found_d]
+    names = [d.colour_name for d in found_d]
     found = [i for i, c in enumerate(centres) if c is not None]
     color_ok = shape_ok = direction_ok = 0.0
     linearity = identity = 0.0
     area_cv = color_spread = float("nan")
     if found:
-        names = [_nearest_color(c) for c in colours]
         color_ok = float(_majority(names) == color)
         shape_ok = float(_majority(shapes) == shape)
         kinds = list(zip(names, shapes))

@@ -65,6 +65,23 @@ def test_hand_made_videos_get_their_known_answers():
         score_frames(frames, "a dog running")
 
 
+@pytest.mark.parametrize("color", list(COLORS))
+def test_colour_survives_dimming_and_blur_but_not_a_change_of_hue(color):
+    """A small tokenizer's reconstruction blurs a thin shape into the dark background and dims it: the hue is
+    still the caption's (by RGB distance a dimmed yellow was green and a grey-white yellow)."""
+    background = np.array(BACKGROUND, dtype=np.float32)
+    dimmed = background + 0.55 * (np.array(COLORS[color], dtype=np.float32) - background)
+    centres = np.stack([np.linspace(16, 44, 17), np.full(17, 32.0)], axis=1)
+    frames = blank()
+    render_object_track(frames, "triangle", dimmed, centres, 18.0)
+    padded = np.pad(frames, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blurred = sum(padded[:, i : i + 64, j : j + 64] for i in range(3) for j in range(3)) / 9  # 3x3 box blur
+    caption = f"a {color} triangle moving right"
+    assert score_frames(blurred, caption).color == 1.0
+    other = {"red": "green", "green": "blue", "blue": "red", "yellow": "blue", "white": "red"}[color]
+    assert score_frames(blurred, f"a {other} triangle moving right").color == 0.0
+
+
 def test_command_scores_a_folder_split_by_seen_and_held_out(tmp_path, capsys):
     captions = [DEFAULT_HOLDOUT[0], "a red circle moving right", "a green square moving up"]
     for i, c in enumerate(captions):
