@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import av
 import numpy as np
 import pytest
@@ -157,9 +159,13 @@ def test_write_mp4_round_trip(tmp_path):
         decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(s)])
     assert decoded.shape == frames.shape
     assert np.abs(decoded.astype(int) - frames).mean() < 3.0
-    # a float tensor in [-1, 1] writes the same video
+    # a float tensor in [-1, 1] writes the same frames (not byte-equal files: this PyAV build's x264 sometimes
+    # changes its output for the same input within one process)
     as_tensor = torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
-    assert encode_mp4(as_tensor, 12) == encode_mp4(frames, 12)
+    assert np.array_equal(tensor_to_frames(as_tensor), frames)
+    with av.open(io.BytesIO(encode_mp4(as_tensor, 12))) as c:
+        from_tensor = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert from_tensor.shape == frames.shape and np.abs(from_tensor.astype(int) - frames).mean() < 3.0
     with pytest.raises(ValueError, match="even width and height"):
         encode_mp4(frames[:, :47], 12)
 
