@@ -8,9 +8,12 @@ position table, so any T, H, W divisible by the patch works), cross-attention to
 honours the padding mask, and an MLP; RMS norm on queries and keys. The flow time modulates every block
 through adaLN-Zero, with one modulation projection shared by all blocks plus a learned table per block
 (as PixArt-alpha and Wan do); the gates and the output layer start at zero, so each block starts as the
-identity and the model's output starts at exactly zero. Activation checkpointing, compile, sharding and
-sequence parallelism are applied from outside (see `parallelize.py`), the last by swapping the `Attend`
-calls and the `TokenLayout` below for versions that exchange tokens between ranks.
+identity and the model's output starts at exactly zero. With `absolute_position`, sine-cosine features of
+each token's (t, h, w) index are added to its embedding too: rotary tells attention how far apart two
+tokens are, not where either is in the frame (in the quickstart, absolute position made the direction of
+motion learnt at every seed instead of at some). Activation checkpointing, compile, sharding and sequence
+parallelism are applied from outside (see `parallelize.py`), the last by swapping the `Attend` calls and
+the `TokenLayout` below for versions that exchange tokens between ranks.
 
 Known frames. With `frame_conditioning`, the input has one more channel that is 1 on the latent frames
 given clean (`given`, (B, T) bool: the first frame for image-to-video, the first m for extension, the first
@@ -29,7 +32,7 @@ from einops import rearrange
 
 from .attention import attention
 from .config import DiTConfig, preset
-from .rope import apply_rope, rope_cos_sin
+from .rope import apply_rope, rope_cos_sin, sincos_position
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -290,8 +293,13 @@ class DiT3D(nn.Module):
             raise ValueError("this DiT was trained without frame conditioning, so it cannot take given frames "
                              "(train one with `train.py --stage dit --condition ...`)")
         if isinstance(self.embed, nn.Conv3d):
-            return self.embed(x).flatten(2).transpose(1, 2)
-        return self.embed(patchify(x, self.config.patch_size))
+            h = self.embed(x).flatten(2).transpose(1, 2)
+        else:
+            h = self.embed(patchify(x, self.config.patch_size))
+        if self.config.absolute_position:
+            grid = self.token_grid(tuple(x.shape[2:]))
+            h = h + sincos_position(grid, self.config.width, self.config.rope_theta, x.device, h.dtype)
+        return h
 
     def _run(self, h, cos, sin, t, text, text_mask, token_mask) -> torch.Tensor:
         """The transformer on embedded tokens h (B, N, width) -> output tokens (B, N, C_out * pt * ph * pw)."""

@@ -1,9 +1,11 @@
-"""3D rotary position embedding, split across (t, h, w).
+"""Position in 3D, split across (t, h, w): rotary embedding, and optional absolute sine-cosine features.
 
 The head dim d holds d / 2 rotating channel pairs, cut into three parts: height and width get d // 6
 pairs each and time the rest (as Wan splits it), and each part rotates its pairs by angles
-proportional to the token's index along its own axis. Nothing is tied to a grid size, so any duration and resolution work at
-inference.
+proportional to the token's index along its own axis. Rotary angles only tell attention how far apart two
+tokens are; `sincos_position` gives each token where it is (the same angles' sines and cosines over the
+model width), for models that add it to their tokens. Nothing is tied to a grid size, so any duration and
+resolution work at inference.
 """
 
 from __future__ import annotations
@@ -61,3 +63,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
+
+
+def sincos_position(grid: tuple[int, int, int], dim: int, theta: float, device, dtype) -> torch.Tensor:
+    """Absolute sine-cosine features (N, dim) of each token's (t, h, w) index in a grid of tokens in raster
+    order, the channels split over the axes as `axis_dims` splits a head. Built for any grid (no table), so
+    any duration and size still work; cached like the rotary tables. Treat it as read-only."""
+    return _sincos(tuple(int(n) for n in grid), int(dim), float(theta), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _sincos(grid, dim, theta, device, dtype):
+    with torch.inference_mode(False), torch.no_grad():
+        parts = []
+        for axis, (n, d) in enumerate(zip(grid, axis_dims(dim))):
+            angles = _axis_angles(n, d, theta, device)  # (n, d / 2)
+            feats = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (n, d)
+            shape = [1, 1, 1, d]
+            shape[axis] = n
+            parts.append(feats.view(shape).expand(*grid, d))
+        return torch.cat(parts, dim=-1).reshape(-1, dim).to(dtype)  # (t * h * w, dim)

@@ -9,7 +9,7 @@ import torch
 
 from dit3d import DiT3D, DiTConfig, attention, patchify, preset, resolve_backend, unpatchify
 from dit3d.model import DiTBlock
-from dit3d.rope import apply_rope, axis_dims, rope_cos_sin
+from dit3d.rope import apply_rope, axis_dims, rope_cos_sin, sincos_position
 from parallelize import apply_activation_checkpointing
 
 
@@ -33,10 +33,11 @@ def inputs(batch=2, frames=5, height=8, width=12, text_len=7, text_dim=64, seed=
     return x, t, text, mask
 
 
-@pytest.fixture(scope="module")
-def model() -> DiT3D:
+@pytest.fixture(scope="module", params=[{}, {"absolute_position": False}], ids=["tiny", "tiny-rotary-only"])
+def model(request) -> DiT3D:
+    """The tiny DiT with random weights; also without the absolute positions its preset adds to rotary."""
     torch.manual_seed(0)
-    return randomized(DiT3D.from_preset("tiny")).eval()
+    return randomized(DiT3D.from_preset("tiny", **request.param)).eval()
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (5, 8, 12), (9, 4, 16), (2, 6, 6)])
@@ -127,6 +128,27 @@ def test_unavailable_backend_falls_back_with_one_log_line(caplog, monkeypatch):
     monkeypatch.setenv("DIT3D_ATTENTION", "flash9")
     with pytest.raises(ValueError, match="unknown attention backend 'flash9'"):
         resolve_backend("sdpa", torch.device("cpu"))
+
+
+def test_absolute_position_marks_where_each_token_is():
+    grid, dim = (3, 4, 5), 96
+    feats = sincos_position(grid, dim, 10000.0, "cpu", torch.float64).view(*grid, dim)
+    dt, dh, _ = axis_dims(dim)
+    # each axis's channels depend on that axis's index alone, and no two tokens share their features
+    assert torch.equal(feats[:, :1, :1, :dt].expand(*grid, dt), feats[..., :dt])
+    assert torch.equal(feats[:1, :, :1, dt : dt + dh].expand(*grid, dh), feats[..., dt : dt + dh])
+    assert torch.equal(feats[:1, :1, :, dt + dh :].expand(*grid, dim - dt - dh), feats[..., dt + dh :])
+    assert torch.cdist(feats.view(-1, dim), feats.view(-1, dim)).add(torch.eye(60)).min() > 0.1
+    cached = sincos_position(grid, dim, 10000.0, torch.device("cpu"), torch.float64)
+    assert cached is sincos_position(grid, dim, 10000.0, "cpu", torch.float64)
+    torch.manual_seed(0)
+    rotary_only = randomized(DiT3D.from_preset("tiny", absolute_position=False))
+    placed = DiT3D.from_preset("tiny", absolute_position=True)
+    placed.load_state_dict(rotary_only.state_dict())  # no parameters of its own
+    x, t, text, mask = inputs()
+    with torch.no_grad():
+        assert (placed(x, t, text, mask) - rotary_only(x, t, text, mask)).abs().max() > 1e-3
+        assert torch.equal(DiT3D.from_preset("tiny", absolute_position=True)(x, t, text, mask), torch.zeros_like(x))
 
 
 def test_output_at_initialisation_is_exactly_zero():
@@ -237,6 +259,23 @@ def test_save_and_load(model, tmp_path):
         from tokenizer import CausalVAE
 
         CausalVAE.from_pretrained(tmp_path / "dit")
+
+
+def test_checkpoint_saved_before_absolute_position_loads_as_it_was(tmp_path):
+    """A tiny DiT saved before the preset turned absolute_position on has no such key in its config.json: it
+    loads as the model it was, not as today's preset."""
+    import json
+
+    old = randomized(DiT3D.from_preset("tiny", absolute_position=False)).eval()
+    old.save_pretrained(tmp_path / "dit")
+    config = json.loads((tmp_path / "dit" / "config.json").read_text())
+    config["config"].pop("absolute_position")
+    (tmp_path / "dit" / "config.json").write_text(json.dumps(config))
+    loaded = DiT3D.from_pretrained(tmp_path / "dit").eval()
+    assert not loaded.config.absolute_position
+    x, t, text, mask = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, text, mask), old(x, t, text, mask))
 
 
 def test_presets():
