@@ -61,6 +61,11 @@ from pipeline import PIPELINE_FILE, TextToVideo, derived_seed, generate_latents,
 log = logging.getLogger("train")
 
 QUICKSTART_DIR = Path("runs/quickstart")
+# The quickstart DiT's timestep shift, in training and sampling. Which way the object moves is settled at the
+# highest noise levels (t above about 0.95), where at shift 3 only about 3% of the training draws fall and at
+# shift 6 about 12%. With the tiny preset's absolute positions, seed 0 reached 97.5% direction accuracy on
+# held-out captions (R^2 0.95) at shift 3 and 100% (R^2 0.99) at shift 6; seeds 0-2 all 100% at shift 6.
+QUICKSTART_SHIFT = 6
 
 
 # ---- distributed setup --------------------------------------------------------------------------
@@ -993,6 +998,8 @@ def quickstart_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-steps", type=int, default=2000)
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the final samples")
     p.add_argument("--samples-per-prompt", type=int, default=8, help="videos per prompt (seeds 0, 1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of both training stages (initial weights, data order, "
+                   "noise); the synthetic set is the same for every seed. Give each seed its own --out")
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -1013,7 +1020,7 @@ def run_quickstart(argv: list[str]) -> int:
         log.info("[1/4] writing %d synthetic clips (%d frames, %dx%d) to %s", q.clips, spec.frames, spec.size, spec.size, shards)
         generate(shards, q.clips, spec, seed=0, shard_size=max(1, q.clips // 8))
     common = ["--frames", str(spec.frames), "--size", str(spec.size), "--fps", str(spec.fps), "--preset", "tiny",
-              "--wandb", q.wandb, "--log-every", "50", "--checkpoint-every", "500", "--num-workers", "1"]
+              "--seed", str(q.seed), "--wandb", q.wandb, "--log-every", "50", "--checkpoint-every", "500", "--num-workers", "1"]
     common += ["--no-progress"] if q.no_progress else []
     log.info("[2/4] training the tiny tokenizer (%d steps)", q.tokenizer_steps)
     vae_run = train(build_parser().parse_args(common + [
@@ -1033,7 +1040,7 @@ def run_quickstart(argv: list[str]) -> int:
     dit_run = train(build_parser().parse_args(common + [
         "--stage", "dit", "--latents", "--data", str(latents), "--vae", str(vae_dir), "--out", str(out / "dit"),
         "--steps", str(q.dit_steps), "--batch-size", "32", "--lr", "1e-3", "--warmup", "100", "--schedule", "cosine",
-        "--ema-decay", "0.995", "--shift", "3", "--override", "width=128", "--override", "depth=6",
+        "--ema-decay", "0.995", "--shift", str(QUICKSTART_SHIFT), "--override", "width=128", "--override", "depth=6",
         "--preview-steps", str(q.sample_steps), "--preview-prompts", *prompts]))
     log.info("sampling %d videos for each of %d prompts and scoring their motion", q.samples_per_prompt, len(prompts))
     import sample
