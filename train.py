@@ -1070,7 +1070,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not argv or argv[0] == "quickstart":
             return run_quickstart(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not {"-h", "--help"} & set(argv) and not any(a == "--stage" or a.startswith("--stage=") for a in argv):
+            parser.error("no --stage given: train on your data with `--stage {tokenizer,dit} --data SHARDS ...`, "
+                         "or put the quickstart's options after its name (`python train.py quickstart --seed 1`)")
+        args = parser.parse_args(argv)
         check_args(args)
         train(args)
         ok = True

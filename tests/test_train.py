@@ -209,7 +209,10 @@ def test_a_nan_loss_stops_the_run_and_names_the_step(shards, vae_dir, tmp_path, 
     assert max(losses(out)) == 3
 
 
-def test_bad_options_get_one_line_errors(shards, vae_dir, tmp_path):
+def test_bad_options_get_one_line_errors(shards, vae_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--seed", "1"])  # a quickstart option without `quickstart` before it
+    assert "put the quickstart's options after its name (`python train.py quickstart --seed 1`)" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--stage dit needs --vae"):
         train.main(["--stage", "dit", "--data", str(shards), "--out", str(tmp_path / "a"), *FAST])
     with pytest.raises(SystemExit, match=r"--frames: frames must be 1 \+ 4k.*got 12: use 9 or 13"):
