@@ -272,12 +272,19 @@ class CausalVAE(nn.Module):
         cfg = self.config
         return cfg.latent_channels, 1 + (frames - 1) // cfg.temporal_factor, height // cfg.spatial_factor, width // cfg.spatial_factor
 
-    def _patchify(self, video: torch.Tensor) -> torch.Tensor:
+    def _patchify(self, video: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Latent frames [start, stop) of the space-to-depth input, folded from only the pixel frames they hold
+        (a chunk never copies the whole clip): frame 0 is replicated to fill the first group."""
         cfg = self.config
-        first = video[:, :, :1].expand(-1, -1, cfg.temporal_factor - 1, -1, -1)
-        padded = torch.cat([first, video], dim=2)  # (B, C, tf * (k + 1), H, W)
-        return rearrange(padded, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w",
-                         pt=cfg.temporal_factor, ph=cfg.patch_size, pw=cfg.patch_size)
+        tf = cfg.temporal_factor
+        stop = 1 + (video.shape[2] - 1) // tf if stop is None else stop
+        if start == 0:
+            part = video[:, :, : 1 + tf * (stop - 1)]
+            part = torch.cat([part[:, :, :1].expand(-1, -1, tf - 1, -1, -1), part], dim=2)  # (B, C, tf * stop, H, W)
+        else:
+            part = video[:, :, 1 + tf * (start - 1) : 1 + tf * (stop - 1)]
+        return rearrange(part, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w", pt=tf, ph=cfg.patch_size,
+                         pw=cfg.patch_size)
 
     def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -331,11 +338,12 @@ class CausalVAE(nn.Module):
                     logvar[..., y0:y1, x0:x1] = part.logvar[crop]
             return DiagonalGaussian(mean, logvar)
         self.check_video(video)
-        patches = self._patchify(video)  # (B, C * pt * p * p, 1 + k, H/p, W/p)
-        if chunk is None or chunk >= patches.shape[2]:
-            return DiagonalGaussian(*self.encoder(patches, None))
+        frames = 1 + (video.shape[2] - 1) // self.config.temporal_factor  # latent frames
+        if chunk is None or chunk >= frames:
+            return DiagonalGaussian(*self.encoder(self._patchify(video), None))  # (B, C * pt * p * p, 1 + k, ...)
         cache = CausalCache()
-        parts = [self.encoder(patches[:, :, i : i + chunk], cache) for i in range(0, patches.shape[2], self._chunk(chunk))]
+        parts = [self.encoder(self._patchify(video, i, min(i + chunk, frames)), cache)
+                 for i in range(0, frames, self._chunk(chunk))]
         return DiagonalGaussian(torch.cat([m for m, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2))
 
     def decode(self, latents: torch.Tensor, chunk: int | None = None, tile: int | None = None) -> torch.Tensor:
