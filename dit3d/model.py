@@ -243,7 +243,7 @@ class DiT3D(nn.Module):
         self._check_latents(x, batched=True)
         grid = self.token_grid(tuple(x.shape[2:]))
         cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)  # (N, head_dim)
-        h = self._run(self._embed(x, given), cos, sin, t, text, text_mask, None)
+        h = self._run(self._embed(x, grid, given), cos, sin, t, text, text_mask, None)
         return unpatchify(h, grid, cfg.patch_size)
 
     def forward_varlen(self, xs: list[torch.Tensor], t: torch.Tensor, text: torch.Tensor,
@@ -263,7 +263,7 @@ class DiT3D(nn.Module):
             cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)
             grids.append(grid)
             g = given[i] if given is not None else None
-            tokens.append(self._embed(x[None], None if g is None else g[None])[0])  # (N_i, width)
+            tokens.append(self._embed(x[None], grid, None if g is None else g[None])[0])  # (N_i, width)
             coss.append(cos)
             sins.append(sin)
         lengths = [len(tk) for tk in tokens]
@@ -279,8 +279,8 @@ class DiT3D(nn.Module):
             shape = "(B, {}, T, H, W)" if batched else "({}, T, H, W)"
             raise ValueError(f"expected latents {shape.format(self.config.in_channels)}, got shape {tuple(x.shape)}")
 
-    def _embed(self, x: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, T, H, W) and the given-frame flags (B, T) -> tokens (B, N, width)."""
+    def _embed(self, x: torch.Tensor, grid: tuple[int, int, int], given: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, T, H, W), its token grid and the given-frame flags (B, T) -> tokens (B, N, width)."""
         if self.config.frame_conditioning:
             b, _, t, h, w = x.shape
             flag = torch.zeros(b, 1, t, h, w, dtype=x.dtype, device=x.device)
@@ -297,7 +297,6 @@ class DiT3D(nn.Module):
         else:
             h = self.embed(patchify(x, self.config.patch_size))
         if self.config.absolute_position:
-            grid = self.token_grid(tuple(x.shape[2:]))
             h = h + sincos_position(grid, self.config.width, self.config.rope_theta, x.device, h.dtype)
         return h
 

@@ -75,11 +75,6 @@ def sincos_position(grid: tuple[int, int, int], dim: int, theta: float, device, 
 @functools.lru_cache(maxsize=64)
 def _sincos(grid, dim, theta, device, dtype):
     with torch.inference_mode(False), torch.no_grad():
-        parts = []
-        for axis, (n, d) in enumerate(zip(grid, axis_dims(dim))):
-            angles = _axis_angles(n, d, theta, device)  # (n, d / 2)
-            feats = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (n, d)
-            shape = [1, 1, 1, d]
-            shape[axis] = n
-            parts.append(feats.view(shape).expand(*grid, d))
-        return torch.cat(parts, dim=-1).reshape(-1, dim).to(dtype)  # (t * h * w, dim)
+        angles = rope_angles(grid, dim, theta, device)  # (N, dim / 2): the t, h and w angles side by side
+        per_axis = angles.split([d // 2 for d in axis_dims(dim)], dim=-1)
+        return torch.cat([torch.cat([a.sin(), a.cos()], dim=-1) for a in per_axis], dim=-1).to(dtype)  # (N, dim)
