@@ -277,7 +277,7 @@ class CausalVAE(nn.Module):
         (a chunk never copies the whole clip): frame 0 is replicated to fill the first group."""
         cfg = self.config
         tf = cfg.temporal_factor
-        stop = 1 + (video.shape[2] - 1) // tf if stop is None else stop
+        stop = self.latent_shape(*video.shape[2:])[1] if stop is None else stop
         if start == 0:
             part = video[:, :, : 1 + tf * (stop - 1)]
             part = torch.cat([part[:, :, :1].expand(-1, -1, tf - 1, -1, -1), part], dim=2)  # (B, C, tf * stop, H, W)
@@ -338,7 +338,7 @@ class CausalVAE(nn.Module):
                     logvar[..., y0:y1, x0:x1] = part.logvar[crop]
             return DiagonalGaussian(mean, logvar)
         self.check_video(video)
-        frames = 1 + (video.shape[2] - 1) // self.config.temporal_factor  # latent frames
+        frames = self.latent_shape(*video.shape[2:])[1]
         if chunk is None or chunk >= frames:
             return DiagonalGaussian(*self.encoder(self._patchify(video), None))  # (B, C * pt * p * p, 1 + k, ...)
         cache = CausalCache()
