@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as fc
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.nn.parallel import DistributedDataParallel
@@ -94,6 +93,49 @@ def teardown_distributed(ok: bool) -> None:
     dist.destroy_process_group()
 
 
+class _AllToAll(torch.autograd.Function):
+    """x (P, ...) on each of the P ranks of `group`: slice j goes to rank j, and slice j of the result came
+    from rank j. The same exchange carries the gradient back.
+
+    Built on the public blocking collectives rather than torch.distributed's functional collectives: their
+    AsyncCollectiveTensor path keeps a reference to the process group after destroy_process_group, so the
+    group outlives its teardown, and gloo's worker threads then free the exchanged tensors while the
+    interpreter is shutting down, which aborts the process (SIGABRT, "terminate called without an active
+    exception") now and then at exit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous()  # (a gradient can arrive strided); the collective reads and writes flat memory
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllToAll.apply(grad, ctx.group), None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x (n, ...) on each of the P ranks of `group` -> (P n, ...), rank r's rows at [r n, (r + 1) n). Every
+    rank computes its loss from the whole gathered tensor, so the gradient of rank r's rows is the sum over
+    ranks of their gradients of those rows: a reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group, ranks = group, dist.get_world_size(group)
+        out = x.new_empty((ranks * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
 class UlyssesAttend(nn.Module):
     """Wraps a block's attention call: q, k, v (B, heads, N / P, D) on each of the P ranks of `group` ->
     all-to-all -> (B, heads / P, N, D) -> the wrapped attention over the whole sequence -> all-to-all back."""
@@ -106,7 +148,7 @@ class UlyssesAttend(nn.Module):
         # (..., H, n, D) -> send head group j to rank j -> receive every rank's n tokens of our heads: (..., H / P, P n, D)
         *lead, h, n, d = x.shape
         x = x.reshape(*lead, self.ranks, h // self.ranks, n, d).movedim(len(lead), 0).contiguous()  # (P, ..., H / P, n, D)
-        x = fc.all_to_all_single_autograd(x, None, None, self.group)  # dim 0 now: the source rank
+        x = _AllToAll.apply(x, self.group)  # dim 0 now: the source rank
         return x.movedim(0, -3).reshape(*lead, h // self.ranks, self.ranks * n, d)
 
     def _heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +156,7 @@ class UlyssesAttend(nn.Module):
         *lead, hp, n_all, d = x.shape
         n = n_all // self.ranks
         x = x.reshape(*lead, hp, self.ranks, n, d).movedim(-3, 0).contiguous()  # (P, ..., H / P, n, D)
-        x = fc.all_to_all_single_autograd(x, None, None, self.group)  # dim 0 now: the source rank = head group
+        x = _AllToAll.apply(x, self.group)  # dim 0 now: the source rank = head group
         # (..., n, P, H / P, D) in memory, returned as a (..., H, n, D) view: the layout the local kernels give,
         # so the block merges the heads without another copy
         k = len(lead)  # x: (P, ..., H / P, n, D) -> (..., n, P, H / P, D)
@@ -145,7 +187,7 @@ class UlyssesLayout(nn.Module):
         return h[:, part], cos[..., part, :], sin[..., part, :]
 
     def gather(self, out):  # (B, N / P, C) -> (B, N, C); the backward sums the ranks' gradients of each slice
-        gathered = fc.all_gather_single_autograd(out.transpose(0, 1).contiguous(), 0, self.group)  # (N, B, C)
+        gathered = _GatherTokens.apply(out.transpose(0, 1), self.group)  # (N, B, C)
         return gathered.transpose(0, 1)
 
 
