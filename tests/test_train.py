@@ -258,3 +258,14 @@ def test_compiled_blocks_train_like_eager_ones(shards, vae_dir, tmp_path):
     assert train.main(dit_args(shards, vae_dir, tmp_path / "compiled", *common, "--compile")) == 0
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert [compiled[k] for k in (1, 2)] == pytest.approx([eager[k] for k in (1, 2)], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_sequence_parallelism_train_like_eager_ones(shards, vae_dir, tmp_path):
+    """--compile with --sp-size 2: the compiled blocks call the Ulysses exchanges (autograd Functions over
+    blocking collectives, where the graph breaks) and must still take one eager process's steps."""
+    common = ["--steps", "2", "--batch-size", "2", "--num-workers", "1", "--checkpoint-every", "0"]
+    run_cli(dit_args(shards, vae_dir, tmp_path / "eager", *common))
+    run_cli(dit_args(shards, vae_dir, tmp_path / "sp", *common, "--compile", "--sp-size", "2"), nproc=2)
+    eager, sp = losses(tmp_path / "eager"), losses(tmp_path / "sp")
+    assert [sp[k] for k in (1, 2)] == pytest.approx([eager[k] for k in (1, 2)], rel=1e-3)
