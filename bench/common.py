@@ -20,11 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure_in_subprocess(script: str, spec: dict, nproc: int = 1, measures=("time", "memory")) -> dict:
-    """`script --worker SPEC` in a fresh process per measure, or under torchrun in `nproc` of them (rank 0 prints)."""
+def measure_in_subprocess(script: str, spec: dict, nproc: int = 1, measures=("time", "memory"),
+                          time_env: dict | None = None) -> dict:
+    """`script --worker SPEC` in a fresh process per measure, or under torchrun in `nproc` of them (rank 0 prints).
+    `time_env`: extra environment variables for the timing process."""
     result: dict = {}
     for measure in measures:
-        env = dict(os.environ)
+        env = dict(os.environ) | ((time_env or {}) if measure == "time" else {})
         if measure == "memory":
             env["MALLOC_MMAP_THRESHOLD_"] = "65536"
         launcher = [sys.executable]

@@ -2,7 +2,7 @@
 and the attention backends side by side.
 
     python bench/dit.py [--presets tiny S] [--tokens 2048 8192] [--attention-tokens 1024 2048 4096 8192 16384]
-                        [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 2] [--rounds 3]
+                        [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 2] [--rounds 3] [--malloc-heap]
                         [--out bench/results/dit.json]
 
 1. Forward + backward of one training step (batch 1, 32 text tokens, latents of 16 channels with 32x32
@@ -10,10 +10,17 @@ and the attention backends side by side.
    count: seconds per step, tokens/s, peak memory, and model FLOPs per second. FLOPs per token for training
    are 6 N + 12 L d S (N parameters, L layers, width d, S tokens); MFU divides the achieved rate by the
    measured peak of a large matmul in the same dtype on the same device. The Wan model gets the same width,
-   depth, heads, patch, FFN width and text width, random weights; both use PyTorch SDPA. The two models
-   alternate, each round in fresh processes and in the other order from the round before, so that a
-   machine's drift (other load, clocks) falls on both alike; the ratio is the median of the rounds' ratios
-   and the times are the median over rounds (peak memory, which does not drift, from the first round).
+   depth, heads, patch, FFN width and text width, random weights; both use PyTorch SDPA. Time is measured
+   in pairs: each round is one fresh process that holds both models and alternates their steps (ours then
+   Wan, then Wan then ours), so that a machine's drift and a process's luck (memory placement, threads)
+   fall on both alike; the ratio is the median over all rounds of each pair's ratio, and each model's time
+   the median of its steps. Peak memory comes from one more fresh process per model.
+   On the CPU, glibc's malloc serves every block of 32 MB or more with a fresh mmap, so each such tensor
+   costs page faults and zeroing (about 10 ms for 38 MB on the 2-core machine, against 0.5 ms reused from
+   the heap): at 8k tokens a width-384 model's fused QKV output (38 MB) and MLP hidden (50 MB) pay it on
+   every step. `--malloc-heap` times with MALLOC_MMAP_THRESHOLD_ raised to 4 GiB (glibc's own switch for
+   the heap reuse that jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends, give), for both
+   models alike; the default leaves the allocator as the user's environment has it.
 2. The attention function alone (forward, 6 heads of 64) from 1k to 16k tokens, per backend: time and
    peak memory. No backend may grow quadratically in memory.
 Each figure comes from a fresh process (see bench/common.py). Prints tables with ratios and writes JSON.
@@ -37,6 +44,7 @@ from bench.common import markdown_table, measure_in_subprocess, time_or_memory  
 
 FRAME_TOKENS = 256  # a 32x32 latent frame in 2x2 patches
 TEXT_TOKENS = 32
+MODELS = ("ours", "wan")
 
 
 def _sync(device):
@@ -79,16 +87,13 @@ def build(spec: dict):
     return cfg, model, call
 
 
-def measure(spec: dict) -> dict:
+def training_step(spec: dict, device, dtype):
+    """The model spec["model"] of spec["preset"] on its inputs: (step function, config, parameter count)."""
     import torch
 
     torch.manual_seed(0)
-    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
-    if spec["kind"] == "attention":
-        return spec | measure_attention(spec, device, dtype)
     cfg, model, call = build(spec)
     model = model.to(device, dtype).train()
-    params = sum(p.numel() for p in model.parameters())
     frames = spec["tokens"] // FRAME_TOKENS
     x = torch.randn(1, cfg.in_channels, frames, 32, 32, device=device, dtype=dtype)
     t = torch.rand(1, device=device, dtype=dtype)
@@ -101,14 +106,36 @@ def measure(spec: dict) -> dict:
         model.zero_grad(set_to_none=True)
         _sync(device)
 
-    result = spec | {"params": params} | time_or_memory(step, spec, device)
-    if "seconds" in result:
-        seconds = result["seconds"]
+    return step, cfg, sum(p.numel() for p in model.parameters())
+
+
+def measure(spec: dict) -> dict:
+    import torch
+
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    if spec["kind"] == "attention":
+        return spec | measure_attention(spec, device, dtype)
+    if spec["kind"] == "pair":
+        return spec | measure_pair(spec, device, dtype)
+    step, _, params = training_step(spec, device, dtype)  # peak memory of one model's step
+    return spec | {"params": params} | time_or_memory(step, spec, device)
+
+
+def measure_pair(spec: dict, device, dtype) -> dict:
+    """Both models in this process, a warm-up step each, then spec["repeats"] pairs of timed steps in
+    alternating order: {model: {"seconds": [...], "params", "flops"}}, plus the matmul peak."""
+    steps, result = {}, {}
+    for model in MODELS:
+        steps[model], cfg, params = training_step(spec | {"model": model}, device, dtype)
+        steps[model]()
         flops = (6 * params + 12 * cfg.depth * cfg.width * spec["tokens"]) * spec["tokens"]
-        peak = matmul_peak_flops(device, dtype)
-        result |= {"tokens_per_s": spec["tokens"] / seconds, "tflops": flops / seconds / 1e12,
-                   "mfu": flops / seconds / peak, "peak_tflops": peak / 1e12}
-    return result
+        result[model] = {"params": params, "flops": flops, "seconds": []}
+    for i in range(spec["repeats"]):
+        for model in MODELS if i % 2 == 0 else MODELS[::-1]:
+            t0 = time.perf_counter()
+            steps[model]()
+            result[model]["seconds"].append(time.perf_counter() - t0)
+    return result | {"peak_flops": matmul_peak_flops(device, dtype)}
 
 
 def measure_attention(spec: dict, device, dtype) -> dict:
@@ -128,11 +155,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "S"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--attention-tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--attention-tokens", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps per process (their median)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and Wan (their median)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed pairs of steps per round (ours and Wan, alternating)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds: fresh processes that each hold both models")
+    parser.add_argument("--malloc-heap", action="store_true",
+                        help="CPU: time with glibc's MALLOC_MMAP_THRESHOLD_ at 4 GiB (large tensors reuse the heap)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dit.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,55 +173,54 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     base = {"device": device, "dtype": dtype, "repeats": args.repeats}
+    time_env = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30)} if args.malloc_heap else {}
+    allocator = ("glibc heap reuse (MALLOC_MMAP_THRESHOLD_=4 GiB)" if args.malloc_heap
+                 else f"allocator as inherited (MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')})")
     for tokens in args.tokens + args.attention_tokens:
         if tokens % FRAME_TOKENS:
             raise SystemExit(f"error: token counts must be multiples of {FRAME_TOKENS} (one 32x32 latent frame), got {tokens}")
 
-    rounds = []  # rounds[r][(model, preset, tokens)] = that round's measurement
-    for r in range(args.rounds):
-        this = {}
-        for name in args.presets:
-            for tokens in args.tokens:
-                for model in (("ours", "wan") if r % 2 == 0 else ("wan", "ours")):
-                    spec = base | {"kind": "step", "model": model, "preset": name, "tokens": tokens}
-                    # memory does not drift like time: the first round measures it, the others time alone
-                    this[model, name, tokens] = res = measure_in_subprocess(
-                        __file__, spec, measures=("time", "memory") if r == 0 else ("time",))
-                    print(f"  round {r + 1}: {model} {name} {tokens} tokens: {res['tokens_per_s']:.0f} tokens/s",
-                          file=sys.stderr)
-        rounds.append(this)
-    steps = []
-    for key in rounds[0]:
-        runs = [rd[key] for rd in rounds]
-        seconds = statistics.median(x["seconds"] for x in runs)
-        steps.append(runs[0] | {"seconds": seconds, "seconds_per_round": [x["seconds"] for x in runs],
-                                "tokens_per_s": key[2] / seconds, "tflops": statistics.median(x["tflops"] for x in runs),
-                                "mfu": statistics.median(x["mfu"] for x in runs),
-                                "peak_mb": runs[0]["peak_mb"]})
+    steps, ratios = {}, {}
+    for name in args.presets:
+        for tokens in args.tokens:
+            spec = base | {"preset": name, "tokens": tokens}
+            pairs = [measure_in_subprocess(__file__, spec | {"kind": "pair"}, measures=("time",), time_env=time_env)
+                     for _ in range(args.rounds)]
+            per_pair = [w / o for p in pairs for o, w in zip(p["ours"]["seconds"], p["wan"]["seconds"])]
+            ratios[name, tokens] = {"preset": name, "tokens": tokens, "ratio": statistics.median(per_pair), "per_pair": per_pair}
+            peak = statistics.median(p["peak_flops"] for p in pairs)
+            for model in MODELS:
+                memory = measure_in_subprocess(__file__, spec | {"kind": "step", "model": model}, measures=("memory",))
+                all_seconds = [x for p in pairs for x in p[model]["seconds"]]
+                seconds, flops = statistics.median(all_seconds), pairs[0][model]["flops"]
+                steps[model, name, tokens] = {
+                    "model": model, "preset": name, "tokens": tokens, "params": pairs[0][model]["params"],
+                    "seconds": seconds, "seconds_all": all_seconds, "tokens_per_s": tokens / seconds,
+                    "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak, "peak_tflops": peak / 1e12,
+                    "peak_mb": memory["peak_mb"], "held_mb": memory["held_mb"]}
+                print(f"  {model} {name} {tokens} tokens: {tokens / seconds:.0f} tokens/s, peak {memory['peak_mb']:.0f} MB",
+                      file=sys.stderr)
     backends = ["sdpa", "reference"] + (["xformers"] if device == "cuda" and _has_xformers() else [])
     attn = []
     for tokens in args.attention_tokens:
         for backend in backends:
             attn.append(measure_in_subprocess(__file__, base | {"kind": "attention", "backend": backend, "tokens": tokens}))
 
-    def get(model, name, tokens):
-        return next(r for r in steps if (r["model"], r["preset"], r["tokens"]) == (model, name, tokens))
-
-    rows, ratios = [], []
+    rows = []
     for name in args.presets:
         for tokens in args.tokens:
-            o, w = get("ours", name, tokens), get("wan", name, tokens)
-            per_round = [rd["wan", name, tokens]["seconds"] / rd["ours", name, tokens]["seconds"] for rd in rounds]
-            ratios.append({"preset": name, "tokens": tokens, "ratio": statistics.median(per_round), "per_round": per_round})
+            o, w, r = steps["ours", name, tokens], steps["wan", name, tokens], ratios[name, tokens]
+            spread = f"{min(r['per_pair']):.2f}-{max(r['per_pair']):.2f}"
             rows.append([name, f"{o['params'] / 1e6:.1f}M / {w['params'] / 1e6:.1f}M", tokens, f"{w['tokens_per_s']:.0f}",
-                         f"{o['tokens_per_s']:.0f}", f"{ratios[-1]['ratio']:.2f}x",
-                         " ".join(f"{x:.2f}" for x in per_round), f"{w['peak_mb']:.0f}", f"{o['peak_mb']:.0f}",
-                         f"{o['tflops']:.3f}", f"{100 * o['mfu']:.1f}%"])
-    print(f"\nTraining step (forward + backward), {device} {dtype}, batch 1, median of {args.rounds} alternating "
-          f"rounds of {args.repeats} steps; matmul peak {steps[0]['peak_tflops']:.2f} TFLOP/s")
-    print(markdown_table(["preset", "params ours / Wan", "tokens", "Wan tokens/s", "ours tokens/s", "ratio (ours / Wan)",
-                          "ratio per round", "Wan peak MB", "ours peak MB", "ours TFLOP/s", "ours MFU"], rows))
-    print(f"\nAttention alone (forward, 6 heads x 64), {device} {dtype}")
+                         f"{o['tokens_per_s']:.0f}", f"{r['ratio']:.3f}x", spread, f"{w['peak_mb']:.0f}",
+                         f"{o['peak_mb']:.0f}", f"{o['tflops']:.3f}", f"{100 * o['mfu']:.1f}%"])
+    first = next(iter(steps.values()))
+    print(f"\nTraining step (forward + backward), {device} {dtype}, batch 1: {args.rounds} fresh processes, each "
+          f"alternating {args.repeats} steps of each model; matmul peak {first['peak_tflops']:.2f} TFLOP/s; "
+          f"{allocator if device == 'cpu' else 'CUDA caching allocator'}")
+    print(markdown_table(["preset", "params ours / Wan", "tokens", "Wan tokens/s", "ours tokens/s",
+                          "ratio (median of pairs)", "pair ratios", "Wan peak MB", "ours peak MB", "ours TFLOP/s",
+                          "ours MFU"], rows))
     rows = []
     for tokens in args.attention_tokens:
         row = [tokens]
@@ -200,11 +228,14 @@ def main() -> None:
             r = next(a for a in attn if (a["tokens"], a["backend"]) == (tokens, backend))
             row += [f"{r['seconds'] * 1e3:.1f}", f"{r['tflops']:.3f}", f"{r['peak_mb']:.0f}"]
         rows.append(row)
-    print(markdown_table(["tokens"] + [f"{b} {m}" for b in backends for m in ("ms", "TFLOP/s", "peak MB")], rows))
+    if rows:
+        print(f"\nAttention alone (forward, 6 heads x 64), {device} {dtype}")
+        print(markdown_table(["tokens"] + [f"{b} {m}" for b in backends for m in ("ms", "TFLOP/s", "peak MB")], rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    args.out.write_text(json.dumps({"machine": machine, "args": base | {"rounds": args.rounds}, "steps": steps,
-                                    "ratios": ratios, "attention": attn}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"machine": machine, "args": base | {"rounds": args.rounds, "allocator": allocator},
+                                    "steps": list(steps.values()), "ratios": list(ratios.values()), "attention": attn},
+                                   indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 
