@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tarfile
 from pathlib import Path
 
 import av
@@ -35,6 +36,12 @@ def write_faststart_mp4(path: Path, frames: int, size: int = 32, fps: int = 8) -
             c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         c.mux(s.encode())
     return path
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    """A shard's members by name."""
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
 def truncated_copy(src: Path, dst: Path, fraction: float = 0.6) -> Path:

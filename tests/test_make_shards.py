@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from data.make_shards import main
 
-from .conftest import BIKES, CARPHONE, copy_clip, truncated_copy
-
-
-def tar_members(path: Path) -> dict[str, bytes]:
-    with tarfile.open(path) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+from .conftest import BIKES, CARPHONE, copy_clip, tar_members, truncated_copy
 
 
 @pytest.fixture()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import tarfile
 
 import numpy as np
 import pytest
 
 from data import make_loader
-from data.video_io import read_video
 from data.synthetic import (
     ALL_CAPTIONS,
     BACKGROUND,
@@ -23,6 +21,9 @@ from data.synthetic import (
     parse_caption,
     render_sample,
 )
+from data.video_io import read_video
+
+from .conftest import tar_members
 
 
 def object_mask(frames: np.ndarray, rgb) -> np.ndarray:
@@ -106,8 +107,7 @@ def test_generate_writes_shards_with_holdout_and_is_deterministic(tmp_path):
     assert manifest["caption_counts"] == {c: 1 for c in manifest["train_captions"]}
     captions = [c for b in make_loader(tmp_path / "a", 11, 17, 64, mode="eval", num_workers=0) for c in b["caption"]]
     assert sorted(captions) == sorted(manifest["train_captions"])
-    with tarfile.open(tmp_path / "a" / "000000.tar") as tar:
-        meta = json.loads(tar.extractfile("synth_000000.json").read())
+    meta = json.loads(tar_members(tmp_path / "a" / "000000.tar")["synth_000000.json"])
     assert {"fps", "frames", "width", "height", "duration", "centers", "color", "shape", "direction"} <= meta.keys()
     assert (meta["fps"], meta["frames"], meta["width"]) == (8.0, 17, 64)
 
@@ -117,7 +117,7 @@ def test_generate_writes_shards_with_holdout_and_is_deterministic(tmp_path):
     # compared after decoding, within a few levels. Another seed gives other samples.
     generate(tmp_path / "b", 55, spec, seed=3, shard_size=20)
     generate(tmp_path / "c", 55, spec, seed=4, shard_size=20)
-    a, b, c = (_members(tmp_path / run / "000001.tar") for run in "abc")
+    a, b, c = (tar_members(tmp_path / run / "000001.tar") for run in "abc")
     assert a.keys() == b.keys()
     for name in a:
         if name.endswith(".mp4"):
@@ -126,11 +126,6 @@ def test_generate_writes_shards_with_holdout_and_is_deterministic(tmp_path):
         else:
             assert a[name] == b[name], name
     assert [a[k] for k in a if not k.endswith(".mp4")] != [c[k] for k in c if not k.endswith(".mp4")]
-
-
-def _members(shard) -> dict[str, bytes]:
-    with tarfile.open(shard) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
 def test_command_line(tmp_path, capsys):
