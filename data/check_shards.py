@@ -15,6 +15,8 @@ import sys
 import time
 from collections import Counter
 
+from errors import InputError
+
 from .loader import make_loader
 
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loader = make_loader(args.shards, args.batch_size, args.frames, args.size, mode="eval",
                              num_workers=args.workers, fps=args.fps)
-    except (ValueError, FileNotFoundError) as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()

@@ -41,6 +41,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from errors import InputError, MissingInputError
+
 from .shards import LATENT_EXT
 from .video_io import MEDIA_EXTENSIONS, ClipTooShortError, VideoInfo, VideoReadError, check_frame_count, read_clip
 
@@ -82,9 +84,9 @@ def expand_urls(urls: str | os.PathLike | Sequence) -> list[str]:
             out = list(braceexpand.braceexpand(spec))
             missing = [u for u in out if "://" not in u and not os.path.exists(u)]
             if missing:
-                raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                raise MissingInputError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if not out:
-        raise FileNotFoundError(f"no shards found at {urls!r}: give a folder of .tar shards, a glob, a brace pattern, pipe: commands or a list")
+        raise MissingInputError(f"no shards found at {urls!r}: give a folder of .tar shards, a glob, a brace pattern, pipe: commands or a list")
     return out
 
 
@@ -174,7 +176,7 @@ def collate(samples: list[dict]) -> dict:
     tensor_key = "latents" if "latents" in samples[0] else "video"
     shapes = {tuple(s[tensor_key].shape) for s in samples}
     if len(shapes) > 1:
-        raise ValueError(f"samples in one batch have different shapes {sorted(shapes)}: give a size (frames are then "
+        raise InputError(f"samples in one batch have different shapes {sorted(shapes)}: give a size (frames are then "
                          f"resized and cropped to it), or write latent shards at one size")
     return {
         tensor_key: torch.stack([s[tensor_key] for s in samples]),  # (B, C, T, H, W)

@@ -22,7 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .shards import ShardWriter, sanitize_key, write_json_atomic
+from checkpoint_io import write_json_atomic
+
+from .shards import ShardWriter, sanitize_key
 from .video_io import MEDIA_EXTENSIONS, VideoReadError, probe
 
 

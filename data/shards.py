@@ -7,6 +7,7 @@ Shards are `OUT/000000.tar`, `OUT/000001.tar`, ..., so that `OUT/{000000..000009
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+
+from checkpoint_io import atomic_path
 
 SHARD_PATTERN = "{:06d}.tar"
 LATENT_EXT = "latents.npy"  # member holding a latent sample's (C, t, h, w) array
@@ -113,23 +116,21 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         path = self.out_dir / SHARD_PATTERN.format(len(self.shards))
-        self._tmp = path.with_name(f".{path.name}.tmp")
-        self._file = open(self._tmp, "wb")
+        self._shard = contextlib.ExitStack()  # the shard's atomic write: renamed on close, removed on abort
+        self._file = self._shard.enter_context(open(self._shard.enter_context(atomic_path(path)), "wb"))
         self._tar = wds.TarWriter(self._file, user="", group="", mode=0o644, encoder=False, mtime=0.0)
         self._path = path
         self._in_shard = 0
 
     def _finish_shard(self) -> None:
         self._tar.close()
-        self._file.close()
-        os.replace(self._tmp, self._path)
+        self._shard.close()
         self.shards.append(self._path)
         self._tar = self._file = None
 
     def _abort(self) -> None:
         if self._tar is not None:
-            self._file.close()
-            os.unlink(self._tmp)
+            self._shard.__exit__(RuntimeError, RuntimeError("shard writing aborted"), None)
             self._tar = self._file = None
 
     def close(self) -> list[Path]:
@@ -142,10 +143,3 @@ class ShardWriter:
             if _SHARD_RE.match(stale.name) and stale.name not in keep:
                 stale.unlink()
         return self.shards
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import ShardWriter, write_json_atomic
+from checkpoint_io import write_json_atomic
+from errors import InputError
+
+from .shards import ShardWriter
 from .video_io import check_frame_count, encode_mp4
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -80,12 +83,12 @@ class SyntheticSpec:
     def __post_init__(self):
         check_frame_count(self.frames)
         if self.size % 2 or self.size < 16:
-            raise ValueError(f"size must be even and at least 16, got {self.size}")
+            raise InputError(f"size must be even and at least 16, got {self.size}")
         bad = [c for c in self.holdout if parse_caption(c) is None]
         if bad:
-            raise ValueError(f"holdout captions must follow 'a {{color}} {{shape}} moving {{direction}}': {bad}")
+            raise InputError(f"holdout captions must follow 'a {{color}} {{shape}} moving {{direction}}': {bad}")
         if len(set(self.holdout)) >= len(ALL_CAPTIONS):
-            raise ValueError("the holdout covers every caption; nothing would be left to generate")
+            raise InputError("the holdout covers every caption; nothing would be left to generate")
 
     @property
     def train_captions(self) -> list[str]:
@@ -188,7 +191,7 @@ def generate(out_dir: str | Path, num: int, spec: SyntheticSpec | None = None, s
     """Write `num` synthetic samples as shards in `out_dir`, plus `manifest.json`; return the manifest."""
     spec = spec or SyntheticSpec()
     if num < 1:
-        raise ValueError(f"num must be at least 1, got {num}")
+        raise InputError(f"num must be at least 1, got {num}")
     out_dir = Path(out_dir)
     counts: dict[str, int] = {}
     with ShardWriter(out_dir, shard_size) as writer:
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = SyntheticSpec(args.frames, args.size, args.fps, tuple(args.speed), tuple(args.object_size),
                              args.distractor, holdout)
         manifest = generate(args.out, args.num, spec, args.seed, args.shard_size)
-    except ValueError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {manifest['samples']} clips in {len(manifest['shards'])} shards to {args.out} "

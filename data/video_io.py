@@ -15,7 +15,6 @@ import io
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +23,9 @@ from typing import Union
 import av
 import numpy as np
 import torch
+
+from checkpoint_io import write_bytes_atomic
+from errors import InputError
 
 Source = Union[str, os.PathLike, bytes]
 
@@ -47,12 +49,12 @@ def nearest_valid_frame_counts(n: int) -> tuple[int, int]:
 
 
 def check_frame_count(n: int, what: str = "frames") -> None:
-    """Raise a ValueError naming the nearest valid counts unless n = 1 + 4k (k >= 0)."""
+    """Raise an InputError naming the nearest valid counts unless n = 1 + 4k (k >= 0)."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"{what} must be a positive integer of the form 1 + 4k (1, 5, 9, 13, 17, ...); got {n!r}")
+        raise InputError(f"{what} must be a positive integer of the form 1 + 4k (1, 5, 9, 13, 17, ...); got {n!r}")
     if (n - 1) % 4:
         lower, upper = nearest_valid_frame_counts(int(n))
-        raise ValueError(
+        raise InputError(
             f"{what} must be 1 + 4k (1, 5, 9, 13, 17, ...) because the first frame is encoded alone "
             f"and the rest in groups of 4; got {n}: use {lower} or {upper}"
         )
@@ -401,15 +403,5 @@ def encode_mp4(video, fps: float, crf: int = 18, codec: str = "libx264") -> byte
 def write_video(path: str | os.PathLike, video, fps: float, crf: int = 18) -> Path:
     """Write an mp4 atomically (temporary file, then rename): a crash never leaves half a video."""
     path = Path(path)
-    data = encode_mp4(video, fps, crf=crf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, encode_mp4(video, fps, crf=crf))
     return path

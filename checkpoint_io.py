@@ -1,0 +1,138 @@
+"""Files that are never half-written, and model folders: `config.json` (the typed config as JSON) beside
+`model.safetensors`.
+
+Every file we write goes through `atomic_path`: it is written under a temporary name in the same folder and
+renamed over its final name only when complete, so a crash leaves the old file or the new one, never a
+torn one, and no temporary is left behind when the write fails. Files keep the user's umask, as any other
+tool's do.
+
+No pickle anywhere: configs are plain JSON and weights are safetensors, so a checkpoint can be inspected,
+diffed and loaded without running code from it. This module needs only torch and safetensors, so `dit3d`
+and `tokenizer` save and load through it without importing the data stack (PyAV, webdataset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from errors import InputError, MissingInputError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; renamed over `path` when the block ends without an error,
+    removed when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2, sort_keys: bool = True) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def save_checkpoint(directory: str | os.PathLike, config: dict, state_dict: dict[str, torch.Tensor], kind: str) -> Path:
+    """Write `config` (with `kind` recorded) and the weights into `directory`; the config last, so a folder
+    with a config is complete."""
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"kind": kind})
+    write_json_atomic(directory / CONFIG_NAME, {"kind": kind, "config": config})
+    return directory
+
+
+def load_checkpoint(directory: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, state dict) from `directory`; a one-line error says what is missing or wrong."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.is_dir():
+        raise MissingInputError(f"no {kind} checkpoint at {directory}: the directory does not exist")
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise MissingInputError(f"incomplete {kind} checkpoint at {directory}: {path.name} is missing "
+                                    f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        record = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{config_path} is not valid JSON ({e}): re-export the checkpoint or pick another") from None
+    if not isinstance(record, dict) or record.get("kind") != kind:
+        found = record.get("kind") if isinstance(record, dict) else None
+        raise InputError(f"{directory} holds a {found!r} checkpoint, not a {kind!r} one")
+    try:
+        weights = load_file(str(weights_path))
+    except SafetensorError as e:
+        raise InputError(f"{weights_path} cannot be read ({e}): the file is damaged or truncated; re-export the "
+                         f"checkpoint or pick another") from None
+    return record["config"], weights
+
+
+def config_from_dict(config_cls, d: dict, what: str):
+    """A config dataclass from its JSON dict; unknown fields are an error that lists the known ones."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise InputError(f"unknown {what} config fields {unknown}; known: {sorted(known)}")
+    return config_cls(**d)
+
+
+def preset_config(presets: dict, name: str, overrides: dict, what: str):
+    """presets[name] with some fields replaced; an unknown preset or field is an InputError listing the known."""
+    if name not in presets:
+        raise InputError(f"unknown {what} preset {name!r}; choose one of {', '.join(presets)}")
+    known = {f.name for f in dataclasses.fields(presets[name])}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise InputError(f"unknown {what} config field(s) {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(presets[name], **overrides)
+
+
+def save_model(model, directory: str | os.PathLike, kind: str) -> Path:
+    """Save a module whose `config` is a dataclass."""
+    return save_checkpoint(directory, dataclasses.asdict(model.config), model.state_dict(), kind)
+
+
+def load_model(model_cls, config_cls, directory: str | os.PathLike, kind: str, map_location="cpu"):
+    """Build `model_cls(config)` from a checkpoint written by `save_model` and load its weights.
+
+    The constructor's random initialisation (overwritten by the checkpoint) runs on a forked generator, so
+    loading a model never moves torch's global random state: a DiT built after loading its tokenizer gets
+    the same initial weights from the same seed whatever the tokenizer's architecture."""
+    config, state = load_checkpoint(directory, kind)
+    from_dict = getattr(config_cls, "from_dict", None)
+    with torch.random.fork_rng(devices=[]):
+        model = model_cls(from_dict(config) if from_dict else config_from_dict(config_cls, config, kind))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(f"the weights in {Path(directory) / WEIGHTS_NAME} do not match their config: missing "
+                         f"{sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
+                         f"{sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    return model.to(map_location)
