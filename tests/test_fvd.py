@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 
 from tokenizer.evaluate import main as evaluate_main
-from tokenizer.fvd import FrechetVideoDistance, frechet_distance, fvd_from_features, to_i3d_input
+from evaluation.fvd import FrechetVideoDistance, frechet_distance, fvd_from_features, to_i3d_input
 
 from .conftest import CARPHONE, copy_clip
 

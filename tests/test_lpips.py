@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenizer.lpips import LPIPS
+from evaluation.lpips import LPIPS
 
 from .conftest import write_reference_lpips_weights
 

@@ -8,7 +8,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from data import read_clip
-from tokenizer.metrics import MAX_PSNR, equal_floats_baseline, psnr, ssim, ssim_frames, to_unit_range
+from evaluation.metrics import MAX_PSNR, equal_floats_baseline, psnr, ssim, ssim_frames, to_unit_range
 
 from .conftest import BIKES, CARPHONE
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from data.motion_score import main, object_centres, score_dir, score_frames
+from evaluation.motion_score import main, object_centres, score_dir, score_frames
 from data.synthetic import BACKGROUND, COLORS, DEFAULT_HOLDOUT, SyntheticSpec, render_object_track, render_sample
 from data.video_io import write_video
 
@@ -99,3 +99,18 @@ def test_command_scores_a_folder_split_by_seen_and_held_out(tmp_path, capsys):
     _, s2 = score_dir(tmp_path)
     assert set(s2) == {"all"}
     assert main([str(tmp_path / "nothing")]) == 2
+
+
+def test_an_object_at_the_frame_edge_does_not_reach_the_opposite_edge():
+    """The object's mask is grown by one pixel to take in its anti-aliased edge; at the frame's border nothing
+    is beyond, so the mask must not wrap around to the other side (where it would hide flicker there)."""
+    from evaluation.motion_score import detect
+
+    frame = np.broadcast_to(np.array(BACKGROUND, dtype=np.uint8), (64, 64, 3)).copy()
+    frame[20:30, 0:10] = COLORS["red"]  # touches the left edge
+    d = detect(frame)
+    assert d.present and d.mask[:, :11].any()
+    assert not d.mask[:, -1].any() and not d.mask[:, 12:].any()
+    frame[0:6, 40:46] = COLORS["blue"]  # a second object touching the top edge
+    d2 = detect(frame)
+    assert not d2.mask[-1].any()
