@@ -10,8 +10,9 @@
 
 None of them holds the full N x N score matrix of a long sequence: the fused kernels never form it, and
 the reference computes it for blocks of 1024 queries at a time. `key_mask` is True for real keys;
-each row must have at least one. The backend comes from the model config, or from the DIT3D_ATTENTION
-environment variable when set; one that cannot run here falls back to `sdpa` with one log line.
+each row must have at least one. A model resolves its backend once, when it is built (`resolve_backend`):
+the config's, or the DIT3D_ATTENTION environment variable's when set; one that cannot run here falls back
+to `sdpa` with one log line. `attention` itself runs the backend it is given and reads no environment.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ import os
 import torch
 import torch.nn.functional as F
 
+from errors import InputError
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "xformers", "reference")
 _REFERENCE_BLOCK = 1024
-_warned: set[tuple[str, str]] = set()
 
 
-def _xformers_problem(device: torch.device) -> str | None:
-    if device.type != "cuda":
+def _xformers_problem() -> str | None:
+    if not torch.cuda.is_available():
         return "xFormers' memory-efficient attention needs a CUDA device"
     try:
         import xformers.ops  # noqa: F401
@@ -40,30 +42,34 @@ def _xformers_problem(device: torch.device) -> str | None:
     return None
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The backend that will run: DIT3D_ATTENTION overrides `requested`; an unavailable one falls back to sdpa."""
+def resolve_backend(requested: str) -> str:
+    """The backend a model will run, decided once when it is built: DIT3D_ATTENTION overrides `requested`; one
+    that cannot run on this machine falls back to sdpa, with one log line per call."""
     name = os.environ.get("DIT3D_ATTENTION") or requested
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    problem = _xformers_problem(device) if name == "xformers" else None
+        raise InputError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    problem = _xformers_problem() if name == "xformers" else None
     if problem:
-        if (name, problem) not in _warned:
-            _warned.add((name, problem))
-            log.warning("attention backend %r unavailable: %s; running 'sdpa'", name, problem)
+        log.warning("attention backend %r unavailable: %s; running 'sdpa'", name, problem)
         return "sdpa"
     return name
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
               key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention of q (B, heads, N, D) over k, v (B, heads, L, D) -> (B, heads, N, D)."""
-    backend = resolve_backend(backend, q.device)
+    """Scaled dot-product attention of q (B, heads, N, D) over k, v (B, heads, L, D) -> (B, heads, N, D), by
+    `backend` as given (see `resolve_backend` for choosing one)."""
     if backend == "sdpa":
         mask = key_mask[:, None, None, :] if key_mask is not None else None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "xformers":
+        if not q.is_cuda:
+            raise ValueError("the xformers attention backend runs on CUDA tensors only; build the model with "
+                             "attention_backend='sdpa' to run it elsewhere")
         return _xformers(q, k, v, key_mask)
-    return _reference(q, k, v, key_mask)
+    if backend == "reference":
+        return _reference(q, k, v, key_mask)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def _reference(q, k, v, key_mask):

@@ -10,10 +10,9 @@ through adaLN-Zero, with one modulation projection shared by all blocks plus a l
 (as PixArt-alpha and Wan do); the gates and the output layer start at zero, so each block starts as the
 identity and the model's output starts at exactly zero. With `absolute_position`, sine-cosine features of
 each token's (t, h, w) index are added to its embedding too: rotary tells attention how far apart two
-tokens are, not where either is in the frame (in the quickstart, absolute position made the direction of
-motion learnt at every seed instead of at some). Activation checkpointing, compile, sharding and sequence
-parallelism are applied from outside (see `parallelize.py`), the last by swapping the `Attend` calls and
-the `TokenLayout` below for versions that exchange tokens between ranks.
+tokens are, not where either is in the frame. Activation checkpointing, compile, sharding and sequence
+parallelism are applied from outside (see `parallel/`), the last by swapping the `Attend` calls and the
+`TokenLayout` below for versions that exchange tokens between ranks.
 
 Known frames. With `frame_conditioning`, the input has one more channel that is 1 on the latent frames
 given clean (`given`, (B, T) bool: the first frame for image-to-video, the first m for extension, the first
@@ -30,7 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention import attention
+from errors import InputError
+
+from .attention import attention, resolve_backend
 from .config import DiTConfig, preset
 from .rope import apply_rope, rope_cos_sin, sincos_position
 
@@ -61,7 +62,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 class Attend(nn.Module):
     """The attention call of a block, as a module so that sequence parallelism can wrap it from outside
-    (parallelize.py swaps in one that exchanges heads for tokens around it). No parameters."""
+    (parallel/ulysses.py swaps in one that exchanges heads for tokens around it). No parameters."""
 
     def __init__(self, backend: str):
         super().__init__()
@@ -72,7 +73,7 @@ class Attend(nn.Module):
 
 
 class TokenLayout(nn.Module):
-    """Where the blocks' tokens live: here, all on this process. Sequence parallelism (parallelize.py)
+    """Where the blocks' tokens live: here, all on this process. Sequence parallelism (parallel/ulysses.py)
     replaces it by one that gives each rank a contiguous slice of every sequence and gathers the output.
 
     split(h (B, N, width), cos, sin (..., N, head_dim)) -> this rank's tokens and their rotary angles;
@@ -88,10 +89,10 @@ class TokenLayout(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, backend: str):
         super().__init__()
         self.heads = cfg.heads
-        self.attend = Attend(cfg.attention_backend)
+        self.attend = Attend(backend)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -107,9 +108,9 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, backend: str):
         super().__init__()
-        self.heads, self.backend = cfg.heads, cfg.attention_backend  # queries are local: no sequence exchange
+        self.heads, self.backend = cfg.heads, backend  # queries are local: no sequence exchange
         self.q = nn.Linear(cfg.width, cfg.width)
         self.kv = nn.Linear(cfg.width, 2 * cfg.width)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
@@ -143,12 +144,12 @@ class MLP(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, backend: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, backend)
         self.norm_cross = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.cross = CrossAttention(cfg)
+        self.cross = CrossAttention(cfg, backend)
         self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
         # this block's part of the modulation, added to the projection shared by all blocks
@@ -177,7 +178,8 @@ class DiT3D(nn.Module):
                                         nn.Linear(cfg.width, cfg.width))
         # a learned one-token "no caption", for caption dropout and classifier-free guidance
         self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.attention_backend = resolve_backend(cfg.attention_backend)  # once, here: see attention.py
+        self.blocks = nn.ModuleList(DiTBlock(cfg, self.attention_backend) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
         self.out_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
         self.out = nn.Linear(cfg.width, cfg.output_channels * pt * ph * pw)
@@ -211,7 +213,7 @@ class DiT3D(nn.Module):
         for name, n, p in zip(("frames", "height", "width"), shape, self.config.patch_size):
             if n < p or n % p:
                 lower = max(p, n // p * p)
-                raise ValueError(f"latent {name} {n} is not divisible by the patch size {p}: use "
+                raise InputError(f"latent {name} {n} is not divisible by the patch size {p}: use "
                                  + (f"{lower} or {lower + p}" if lower != n else str(lower)))
             out.append(n // p)
         return tuple(out)
@@ -290,7 +292,7 @@ class DiT3D(nn.Module):
                 flag = flag + given.to(device=x.device, dtype=x.dtype)[:, None, :, None, None]
             x = torch.cat([x, flag], dim=1)
         elif given is not None and bool(given.any()):
-            raise ValueError("this DiT was trained without frame conditioning, so it cannot take given frames "
+            raise InputError("this DiT was trained without frame conditioning, so it cannot take given frames "
                              "(train one with `train.py --stage dit --condition ...`)")
         if isinstance(self.embed, nn.Conv3d):
             h = self.embed(x).flatten(2).transpose(1, 2)
@@ -316,12 +318,12 @@ class DiT3D(nn.Module):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save_pretrained(self, directory) -> None:
-        from data.pretrained import save_model
+        from checkpoint_io import save_model
 
         save_model(self, directory, kind="dit")
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "DiT3D":
-        from data.pretrained import load_model
+        from checkpoint_io import load_model
 
         return load_model(cls, DiTConfig, directory, kind="dit", map_location=map_location)

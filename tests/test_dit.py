@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 
 from dit3d import DiT3D, DiTConfig, attention, patchify, preset, resolve_backend, unpatchify
 from dit3d.model import DiTBlock
-from dit3d.rope import apply_rope, axis_dims, rope_cos_sin, sincos_position
-from parallelize import apply_activation_checkpointing
+from dit3d.rope import apply_rope, axis_dims, rope_angles, rope_cos_sin, sincos_position
+from parallel import apply_activation_checkpointing
 
 
 def randomized(model: DiT3D, seed: int = 0) -> DiT3D:
@@ -31,6 +32,13 @@ def inputs(batch=2, frames=5, height=8, width=12, text_len=7, text_dim=64, seed=
     mask = torch.ones(batch, text_len, dtype=torch.bool)
     mask[-1, text_len // 2 :] = False  # the last caption is shorter
     return x, t, text, mask
+
+
+def with_backend(model: DiT3D, backend: str) -> DiT3D:
+    """The same weights in a model built to run another attention backend."""
+    twin = DiT3D(dataclasses.replace(model.config, attention_backend=backend)).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
 
 
 @pytest.fixture(scope="module", params=[{}, {"absolute_position": False}], ids=["tiny", "tiny-rotary-only"])
@@ -81,13 +89,11 @@ def test_conv_and_linear_embeddings_are_the_same_map():
         torch.testing.assert_close(conv(x, t, text, mask), lin(x, t, text, mask), rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_equals_reference(model, monkeypatch):
+def test_sdpa_equals_reference(model):
     x, t, text, mask = inputs(frames=5, height=8, width=8)
     with torch.no_grad():
-        monkeypatch.setenv("DIT3D_ATTENTION", "reference")
-        ref = model(x, t, text, mask)
-        monkeypatch.setenv("DIT3D_ATTENTION", "sdpa")
-        out = model(x, t, text, mask)
+        ref = with_backend(model, "reference")(x, t, text, mask)
+        out = with_backend(model, "sdpa")(x, t, text, mask)
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
@@ -117,17 +123,41 @@ def test_xformers_equals_reference_on_cuda():
                                    rtol=0, atol=1e-4)
 
 
-def test_unavailable_backend_falls_back_with_one_log_line(caplog, monkeypatch):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="xFormers may run here")
+def test_an_unavailable_backend_falls_back_with_one_log_line_per_model(caplog, monkeypatch):
     monkeypatch.delenv("DIT3D_ATTENTION", raising=False)
-    with caplog.at_level(logging.WARNING):
-        assert resolve_backend("xformers", torch.device("cpu")) == "sdpa"
-        assert resolve_backend("xformers", torch.device("cpu")) == "sdpa"
-    assert sum("running 'sdpa'" in r.message for r in caplog.records) <= 1
+    for built in (1, 2):  # every model that asks says so once, whatever was built before it
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            model = DiT3D.from_preset("tiny", attention_backend="xformers")
+        assert model.attention_backend == "sdpa"
+        assert sum("running 'sdpa'" in r.message for r in caplog.records) == 1, built
     monkeypatch.setenv("DIT3D_ATTENTION", "reference")
-    assert resolve_backend("sdpa", torch.device("cpu")) == "reference"
+    assert resolve_backend("sdpa") == "reference"
     monkeypatch.setenv("DIT3D_ATTENTION", "flash9")
     with pytest.raises(ValueError, match="unknown attention backend 'flash9'"):
-        resolve_backend("sdpa", torch.device("cpu"))
+        resolve_backend("sdpa")
+
+
+def test_the_backend_is_resolved_when_the_model_is_built(monkeypatch):
+    """DIT3D_ATTENTION is read when a model is built, not on every call: a model keeps the backend it was
+    built with, and attention() runs the backend it is given."""
+    monkeypatch.setenv("DIT3D_ATTENTION", "reference")
+    torch.manual_seed(0)
+    built_reference = randomized(DiT3D.from_preset("tiny")).eval()
+    monkeypatch.setenv("DIT3D_ATTENTION", "sdpa")
+    assert built_reference.attention_backend == "reference"
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, t, text, mask = inputs()
+    with torch.no_grad():
+        built_reference(x, t, text, mask)
+    assert not calls  # the environment changed since, the model did not
+    monkeypatch.delenv("DIT3D_ATTENTION")
+    with torch.no_grad():
+        with_backend(built_reference, "sdpa")(x, t, text, mask)
+    assert calls
 
 
 def test_absolute_position_marks_where_each_token_is():
@@ -139,8 +169,9 @@ def test_absolute_position_marks_where_each_token_is():
     assert torch.equal(feats[:1, :, :1, dt : dt + dh].expand(*grid, dh), feats[..., dt : dt + dh])
     assert torch.equal(feats[:1, :1, :, dt + dh :].expand(*grid, dim - dt - dh), feats[..., dt + dh :])
     assert torch.cdist(feats.view(-1, dim), feats.view(-1, dim)).add(torch.eye(60)).min() > 0.1
-    cached = sincos_position(grid, dim, 10000.0, torch.device("cpu"), torch.float64)
-    assert cached is sincos_position(grid, dim, 10000.0, "cpu", torch.float64)
+    # the features of a grid do not depend on which grids were asked for before (the cache keys on all of it)
+    sincos_position((4, 4, 4), dim, 10000.0, "cpu", torch.float64)
+    assert torch.equal(sincos_position(grid, dim, 10000.0, torch.device("cpu"), torch.float64).view(*grid, dim), feats)
     torch.manual_seed(0)
     rotary_only = randomized(DiT3D.from_preset("tiny", absolute_position=False))
     placed = DiT3D.from_preset("tiny", absolute_position=True)
@@ -190,8 +221,8 @@ def test_padding_tokens_in_the_text_do_not_change_the_output(model):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "reference"])
-def test_a_batch_mixing_durations_and_sizes_equals_each_clip_alone(model, backend, monkeypatch):
-    monkeypatch.setenv("DIT3D_ATTENTION", backend)
+def test_a_batch_mixing_durations_and_sizes_equals_each_clip_alone(model, backend):
+    model = with_backend(model, backend)
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(16, 5, 8, 8, generator=g), torch.randn(16, 1, 6, 10, generator=g), torch.randn(16, 3, 4, 8, generator=g)]
     t = torch.rand(3, generator=g)
@@ -291,12 +322,14 @@ def test_presets():
         DiTConfig(width=100, heads=3)
 
 
-def test_rotary_tables_are_cached_and_usable_by_autograd():
+def test_rotary_tables_built_while_sampling_serve_training():
     with torch.inference_mode():  # built first while sampling...
         cos, sin = rope_cos_sin((2, 3, 4), 32, 10000.0, "cpu", torch.float32)
-    again = rope_cos_sin((2, 3, 4), 32, 10000.0, torch.device("cpu"), torch.float32)
-    assert again[0] is cos and again[1] is sin
-    assert not cos.is_inference()  # ...then saved for backward in training
-    x = torch.randn(1, 24, 2, 32, requires_grad=True)  # (B, N, heads, head_dim)
+    rope_cos_sin((4, 3, 2), 32, 10000.0, "cpu", torch.float32)  # another grid in between
+    cos, sin = rope_cos_sin((2, 3, 4), 32, 10000.0, torch.device("cpu"), torch.float32)  # ...then in training
+    angles = rope_angles((2, 3, 4), 32)
+    torch.testing.assert_close(cos, torch.cat([angles, angles], -1).cos().float(), rtol=0, atol=1e-6)
+    x = torch.randn(1, 24, 2, 32, dtype=torch.float32, requires_grad=True)  # (B, N, heads, head_dim)
     apply_rope(x, cos, sin).pow(2).sum().backward()
-    assert x.grad is not None
+    # a rotation keeps each pair's length, so the gradient of the squared norm is 2 x
+    torch.testing.assert_close(x.grad, 2 * x.detach(), rtol=1e-5, atol=1e-5)
