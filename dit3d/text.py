@@ -7,8 +7,7 @@
   - `WordTextEncoder`: lower-cased words and punctuation marks, each hashed (CRC-32) into one of `buckets`
     embeddings (the hashing trick: no vocabulary to build or ship; two words may share a bucket, rarely
     with a few thousand buckets and a small vocabulary). A word is one token wherever it stands in the
-    caption. (On the quickstart it did not beat bytes: held-out direction accuracy 0.68 against 0.90-0.93
-    in single runs, so bytes stay the default.)
+    caption. Bytes stay the default: words did not beat them on the quickstart (see the README).
 - `HFTextEncoder`: a frozen Hugging Face encoder (T5, UMT5 or CLIP text) loaded with its tokenizer from a
   local folder, never from the hub. Needs the optional `transformers` dependency (`pip install '.[text]'`).
 
@@ -77,13 +76,13 @@ class _LearnedTextEncoder(nn.Module):
         return self(ids, mask), mask
 
     def save_pretrained(self, directory) -> None:
-        from data.pretrained import save_model
+        from checkpoint_io import save_model
 
         save_model(self, directory, kind=self.KIND)
 
     @classmethod
     def from_pretrained(cls, directory):
-        from data.pretrained import load_model
+        from checkpoint_io import load_model
 
         return load_model(cls, cls.CONFIG, directory, kind=cls.KIND)
 

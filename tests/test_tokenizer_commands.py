@@ -15,7 +15,7 @@ from tokenizer import CausalVAE
 from tokenizer.encode import main as encode_main
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.evaluate import window_starts
-from tokenizer.metrics import psnr, ssim, to_unit_range
+from evaluation.metrics import psnr, ssim, to_unit_range
 
 from .conftest import BIKES, CARPHONE, copy_clip, write_reference_lpips_weights
 from .test_tokenizer import randomized

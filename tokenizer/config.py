@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
-from data.pretrained import config_from_dict
+from checkpoint_io import config_from_dict, preset_config
+from errors import InputError
 
 
 @dataclass(frozen=True)
@@ -34,23 +35,23 @@ class VAEConfig:
         for name in ("temporal_factor", "spatial_factor", "patch_size"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
-                raise ValueError(f"{name} must be a power of two, got {v}")
+                raise InputError(f"{name} must be a power of two, got {v}")
         downs = len(self.channels) - 1
         if self.patch_size * 2**downs != self.spatial_factor:
-            raise ValueError(
+            raise InputError(
                 f"patch_size ({self.patch_size}) x 2^(stages - 1) ({2**downs}) must equal spatial_factor "
                 f"({self.spatial_factor}); change patch_size or the number of channels entries"
             )
         for a, b in zip(self.channels, self.channels[1:]):
             if (4 * a) % b:
-                raise ValueError(f"stage widths {a} -> {b}: 4 x {a} must be divisible by {b} (space-to-channel shortcut)")
+                raise InputError(f"stage widths {a} -> {b}: 4 x {a} must be divisible by {b} (space-to-channel shortcut)")
         if self.channels[-1] % self.latent_channels:
-            raise ValueError(f"the last width {self.channels[-1]} must be a multiple of latent_channels {self.latent_channels}")
+            raise InputError(f"the last width {self.channels[-1]} must be a multiple of latent_channels {self.latent_channels}")
         if self.linear_context < 0 or self.linear_frames < 1:
-            raise ValueError(f"linear_context must be >= 0 and linear_frames >= 1, got {self.linear_context} and "
+            raise InputError(f"linear_context must be >= 0 and linear_frames >= 1, got {self.linear_context} and "
                              f"{self.linear_frames}")
         if self.temporal_kernel < 1:
-            raise ValueError(f"temporal_kernel must be at least 1, got {self.temporal_kernel}")
+            raise InputError(f"temporal_kernel must be at least 1, got {self.temporal_kernel}")
 
     @property
     def compression(self) -> tuple[int, int, int]:
@@ -66,14 +67,11 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
-        if "linear_codec" in d and "linear_context" not in d:  # saved before the context decoder: a block code
-            d = d | {"linear_context": 0, "linear_frames": 1}
         return config_from_dict(cls, d, "tokenizer")
 
+
 PRESETS: dict[str, VAEConfig] = {
-    # tests and the CPU quickstart: 1.7M parameters. Its linear path is the per-block code, with which every
-    # quickstart score so far was measured; one fresh run each (held-out direction 0.65 with the context
-    # decoder, 0.725 with this) does not tell the two apart
+    # tests and the CPU quickstart: 1.7M parameters; its linear path is the per-block code (no context)
     "tiny": VAEConfig(channels=(32, 64), encoder_blocks=1, decoder_blocks=1, mid_blocks=1, linear_context=0,
                       linear_frames=1),
     # CPU training in tens of minutes: 9.2M parameters
@@ -84,6 +82,4 @@ PRESETS: dict[str, VAEConfig] = {
 
 
 def preset(name: str, **overrides) -> VAEConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return preset_config(PRESETS, name, overrides, "tokenizer")

@@ -22,6 +22,7 @@ import torch
 
 from data import ShardWriter, latent_sample, make_loader
 from data.video_io import check_frame_count
+from errors import InputError
 
 from .model import CausalVAE
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         result = export_latents(vae, args.data, args.out, args.frames, args.size, fps=args.fps,
                                 batch_size=args.batch_size, chunk=args.chunk, shard_size=args.shard_size,
                                 num_workers=args.workers, device=args.device, ckpt=str(args.ckpt))
-    except (ValueError, FileNotFoundError) as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {result['samples']} latent samples in {len(result['shards'])} shards to {args.out}")

@@ -30,14 +30,15 @@ import numpy as np
 import torch
 
 from data import ClipTooShortError, VideoInfo, VideoReadError, iter_shard_samples, probe, read_clip, write_video
-from data.peak_memory import PeakMemory
-from data.shards import sanitize_key
 from data.loader import media_member
+from data.shards import sanitize_key
 from data.video_io import MEDIA_EXTENSIONS, check_frame_count, last_window_start, window_stride
+from errors import InputError
+from evaluation.fvd import FrechetVideoDistance, fvd_from_features
+from evaluation.lpips import LPIPS
+from evaluation.metrics import equal_floats_baseline, psnr_from_mse, ssim_frames, to_unit_range
+from evaluation.peak_memory import PeakMemory
 
-from .fvd import FrechetVideoDistance, fvd_from_features
-from .lpips import LPIPS
-from .metrics import equal_floats_baseline, psnr_from_mse, ssim_frames, to_unit_range
 from .model import CausalVAE
 
 log = logging.getLogger("tokenizer.evaluate")
@@ -244,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         vae = CausalVAE.from_pretrained(args.ckpt)
         vae.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
         if bool(args.lpips_vgg) != bool(args.lpips_heads):
-            raise ValueError("LPIPS needs both --lpips-vgg and --lpips-heads")
+            raise InputError("LPIPS needs both --lpips-vgg and --lpips-heads")
         lpips = LPIPS.from_local(args.lpips_vgg, args.lpips_heads) if args.lpips_vgg else None
         fvd = FrechetVideoDistance.from_local(args.i3d, args.device) if args.i3d else None
         videos, skipped = find_videos(args.data)
-    except (ValueError, FileNotFoundError) as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not videos:

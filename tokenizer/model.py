@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
+from errors import InputError
+
 from .config import VAEConfig, preset
 
 
@@ -189,13 +191,6 @@ class Decoder(nn.Module):
             nn.init.zeros_(self.linear.conv.weight)  # silent until fitted (init_linear_codec) or trained
             nn.init.zeros_(self.linear.conv.bias)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        old = state_dict.pop(prefix + "linear.weight", None)  # a checkpoint's ConvTranspose3d (L, D, 1, s, s)
-        if old is not None:  # the same map as a 1x1x1 conv to (D s s) channels, then depth-to-space
-            state_dict[prefix + "linear.conv.weight"] = old.permute(1, 3, 4, 0, 2).reshape(-1, old.shape[0], 1, 1, 1)
-            state_dict[prefix + "linear.conv.bias"] = old.new_zeros(old.shape[1] * old.shape[3] * old.shape[4])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, z: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
         h = self.conv_in(z, cache) + repeat(z, "b l t h w -> b (l r) t h w", r=self.repeats)
         for block in list(self.mid) + [b for stage in self.stages for b in stage]:
@@ -254,19 +249,19 @@ class CausalVAE(nn.Module):
     # ---- shapes ---------------------------------------------------------------------------------
 
     def check_video(self, video: torch.Tensor) -> None:
-        """Raise a ValueError naming the nearest valid sizes unless video is (B, C, 1 + tk, H, W) with H, W
+        """Raise an InputError naming the nearest valid sizes unless video is (B, C, 1 + tk, H, W) with H, W
         divisible by the spatial factor."""
         cfg = self.config
         if video.ndim != 5 or video.shape[1] != cfg.in_channels:
-            raise ValueError(f"expected video (B, {cfg.in_channels}, T, H, W), got shape {tuple(video.shape)}")
+            raise InputError(f"expected video (B, {cfg.in_channels}, T, H, W), got shape {tuple(video.shape)}")
         t, h, w = video.shape[2:]
         tf, sf = cfg.temporal_factor, cfg.spatial_factor
         if (t - 1) % tf:
             lower = 1 + (t - 1) // tf * tf
-            raise ValueError(f"the frame count must be 1 + {tf}k (1, {1 + tf}, {1 + 2 * tf}, ...); got {t}: use {lower} or {lower + tf}")
+            raise InputError(f"the frame count must be 1 + {tf}k (1, {1 + tf}, {1 + 2 * tf}, ...); got {t}: use {lower} or {lower + tf}")
         for name, n in (("height", h), ("width", w)):
             if n % sf:
-                raise ValueError(f"{name} {n} is not divisible by the spatial factor {sf}: use {_nearest_multiples(n, sf)}")
+                raise InputError(f"{name} {n} is not divisible by the spatial factor {sf}: use {_nearest_multiples(n, sf)}")
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         cfg = self.config
@@ -311,7 +306,29 @@ class CausalVAE(nn.Module):
             dec = max(dec, cfg.linear_context)
         return math.ceil(enc / 2**last) + 1, math.ceil(dec) + 1
 
-    def _tiles(self, size: int, tile: int, halo: int):
+    def _tiled(self, x: torch.Tensor, tile: int, halo: int, in_scale: int, out_scale: int, run) -> list[torch.Tensor]:
+        """Run `run` on tiles of tile x tile pixels of x (..., H, W), each grown by `halo` latent cells of
+        context on every side, and stitch the results' tile interiors together. x has `in_scale` and the
+        results `out_scale` elements per latent cell along each side (the spatial factor for pixels, 1 for
+        latents); `run` returns a tuple of tensors, and so does this."""
+        s = self.config.spatial_factor
+        if tile < s or tile % s:
+            raise InputError(f"tile must be a positive multiple of the spatial factor {s}, got {tile}")
+        cells_h, cells_w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
+        outs = None
+        for (y0, y1), (gy0, gy1) in self._tiles(cells_h, tile // s, halo):
+            for (x0, x1), (gx0, gx1) in self._tiles(cells_w, tile // s, halo):
+                parts = run(x[..., gy0 * in_scale : gy1 * in_scale, gx0 * in_scale : gx1 * in_scale])
+                if outs is None:
+                    outs = [p.new_empty(*p.shape[:-2], cells_h * out_scale, cells_w * out_scale) for p in parts]
+                inner = (..., slice((y0 - gy0) * out_scale, (y1 - gy0) * out_scale),
+                         slice((x0 - gx0) * out_scale, (x1 - gx0) * out_scale))
+                for out, part in zip(outs, parts):
+                    out[..., y0 * out_scale : y1 * out_scale, x0 * out_scale : x1 * out_scale] = part[inner]
+        return outs
+
+    @staticmethod
+    def _tiles(size: int, tile: int, halo: int):
         """(start, stop) of each tile along one axis (latent cells), and of the tile grown by the halo."""
         for a in range(0, size, tile):
             b = min(size, a + tile)
@@ -321,23 +338,13 @@ class CausalVAE(nn.Module):
         """The posterior over latents (B, L, 1 + k, H/s, W/s). `chunk`: latent frames per step (bounded memory);
         `tile`: encode tiles of tile x tile pixels (a multiple of the spatial factor) for very large frames,
         each with enough context around it that the result equals the whole-frame one."""
-        if tile is not None:
-            self.check_video(video)
-            s = self.config.spatial_factor
-            if tile < s or tile % s:
-                raise ValueError(f"tile must be a positive multiple of the spatial factor {s}, got {tile}")
-            halo = self.halo()[0]
-            _, lat, t, h, w = video.shape[0], self.config.latent_channels, *self.latent_shape(*video.shape[2:])[1:]
-            mean = video.new_empty(video.shape[0], lat, t, h, w)
-            logvar = torch.empty_like(mean)
-            for (y0, y1), (gy0, gy1) in self._tiles(h, tile // s, halo):
-                for (x0, x1), (gx0, gx1) in self._tiles(w, tile // s, halo):
-                    part = self.encode(video[..., gy0 * s : gy1 * s, gx0 * s : gx1 * s], chunk)
-                    crop = (..., slice(y0 - gy0, y1 - gy0), slice(x0 - gx0, x1 - gx0))
-                    mean[..., y0:y1, x0:x1] = part.mean[crop]
-                    logvar[..., y0:y1, x0:x1] = part.logvar[crop]
-            return DiagonalGaussian(mean, logvar)
         self.check_video(video)
+        if tile is not None:
+            def encode_tile(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                posterior = self.encode(part, chunk)
+                return posterior.mean, posterior.logvar
+
+            return DiagonalGaussian(*self._tiled(video, tile, self.halo()[0], self.config.spatial_factor, 1, encode_tile))
         frames = self.latent_shape(*video.shape[2:])[1]
         if chunk is None or chunk >= frames:
             return DiagonalGaussian(*self.encoder(self._patchify(video), None))  # (B, C * pt * p * p, 1 + k, ...)
@@ -353,17 +360,8 @@ class CausalVAE(nn.Module):
         b, _, t, h, w = latents.shape
         cfg = self.config
         if tile is not None:
-            s = cfg.spatial_factor
-            if tile < s or tile % s:
-                raise ValueError(f"tile must be a positive multiple of the spatial factor {s}, got {tile}")
-            halo = self.halo()[1]
-            out = latents.new_empty(b, cfg.in_channels, 1 + (t - 1) * cfg.temporal_factor, h * s, w * s)
-            for (y0, y1), (gy0, gy1) in self._tiles(h, tile // s, halo):
-                for (x0, x1), (gx0, gx1) in self._tiles(w, tile // s, halo):
-                    part = self.decode(latents[..., gy0:gy1, gx0:gx1], chunk)
-                    out[..., y0 * s : y1 * s, x0 * s : x1 * s] = part[..., (y0 - gy0) * s : (y1 - gy0) * s,
-                                                                      (x0 - gx0) * s : (x1 - gx0) * s]
-            return out
+            return self._tiled(latents, tile, self.halo()[1], 1, cfg.spatial_factor,
+                               lambda part: (self.decode(part, chunk),))[0]
         if chunk is None or chunk >= t:
             return self._unpatchify(self.decoder(latents, None))[:, :, cfg.temporal_factor - 1 :]
         out = latents.new_empty(b, cfg.in_channels, 1 + (t - 1) * cfg.temporal_factor, h * cfg.spatial_factor, w * cfg.spatial_factor)
@@ -470,12 +468,12 @@ class CausalVAE(nn.Module):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save_pretrained(self, directory) -> None:
-        from data.pretrained import save_model
+        from checkpoint_io import save_model
 
         save_model(self, directory, kind="tokenizer")
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "CausalVAE":
-        from data.pretrained import load_model
+        from checkpoint_io import load_model
 
         return load_model(cls, VAEConfig, directory, kind="tokenizer", map_location=map_location)
