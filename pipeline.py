@@ -1,7 +1,7 @@
 """The text-to-video model as train.py trains it and sample.py runs it: text encoder + DiT + tokenizer.
 
-Like train.py and sample.py this module composes the libraries (`dit3d`, `tokenizer`, `data`); the
-libraries never import it.
+Like the trainer and sample.py this module composes the libraries (`dit3d`, `tokenizer`); the libraries never
+import it.
 
 A trained model is a folder (a train.py run's `model/`, or the run folder itself) holding
     dit/        the DiT (config.json + model.safetensors, EMA weights)
@@ -12,6 +12,7 @@ A trained model is a folder (a train.py run's `model/`, or the run folder itself
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,9 +23,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from checkpoint_io import save_checkpoint, write_json_atomic
 from dit3d import DiT3D
 from dit3d.flow import FlowConfig, sample
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
+from errors import InputError, MissingInputError
 from tokenizer import CausalVAE
 
 PIPELINE_FILE = "pipeline.json"
@@ -54,6 +57,20 @@ class TextToVideo(nn.Module):
         if drop is not None:
             text, text_mask = self.dit.drop_captions(text, text_mask, drop)
         return self.dit(x, t, text, text_mask, given)
+
+
+def save_pipeline(directory: Path, model: TextToVideo, state: dict[str, torch.Tensor], vae: CausalVAE, spec: dict) -> None:
+    """Write a trained model folder: directory/{dit, text, tokenizer} from `model`'s full `state` (the EMA
+    weights; `text` only with a built-in encoder; the tokenizer once) and pipeline.json = `spec` (the text
+    encoder's kind or path, frames, size, fps, flow, sampler and condition settings), last."""
+    dit_state = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
+    save_checkpoint(directory / "dit", dataclasses.asdict(model.dit.config), dit_state, kind="dit")
+    if model.text is not None:
+        text_state = {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
+        save_checkpoint(directory / "text", dataclasses.asdict(model.text.config), text_state, kind=model.text.KIND)
+    if not (directory / "tokenizer" / "config.json").is_file():
+        vae.save_pretrained(directory / "tokenizer")
+    write_json_atomic(directory / PIPELINE_FILE, spec)
 
 
 def text_inputs(model: TextToVideo, frozen: HFTextEncoder | None, captions: list[str],
@@ -120,10 +137,10 @@ class Pipeline:
         """From a train.py run folder or its `model/` folder; `vae` overrides the tokenizer."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"no checkpoint at {path}: give a train.py run folder (or its model/ folder)")
+            raise MissingInputError(f"no checkpoint at {path}: give a train.py run folder (or its model/ folder)")
         root = path / "model" if (path / "model" / PIPELINE_FILE).is_file() else path
         if not (root / PIPELINE_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a trained DiT: no {PIPELINE_FILE} in it or in {path / 'model'} "
+            raise MissingInputError(f"{path} is not a trained DiT: no {PIPELINE_FILE} in it or in {path / 'model'} "
                                     f"(train one with `python train.py --stage dit ...`; its run folder is what to give)")
         spec = json.loads((root / PIPELINE_FILE).read_text())
         device = torch.device(device)
@@ -135,7 +152,7 @@ class Pipeline:
             frozen = HFTextEncoder(spec["text_encoder"], device=device)
         tokenizer = CausalVAE.from_pretrained(vae or root / "tokenizer")
         if tokenizer.config.latent_channels != dit.config.in_channels:
-            raise ValueError(f"the tokenizer at {vae or root / 'tokenizer'} has {tokenizer.config.latent_channels} latent "
+            raise InputError(f"the tokenizer at {vae or root / 'tokenizer'} has {tokenizer.config.latent_channels} latent "
                              f"channels but the DiT takes {dit.config.in_channels}: use the tokenizer it was trained with")
         model = TextToVideo(dit, text).to(device).eval().requires_grad_(False)
         return cls(model, frozen, tokenizer.to(device).eval().requires_grad_(False), FlowConfig(**spec["flow"]),
@@ -149,12 +166,21 @@ class Pipeline:
             self.model.dit.token_grid(shape[1:])
         except ValueError as e:
             s = self.vae.config.spatial_factor
-            raise ValueError(f"{e} (latent = pixels / {s} in height and width, (frames - 1) / "
+            raise InputError(f"{e} (latent = pixels / {s} in height and width, (frames - 1) / "
                              f"{self.vae.config.temporal_factor} + 1 in time)") from None
         return shape
 
     def tokens(self, shape: tuple[int, int, int, int]) -> int:
         return math.prod(self.model.dit.token_grid(shape[1:]))
+
+    def text_tokens(self, prompts: list[str]) -> int:
+        """Text tokens a batch of these prompts is padded to (the encoder's most when there are none)."""
+        if self.frozen_text is not None:
+            if not prompts:
+                return self.frozen_text.max_length
+            return self.frozen_text.tokenizer(prompts, padding="longest", truncation=True,
+                                              max_length=self.frozen_text.max_length, return_tensors="pt").input_ids.shape[1]
+        return self.model.text.tokenize(prompts)[0].shape[1] if prompts else self.model.text.position.shape[0]
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, *, steps: int, guidance: float,
                  seeds: list[int], negative: str | None = None, shift: float | None = None, solver: str = "euler",
@@ -169,7 +195,7 @@ class Pipeline:
                          seeds: list[int], negative: str | None = None, shift: float | None = None,
                          solver: str = "euler", on_step=None, given=None) -> torch.Tensor:
         """`generate` for a latent shape (C, t, h, w). Given frames need a model trained with frame conditioning
-        (DiT3D says so with a ValueError otherwise)."""
+        (DiT3D says so with an InputError otherwise)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
         return generate_latents(self.model, lambda c: text_inputs(self.model, self.frozen_text, c, self.device), prompts,
                                 shape, steps=steps, guidance=guidance, negative=negative, seeds=seeds, solver=solver,
@@ -202,7 +228,7 @@ class Pipeline:
             n = z.shape[2]
             start = index % shape[1]
             if start + n > shape[1]:
-                raise ValueError(f"{n} given latent frame(s) at {index} do not fit a clip of {shape[1]} latent frames")
+                raise InputError(f"{n} given latent frame(s) at {index} do not fit a clip of {shape[1]} latent frames")
             known[:, :, start:start + n] = z
             mask[:, start:start + n] = True
         return known, mask
@@ -213,7 +239,7 @@ class Pipeline:
         frames of what exists and generates the rest of a `window`-frame clip, until `add` are made. Step i of
         video j draws its noise from a seed derived from (seeds[j], i), so a video does not depend on its batch."""
         if not 1 <= context < window:
-            raise ValueError(f"the context ({context} latent frames) must be at least 1 and less than the window "
+            raise InputError(f"the context ({context} latent frames) must be at least 1 and less than the window "
                              f"({window}): each step has to generate something")
         out, step = latents, 0
         c, _, h, w = latents.shape[1:]

@@ -16,7 +16,7 @@ tokenizer); frames, size, fps, steps, guidance and the timestep shift default to
 The flow ODE is solved in latent space with classifier-free guidance (against the negative prompt, or
 the null condition), deterministically for a seed: video i of a prompt uses seed + i. Latents are
 decoded chunk by chunk (bounded memory) and written as h264 mp4. With a folder as --out each video is
-NAME.mp4 with its prompt in NAME.txt, which is what `python -m data.motion_score` reads.
+NAME.mp4 with its prompt in NAME.txt, which is what `python -m evaluation.motion_score` reads.
 
 Known frames (a model trained with `train.py --condition ...`): --image gives the first frame; --keyframes
 gives the first and the last (the last as its image held still over the final latent frame); --video
@@ -26,7 +26,7 @@ reconstruction error. Images and videos are scaled to cover the size and centre-
 the run's fps, and its last 1 + 4k frames are used.
 
 Long videos on several GPUs: under torchrun, --sp-size N splits every video's tokens over N ranks (Ulysses
-sequence parallelism, see parallelize.py), and the process count / N groups share out the batches of
+sequence parallelism, see parallel/ulysses.py), and the process count / N groups share out the batches of
 prompts; the first rank of each group decodes and writes. The video is the one a single process makes.
 --dry-run prints, for each --sp-size that divides the heads, the tokens, FLOPs, memory and all-to-all
 traffic per rank, and the smallest one whose memory fits this device.
@@ -42,11 +42,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tqdm import tqdm
+
+from checkpoint_io import atomic_path, write_text_atomic
 from data import tensor_to_frames, write_video
-from data.video_io import check_frame_count
-
-BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-
+from data.video_io import (VideoReadError, check_frame_count, last_window_start, probe, read_clip,
+                           window_stride)
+from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
+from dit3d.model import DiTBlock
+from errors import InputError, MissingInputError
+from parallel import ParallelOptions, parallelize, run_command, setup_distributed
+from pipeline import Pipeline
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
@@ -97,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompts(args) -> list[str]:
     if args.prompts is not None:
         if not args.prompts.is_file():
-            raise ValueError(f"no prompt file at {args.prompts}")
+            raise MissingInputError(f"no prompt file at {args.prompts}")
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"the prompt file {args.prompts} has no prompts: write one per line")
+            raise InputError(f"the prompt file {args.prompts} has no prompts: write one per line")
         return prompts
     prompts = [p.strip() for p in (args.prompt or []) if p.strip()]
     if not prompts and not args.dry_run:
-        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
+        raise InputError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
 
 
@@ -112,45 +118,44 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "video"
 
 
-def budget(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, sp: int = 1) -> dict:
-    """Tokens, FLOPs and memory of one denoising step and of the run (forward passes only), per rank when the
-    tokens are split over `sp` ranks: each holds N / sp tokens between blocks and does 1 / sp of the work; each
-    block's all-to-alls (q, k and v stacked in one, the output back) send (sp - 1) / sp of 4 (batch, N / sp, width)
-    tensors."""
+def budget(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, text_tokens: int,
+           sp: int = 1) -> dict:
+    """Tokens, FLOPs and memory of one denoising step and of the run (forward passes only; see dit3d/budget.py),
+    per rank when the tokens are split over `sp` ranks: each holds N / sp tokens between blocks and does
+    1 / sp of the work."""
     cfg = pipe.model.dit.config
     shape = pipe.latent_shape(frames, height, width)
     n = pipe.tokens(shape)
-    per_pass = 2 if guidance != 1.0 else 1
-    text_len = 96
-    block_params = sum(p.numel() for p in pipe.model.dit.blocks[0].parameters())
-    linear = 2 * n * block_params * cfg.depth  # every block weight is used once per token (multiply-add = 2 FLOPs)
-    attention = 4 * n * n * cfg.width * cfg.depth + 4 * n * text_len * cfg.width * cfg.depth  # QK^T and AV
+    clips = batch * (2 if guidance != 1.0 else 1)  # guidance runs each prompt and its unconditional twin
+    flops = forward_flops(cfg, sum(p.numel() for p in pipe.model.dit.parameters()), n, text_tokens)
     dtype_bytes = 2 if pipe.device.type == "cuda" else 4
     weights = sum(p.numel() for p in pipe.model.parameters()) * dtype_bytes
-    activations = per_pass * batch * n * cfg.width * dtype_bytes * (6 + 2 * cfg.mlp_ratio)  # one block live at a time
-    exchanged = per_pass * batch * 4 * (n // sp) * cfg.width * dtype_bytes * (sp - 1) / sp * cfg.depth
-    return {"sp": sp, "latent": shape, "tokens": n, "tokens_per_rank": n // sp,
+    activations = inference_activation_bytes(cfg, n, clips, dtype_bytes)
+    return {"sp": sp, "latent": shape, "tokens": n, "tokens_per_rank": n // sp, "text_tokens": text_tokens,
             "tokens_without_temporal_compression": n * frames // shape[1],
-            "attention_tflop_per_step": per_pass * batch * attention / sp / 1e12,
-            "total_tflop_per_step": per_pass * batch * (attention + linear) / sp / 1e12,
-            "total_tflop_run": per_pass * batch * (attention + linear) * steps / sp / 1e12,
-            "memory_gb": (weights + activations / sp) / 2**30, "all_to_all_gb_per_step": exchanged / 2**30,
-            "attention_matrix_gb_if_materialised": per_pass * batch * cfg.heads * n * n * dtype_bytes / 2**30}
+            "attention_tflop_per_step": clips * flops["attention"] / sp / 1e12,
+            "total_tflop_per_step": clips * flops["total"] / sp / 1e12,
+            "total_tflop_run": clips * flops["total"] * steps / sp / 1e12,
+            "memory_gb": (weights + activations / sp) / 2**30,
+            "all_to_all_gb_per_step": all_to_all_bytes(cfg, n, sp, clips, dtype_bytes, training=False) / 2**30,
+            "attention_matrix_gb_if_materialised": clips * cfg.heads * n * n * dtype_bytes / 2**30}
 
 
-def dry_run(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, device) -> None:
+def dry_run(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, text_tokens: int,
+            device) -> None:
     """Print the token budget, and per --sp-size (the divisors of the heads, up to 64) what each rank carries."""
-    b = budget(pipe, frames, height, width, steps, guidance, batch)
+    b = budget(pipe, frames, height, width, steps, guidance, batch, text_tokens)
     c, t, h, w = b["latent"]
     print(f"{frames} frames at {height}x{width} -> latents ({c}, {t}, {h}, {w}) -> {b['tokens']:,} tokens "
           f"({b['tokens_without_temporal_compression']:,} without temporal compression)")
-    print(f"per step (batch {batch}{', x2 for guidance' if guidance != 1.0 else ''}): {b['total_tflop_per_step']:.3g} TFLOP "
+    print(f"per step (batch {batch}{', x2 for guidance' if guidance != 1.0 else ''}, {text_tokens} text tokens): "
+          f"{b['total_tflop_per_step']:.3g} TFLOP "
           f"({b['attention_tflop_per_step']:.3g} in attention); {steps} steps: {b['total_tflop_run']:.3g} TFLOP")
     print(f"memory: about {b['memory_gb']:.2f} GiB (weights and one block's activations; attention never holds "
           f"the {b['attention_matrix_gb_if_materialised']:.2f} GiB score matrix)")
     free = free_memory_gb(device)
     heads = pipe.model.dit.config.heads
-    rows = [budget(pipe, frames, height, width, steps, guidance, batch, sp)
+    rows = [budget(pipe, frames, height, width, steps, guidance, batch, text_tokens, sp)
             for sp in range(1, min(heads, 64) + 1) if heads % sp == 0 and b["tokens"] % sp == 0]
     print(f"\nsequence parallelism (torchrun ... sample.py --sp-size N); {free:.1f} GiB free on {device}:")
     print("| --sp-size | tokens per rank | TFLOP per step per rank | memory per rank GiB | all-to-all GiB per step per rank |")
@@ -188,36 +193,33 @@ def contact_sheet(video: torch.Tensor, columns: int = 8) -> np.ndarray:
 def write_outputs(path: Path, video: torch.Tensor, prompt: str, fps: float, args) -> None:
     write_video(path, video, fps=fps)
     if args.out.suffix != ".mp4":
-        path.with_suffix(".txt").write_text(prompt + "\n")
+        write_text_atomic(path.with_suffix(".txt"), prompt + "\n")
     if args.gif or args.png:
         from PIL import Image
 
         if args.png:
-            Image.fromarray(contact_sheet(video)).save(path.with_suffix(".png"))
+            with atomic_path(path.with_suffix(".png")) as tmp:
+                Image.fromarray(contact_sheet(video)).save(tmp, format="PNG")
         if args.gif:
             frames = [Image.fromarray(f) for f in tensor_to_frames(video)]
-            frames[0].save(path.with_suffix(".gif"), save_all=True, append_images=frames[1:],
-                           duration=int(1000 / fps), loop=0)
+            with atomic_path(path.with_suffix(".gif")) as tmp:
+                frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
 
 
 def read_image(path: Path, height: int, width: int) -> torch.Tensor:
     """(3, H, W) in [-1, 1], scaled to cover the size and centre-cropped; one-line errors."""
-    from data.video_io import VideoReadError, read_clip
-
     if not path.is_file():
-        raise FileNotFoundError(f"no image at {path}")
+        raise MissingInputError(f"no image at {path}")
     try:
         return read_clip(path, 1, size=(height, width)).to_tensor()[:, 0]
     except (VideoReadError, ValueError) as e:
-        raise ValueError(f"cannot read the image {path}: {e}") from None
+        raise InputError(f"cannot read the image {path}: {e}") from None
 
 
 def read_tail(path: Path, height: int, width: int, fps: float, factor: int) -> torch.Tensor:
     """The last 1 + factor * k frames of a video at `fps`, (3, T, H, W) in [-1, 1]; one-line errors."""
-    from data.video_io import VideoReadError, last_window_start, probe, read_clip, window_stride
-
     if not path.is_file():
-        raise FileNotFoundError(f"no video at {path}")
+        raise MissingInputError(f"no video at {path}")
     try:
         info = probe(path)
         stride = window_stride(info.fps, fps)
@@ -226,7 +228,7 @@ def read_tail(path: Path, height: int, width: int, fps: float, factor: int) -> t
         start = last_window_start(info.frames, count, stride)
         return read_clip(path, count, fps=fps, size=(height, width), start=start, info=info).to_tensor()
     except (VideoReadError, ValueError) as e:
-        raise ValueError(f"cannot read the video {path}: {e}") from None
+        raise InputError(f"cannot read the video {path}: {e}") from None
 
 
 class KnownFrames:
@@ -236,14 +238,14 @@ class KnownFrames:
         self.pipe, self.shape, self.passes = pipe, pipe.latent_shape(frames, height, width), 1
         self.mode = "image" if args.image else "interpolate" if args.keyframes else "extend" if args.video else None
         if (args.extend is not None or args.context is not None) and self.mode != "extend":
-            raise ValueError("--extend and --context continue a clip: give it with --video")
+            raise InputError("--extend and --context continue a clip: give it with --video")
         if self.mode is None:
             return
         if not pipe.model.dit.config.frame_conditioning:
-            raise ValueError(f"the model at {args.ckpt} was trained without frame conditioning, so --{self.mode if self.mode != 'interpolate' else 'keyframes'} "
+            raise InputError(f"the model at {args.ckpt} was trained without frame conditioning, so --{self.mode if self.mode != 'interpolate' else 'keyframes'} "
                              f"cannot be used (train one with `train.py --stage dit --condition ...`)")
         if args.save_trajectory and self.mode == "extend":
-            raise ValueError("--save-trajectory records one solver run; --video runs one per window")
+            raise InputError("--save-trajectory records one solver run; --video runs one per window")
         if self.mode == "image":
             self.frames = {0: pipe.encode(read_image(args.image, height, width)[None, :, None])}
         elif self.mode == "interpolate":
@@ -252,13 +254,13 @@ class KnownFrames:
         else:
             factor = pipe.vae.config.temporal_factor
             if args.extend is None or args.extend < factor or args.extend % factor:
-                raise ValueError(f"--video needs --extend N, the frames to add: a positive multiple of {factor} "
+                raise InputError(f"--video needs --extend N, the frames to add: a positive multiple of {factor} "
                                  f"(got {args.extend})")
             self.latents = pipe.encode(read_tail(args.video, height, width, fps, factor)[None], chunk=args.decode_chunk)
             self.window = self.shape[1]
             self.context = args.context or max(1, self.window // 2)
             if not 1 <= self.context < self.window:
-                raise ValueError(f"--context must be 1 to {self.window - 1} latent frames (the window is "
+                raise InputError(f"--context must be 1 to {self.window - 1} latent frames (the window is "
                                  f"{self.window}), got {self.context}")
             self.add = args.extend // factor
             self.passes = -(-self.add // (self.window - self.context))
@@ -276,9 +278,6 @@ class KnownFrames:
 
 
 def run(args) -> list[Path]:
-    from parallelize import apply_sequence_parallel, setup_distributed
-    from pipeline import Pipeline
-
     prompts = read_prompts(args)
     env = setup_distributed(args.device, 1 if args.dry_run else args.sp_size)
     device = env.device
@@ -292,28 +291,27 @@ def run(args) -> list[Path]:
     check_frame_count(frames)
     for flag, value in (("--videos-per-prompt", args.num), ("--batch-size", args.batch_size), ("--decode-chunk", args.decode_chunk)):
         if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+            raise InputError(f"{flag} must be at least 1, got {value}")
     if steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
+        raise InputError(f"--steps must be at least 1, got {steps}")
     jobs = [(p, args.seed + i, f"{slug(p)}_{args.seed + i}" if args.num > 1 else slug(p)) for p in prompts for i in range(args.num)]
     batch = max(1, min(args.batch_size, len(jobs) or 1))
+    text_tokens = pipe.text_tokens(prompts + ([args.negative_prompt] if args.negative_prompt else []))
     if args.dry_run:
-        dry_run(pipe, frames, height, width, steps, guidance, batch, device)
+        dry_run(pipe, frames, height, width, steps, guidance, batch, text_tokens, device)
         return []
-    b = budget(pipe, frames, height, width, steps, guidance, batch, env.sp)
-    if env.sp > 1:  # it refuses a head count, and the layout a token count, that --sp-size does not divide
-        apply_sequence_parallel(pipe.model.dit, env.sp_group)
+    b = budget(pipe, frames, height, width, steps, guidance, batch, text_tokens, env.sp)
+    # sequence parallelism refuses a head count, and its layout a token count, that --sp-size does not divide
+    parallelize(pipe.model.dit, env, ParallelOptions((DiTBlock,)))
     free = free_memory_gb(device)
     if b["memory_gb"] > free:
         print(f"warning: this needs about {b['memory_gb']:.1f} GiB and {device} has {free:.1f} GiB free; lower "
               f"--batch-size, --frames or the size", file=sys.stderr)
     single = args.out.suffix == ".mp4"
     if single and len(jobs) != 1:
-        raise ValueError(f"--out {args.out} is one file but {len(jobs)} videos were asked for: give a folder")
+        raise InputError(f"--out {args.out} is one file but {len(jobs)} videos were asked for: give a folder")
     out_dir = args.out.parent if single else args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
     known = KnownFrames(args, pipe, frames, height, width, fps)
     writer = env.rank % env.sp == 0  # the first rank of each sequence group
     starts = list(range(0, len(jobs), batch))[env.dp_rank :: env.dp_world]  # sequence groups share out the batches
@@ -347,21 +345,11 @@ def run(args) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from parallelize import teardown_distributed
-
     args = build_parser().parse_args(argv)
-    ok = False
-    try:
-        written = run(args)
-        ok = True
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        teardown_distributed(ok)
+    status, written = run_command(lambda: run(args))
     if written:
         print(f"wrote {len(written)} video(s): {written[0] if len(written) == 1 else written[0].parent}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

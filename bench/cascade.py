@@ -17,7 +17,7 @@ The three DiTs have the same size and batch and see the same number of tokens pe
 the same to train. For each caption (the held-out combinations and some seen ones) and seed, each design
 makes one 65-frame clip; its first 17 and 33 frames are the 1x and 2x clips (the causal tokenizer and the
 left-to-right construction of both designs make a shorter clip a prefix of a longer one). All are scored by
-`data.motion_score`. Prints a table per length and writes cascade.json, cascade.md, the videos, and
+`evaluation.motion_score`. Prints a table per length and writes cascade.json, cascade.md, the videos, and
 trajectories.png (the object's centre along the caption's axis, frame by frame, for a few samples).
 """
 
@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare_data(args) -> tuple[Path, Path, Path]:
     """Synthetic 65-frame clips, a tokenizer, and the clips' latents: (manifest, tokenizer dir, latent shards)."""
-    import train
     from data.synthetic import DEFAULT_HOLDOUT, SyntheticSpec, generate
     from tokenizer import CausalVAE
     from tokenizer.encode import export_latents
+    from training.loop import train
+    from training.options import build_parser
 
     out = args.out
     spec = SyntheticSpec(frames=LONG_FRAMES, size=args.size, speed=(0.5, 0.65), holdout=DEFAULT_HOLDOUT)
@@ -89,7 +90,7 @@ def prepare_data(args) -> tuple[Path, Path, Path]:
     if vae is None:
         vae = ROOT / "runs" / "quickstart" / "tokenizer" / "model"
         if not (vae / "config.json").is_file():
-            run = train.train(train.build_parser().parse_args([
+            run = train(build_parser().parse_args([
                 "--stage", "tokenizer", "--data", str(shards), "--out", str(out / "tokenizer"), "--preset", "tiny",
                 "--frames", str(TRAIN_FRAMES), "--size", str(args.size), "--fps", str(spec.fps),
                 "--steps", str(args.tokenizer_steps), "--batch-size", "8", "--lr", "2e-3", "--warmup", "50",
@@ -106,7 +107,8 @@ def prepare_data(args) -> tuple[Path, Path, Path]:
 
 def train_models(args, vae: Path, latents: Path) -> dict[str, Path]:
     """(a) `whole`, and (b)'s `keyframes` and `interpolate`, at equal training compute."""
-    import train
+    from training.loop import train
+    from training.options import build_parser
 
     half = max(1, args.steps // 2)
     common = ["--stage", "dit", "--latents", "--data", str(latents), "--vae", str(vae), "--preset", "tiny",
@@ -123,7 +125,7 @@ def train_models(args, vae: Path, latents: Path) -> dict[str, Path]:
     runs, seconds = {}, {}
     for name, extra in plans.items():
         t0 = time.perf_counter()
-        runs[name] = train.train(train.build_parser().parse_args(common + ["--out", str(args.out / name)] + extra))
+        runs[name] = train(build_parser().parse_args(common + ["--out", str(args.out / name)] + extra))
         seconds[name] = time.perf_counter() - t0
     (args.out / "train_seconds.json").write_text(json.dumps(seconds, indent=2))
     return runs
@@ -203,7 +205,7 @@ def trajectory_figure(dirs: dict[str, dict[str, Path]], captions: list[str], pat
     the cascade's keyframes are marked by dotted lines."""
     from PIL import Image, ImageDraw
 
-    from data.motion_score import object_centres, read_frames
+    from evaluation.motion_score import object_centres, read_frames
     from data.synthetic import DIRECTIONS, parse_caption
 
     palette = [(230, 60, 60), (60, 170, 80), (60, 110, 235), (210, 160, 30), (150, 80, 200), (40, 170, 180)]
@@ -239,7 +241,7 @@ def trajectory_figure(dirs: dict[str, dict[str, Path]], captions: list[str], pat
 
 
 def report(args, dirs: dict, manifest: Path, captions: list[str]) -> dict:
-    from data.motion_score import score_dir
+    from evaluation.motion_score import score_dir
 
     rows, results = [], {}
     for length in LENGTHS:

@@ -53,7 +53,7 @@ def free_port() -> int:
 def time_or_memory(run, spec: dict, device) -> dict:
     """Inside a worker: one warm-up call of `run`, then, as spec["measure"] says, either the peak memory of
     one more call ({"peak_mb"}) or the median time of spec["repeats"] calls ({"seconds"})."""
-    from data.peak_memory import PeakMemory
+    from evaluation.peak_memory import PeakMemory
 
     run()
     if spec["measure"] == "memory":

@@ -7,8 +7,8 @@ and the attention backends side by side.
 
 1. Forward + backward of one training step (batch 1, 32 text tokens, latents of 16 channels with 32x32
    latent frames and as many frames as the token count needs, patch 1x2x2), for each preset and token
-   count: seconds per step, tokens/s, peak memory, and model FLOPs per second. FLOPs per token for training
-   are 6 N + 12 L d S (N parameters, L layers, width d, S tokens); MFU divides the achieved rate by the
+   count: seconds per step, tokens/s, peak memory, and model FLOPs per second. FLOPs come from
+   dit3d/budget.py (per token 6 N + 12 L d S plus cross-attention; N parameters, L layers, width d, S tokens); MFU divides the achieved rate by the
    measured peak of a large matmul in the same dtype on the same device. The Wan model gets the same width,
    depth, heads, patch, FFN width and text width, random weights; both use PyTorch SDPA. Time is measured
    in pairs: each round is one fresh process that holds both models and alternates their steps (ours then
@@ -122,13 +122,15 @@ def measure(spec: dict) -> dict:
 
 
 def measure_pair(spec: dict, device, dtype) -> dict:
+    from dit3d.budget import training_flops
+
     """Both models in this process, a warm-up step each, then spec["repeats"] pairs of timed steps in
     alternating order: {model: {"seconds": [...], "params", "flops"}}, plus the matmul peak."""
     steps, result = {}, {}
     for model in MODELS:
         steps[model], cfg, params = training_step(spec | {"model": model}, device, dtype)
         steps[model]()
-        flops = (6 * params + 12 * cfg.depth * cfg.width * spec["tokens"]) * spec["tokens"]
+        flops = training_flops(cfg, params, spec["tokens"], TEXT_TOKENS)
         result[model] = {"params": params, "flops": flops, "seconds": []}
     for i in range(spec["repeats"]):
         for model in MODELS if i % 2 == 0 else MODELS[::-1]:

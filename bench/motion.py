@@ -5,7 +5,7 @@
                            [--solver euler heun] [--out bench/results/motion.json]
 
 Every combination of run x steps x cfg x solver samples K videos (seeds 0..K-1) for each caption and
-scores them with `data.motion_score`, split into caption combinations seen in training and held out of
+scores them with `evaluation.motion_score`, split into caption combinations seen in training and held out of
 it. Prints one table row per setting and writes JSON (settings, summaries and per-video scores), so that
 two runs, or two sampler settings of one run, are compared on the same captions and seeds.
 """
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from bench.common import markdown_table  # noqa: E402
 from data import write_video  # noqa: E402
-from data.motion_score import score_dir  # noqa: E402
+from evaluation.motion_score import score_dir  # noqa: E402
 from data.synthetic import ALL_CAPTIONS  # noqa: E402
 
 

@@ -9,7 +9,7 @@ count; and a memory model that says how long a clip fits per preset and --sp-siz
    --tokens tokens (latent frames of 32 x 32 in 1x2x2 patches: 256 tokens each, 64 text tokens), its tokens
    split over the P ranks (--sp-size P), in fresh processes under torchrun (gloo on the CPU, NCCL on GPUs):
    seconds, tokens/s, memory per rank (held between steps: weights, optimiser state; and the step's own
-   peak above that), and MFU: the step's (6 N + 12 L d S) S FLOPs over P ranks, against the measured peak of
+   peak above that), and MFU: the step's FLOPs (dit3d/budget.py) over P ranks, against the measured peak of
    a large matmul on one device, in the same dtype (bf16 on CUDA, float32 on the CPU).
 2. Memory model, from the one-rank runs at S and S / 2 tokens: memory per token (the slope) and the rest.
    The rest splits into 16 bytes per parameter (float32 weights, gradients and AdamW's two moments, which
@@ -48,9 +48,9 @@ def measure(spec: dict) -> dict:
     import torch.distributed as dist
 
     from dit3d import DiT3D, preset
+    from dit3d.budget import training_flops
     from dit3d.model import DiTBlock
-    from parallelize import (apply_activation_checkpointing, apply_sequence_parallel, data_parallel, setup_distributed,
-                             teardown_distributed)
+    from parallel import ParallelOptions, parallelize, setup_distributed, teardown_distributed
 
     env = setup_distributed(spec["device"], spec["ranks"])
     device = env.device
@@ -59,12 +59,7 @@ def measure(spec: dict) -> dict:
     cfg = preset(spec["preset"])
     model = DiT3D(cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
-    if env.sp > 1:
-        apply_sequence_parallel(model, env.sp_group)
-    if spec["checkpoint_activations"]:
-        apply_activation_checkpointing(model, DiTBlock)
-    model = data_parallel(model, spec["parallel"] if env.world > 1 else "none", (DiTBlock,), device,
-                          param_dtype=torch.bfloat16 if cuda else None)
+    model = parallelize(model, env, ParallelOptions((DiTBlock,), spec["parallel"], spec["checkpoint_activations"]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     x = torch.randn(1, cfg.in_channels, spec["tokens"] // FRAME_TOKENS, 32, 32, device=device)
     t = torch.rand(1, device=device)
@@ -87,7 +82,7 @@ def measure(spec: dict) -> dict:
     result = {"params": params}
     if "seconds" in mine:
         seconds = max(r["seconds"] for r in everyone)  # the step ends when the slowest rank's does
-        flops = (6 * params + 12 * cfg.depth * cfg.width * spec["tokens"]) * spec["tokens"]
+        flops = training_flops(cfg, params, spec["tokens"], TEXT_TOKENS)
         peak = matmul_peak_flops(device, torch.bfloat16 if cuda else torch.float32)
         result |= {"seconds": seconds, "tokens_per_s": spec["tokens"] / seconds,
                    "mfu": flops / env.world / seconds / peak, "peak_tflops": peak / 1e12}
@@ -99,7 +94,7 @@ def measure(spec: dict) -> dict:
 
 def memory_model(low: dict, high: dict, params: int) -> dict:
     """Fit per-token memory and the overhead from one-rank runs at two token counts (see the docstring)."""
-    total = lambda r: r["held_mb"] + r["peak_mb"]  # noqa: E731
+    total = lambda r: r["held_mb"] + r["peak_mb"]  # noqa: E731  (PeakMemory's peak is above what was held)
     per_token = (total(high) - total(low)) / (high["tokens"] - low["tokens"])
     state = STATE_BYTES_PER_PARAM * params / 2**20
     overhead = total(high) - per_token * high["tokens"] - state
@@ -113,10 +108,6 @@ def longest_clip(model: dict, ranks: int, capacity_mb: float, frame_tokens: int)
     latent_frames = tokens // frame_tokens
     return tokens, (1 + 4 * (latent_frames - 1)) if latent_frames else 0
 
-
-def all_to_all_bytes(cfg, tokens: int, ranks: int, dtype_bytes: int) -> float:
-    """Bytes one rank sends per training step: 8 exchanges per block of (P - 1) / P of an (S / P) x width tensor."""
-    return 8 * cfg.depth * (tokens / ranks) * cfg.width * dtype_bytes * (ranks - 1) / ranks
 
 
 def capacity_mb(device: str) -> float:
@@ -158,6 +149,7 @@ def main() -> None:
     import torch
 
     from dit3d import preset
+    from dit3d.budget import all_to_all_bytes
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
@@ -211,7 +203,7 @@ def main() -> None:
             n, frames = longest_clip(m, p, capacity, frame_tokens)
             kind = "measured model" if p in ranks else "projection"
             longest.append({"preset": name, "ranks": p, "tokens": n, "frames": frames, "kind": kind})
-            exchange = all_to_all_bytes(cfg, tokens, p, dtype_bytes)
+            exchange = all_to_all_bytes(cfg, tokens, p, 1, dtype_bytes, training=True)
             tp = t1 / p + exchange / (args.link_gbps * 1e9)
             measured = next((r["tokens_per_s"] for r in runs if r["preset"] == name and r["ranks"] == p), None)
             projection.append({"preset": name, "ranks": p, "all_to_all_mb": exchange / 2**20, "tokens_per_s": tokens / tp,

@@ -8,7 +8,7 @@ import json
 import torch
 
 from bench import cascade
-from data.motion_score import read_frames
+from evaluation.motion_score import read_frames
 from tokenizer import CausalVAE
 
 

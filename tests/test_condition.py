@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,15 @@ import torch
 
 import sample
 import train
-from data.motion_score import read_frames
+from evaluation.motion_score import read_frames
 from data.synthetic import SyntheticSpec, generate
 from data.video_io import read_clip, write_video
 from dit3d import DiT3D
-from dit3d.condition import ConditionConfig, given_mask
+from dit3d.condition import ConditionConfig, FrameSelection, given_mask
 from dit3d.flow import flow_loss, sample as flow_sample
 from pipeline import Pipeline
 from tokenizer import CausalVAE
+from training.stage import sample_generator
 
 
 # ---- modes and masks --------------------------------------------------------------------------------
@@ -62,10 +62,8 @@ def test_select_frames_windows_and_strides():
     keys = [f"k{i}" for i in range(8)]
 
     def stage(condition: ConditionConfig, window: int, stride: int):
-        ns = types.SimpleNamespace(args=types.SimpleNamespace(seed=0, latent_stride=stride, latent_window=window),
-                                   condition=condition)
-        ns.trained_frames = lambda t: train.DiTStage.trained_frames(ns, t)
-        return lambda step: train.DiTStage.select_frames(ns, z, keys, step)
+        selection = FrameSelection(condition, stride, window)
+        return lambda step: selection.select(z, [sample_generator(0, step, k, "condition") for k in keys])
 
     frames, given = stage(ConditionConfig(), 0, 4)(0)
     assert given is None and frames[0, 0, :, 0, 0].tolist() == [0, 4, 8, 12, 16]

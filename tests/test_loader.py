@@ -19,7 +19,7 @@ from data import LATENT_EXT, ShardWriter, latent_sample, make_loader, read_clip
 from data import loader as loader_module
 from data.make_shards import main as make_shards_main
 from data.video_io import encode_mp4
-from parallelize import teardown_distributed
+from parallel import teardown_distributed
 
 from .conftest import BIKES, CARPHONE, copy_clip, truncated_copy
 

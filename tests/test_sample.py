@@ -12,7 +12,7 @@ from PIL import Image
 
 import sample
 import train
-from data.motion_score import read_frames
+from evaluation.motion_score import read_frames
 from data.synthetic import SyntheticSpec, generate
 from dit3d.flow import sample as flow_sample
 from tokenizer import CausalVAE

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from bench.common import free_port
 from dit3d import DiT3D
 from dit3d.model import Attend
-from parallelize import teardown_distributed
+from parallel import teardown_distributed
 
 
 def _spawn(fn, *args) -> None:
@@ -48,7 +48,7 @@ def _summed_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _attention_worker(rank: int) -> None:
-    from parallelize import UlyssesAttend
+    from parallel import UlyssesAttend
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3))
@@ -69,7 +69,7 @@ def test_ulysses_attention_equals_one_process():
 
 
 def _dit_worker(rank: int) -> None:
-    from parallelize import apply_sequence_parallel
+    from parallel import apply_sequence_parallel
 
     torch.manual_seed(0)
     model = DiT3D.from_preset("tiny", frame_conditioning=True)
@@ -109,7 +109,8 @@ def test_sequence_parallel_dit_equals_one_process():
 
 
 def test_scale_bench_memory_model_and_longest_clip():
-    from bench.scale import all_to_all_bytes, longest_clip, memory_model
+    from bench.scale import longest_clip, memory_model
+    from dit3d.budget import all_to_all_bytes
     from dit3d import preset
 
     # 1000 MB held + 10 MB per 1k tokens; 1M parameters carry 16 MB of state (weights, grads, AdamW)
@@ -123,8 +124,9 @@ def test_scale_bench_memory_model_and_longest_clip():
     assert longest_clip(model, 2, 1100.0, 256)[0] == 21600
     assert longest_clip(model, 1, 900.0, 256) == (0, 0)  # nothing fits
     cfg = preset("S")  # 12 blocks x 8 exchanges x (S / P) x width x 4 bytes x (P - 1) / P
-    assert all_to_all_bytes(cfg, 4096, 1, 4) == 0
-    assert all_to_all_bytes(cfg, 4096, 2, 4) == 12 * 8 * 2048 * 384 * 4 / 2
+    assert all_to_all_bytes(cfg, 4096, 1, 1, 4, training=True) == 0
+    assert all_to_all_bytes(cfg, 4096, 2, 1, 4, training=True) == 12 * 8 * 2048 * 384 * 4 / 2
+    assert all_to_all_bytes(cfg, 4096, 2, 3, 4, training=False) == 3 * 12 * 4 * 2048 * 384 * 4 / 2
 
 
 @pytest.mark.slow

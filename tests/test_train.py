@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from safetensors.torch import load_file
 
 import train
 from bench.common import free_port
+from training.dit_stage import DiTStage
+from training.options import build_parser
 from data.synthetic import SyntheticSpec, generate
 from tokenizer import CausalVAE
 
@@ -54,6 +57,13 @@ def run_cli(args: list[str], nproc: int = 1, **kwargs) -> subprocess.CompletedPr
     return proc
 
 
+def one_line_error(capsys, pattern: str) -> bool:
+    """The command printed one error line, `error: ...` matching pattern, and no traceback."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    return len(errors) == 1 and "Traceback" not in err and re.search(pattern, errors[0]) is not None
+
+
 def losses(run: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
@@ -67,7 +77,7 @@ def dit_args(shards: Path, vae_dir: Path, out: Path, *extra: str) -> list[str]:
 def test_the_dit_starts_from_the_same_weights_whatever_the_tokenizer(shards, vae_dir, tmp_path):
     """The seed alone sets the DiT's initial weights: loading a tokenizer of another architecture (whose
     constructor draws other random numbers before its checkpoint overwrites them) must not change them."""
-    from parallelize import Env
+    from parallel import Env
 
     other = tmp_path / "other_vae"
     CausalVAE.from_preset("tiny", linear_context=1, linear_frames=2, decoder_blocks=2).save_pretrained(other)
@@ -75,7 +85,7 @@ def test_the_dit_starts_from_the_same_weights_whatever_the_tokenizer(shards, vae
     initial = []
     for vae in (vae_dir, other):
         torch.manual_seed(0)
-        stage = train.DiTStage(train.build_parser().parse_args(dit_args(shards, vae, tmp_path / "run")), env)
+        stage = DiTStage(build_parser().parse_args(dit_args(shards, vae, tmp_path / "run")), env)
         initial.append(stage.model.state_dict())
     assert initial[0].keys() == initial[1].keys()
     assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])
@@ -100,7 +110,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shards, 
     assert not torch.equal(a["position"], torch.zeros_like(a["position"]))
 
 
-def test_sequence_parallel_two_processes_equal_one_process(shards, vae_dir, tmp_path):
+def test_sequence_parallel_two_processes_equal_one_process(shards, vae_dir, tmp_path, capsys):
     # --sp-size 2 on 2 ranks: one data-parallel replica whose two ranks read the same clips and each hold half
     # of every clip's tokens (the tiny DiT has 4 heads, 2 per rank). It must take the steps of one process.
     common = ["--steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--num-workers", "1"]
@@ -114,8 +124,8 @@ def test_sequence_parallel_two_processes_equal_one_process(shards, vae_dir, tmp_
         b = load_file(tmp_path / "sp" / "model" / part / "model.safetensors")
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    with pytest.raises(SystemExit, match="--sp-size 2 must divide the number of processes"):
-        train.main(dit_args(shards, vae_dir, tmp_path / "bad", *common, "--sp-size", "2"))
+    assert train.main(dit_args(shards, vae_dir, tmp_path / "bad", *common, "--sp-size", "2")) == 2
+    assert "--sp-size 2 must divide the number of processes" in capsys.readouterr().err
 
 
 def test_a_stopped_run_resumes_on_the_loss_curve_of_an_uninterrupted_one(shards, vae_dir, tmp_path):
@@ -139,12 +149,22 @@ def test_a_stopped_run_resumes_on_the_loss_curve_of_an_uninterrupted_one(shards,
     assert not list((tmp_path / "split" / "checkpoints").glob(".*.tmp"))
 
 
-def test_fsdp2_steps_run_and_resume(shards, vae_dir, tmp_path):
-    common = ["--steps", "3", "--batch-size", "2", "--num-workers", "1", "--parallel", "fsdp", "--checkpoint-every", "0"]
-    run_cli(dit_args(shards, vae_dir, tmp_path / "fsdp", *common, "--exit-after", "2"), nproc=2)
-    proc = run_cli(dit_args(shards, vae_dir, tmp_path / "fsdp", *common), nproc=2)
+def test_fsdp2_equals_one_process_and_resumes(shards, vae_dir, tmp_path):
+    # as the DDP test: 2 ranks x 2 clips against 1 process x 2 micro-batches of 2, the same readers either way;
+    # the FSDP run is stopped after step 2 and resumed
+    common = ["--steps", "3", "--batch-size", "2", "--checkpoint-every", "0"]
+    run_cli(dit_args(shards, vae_dir, tmp_path / "one", *common, "--grad-accum", "2", "--num-workers", "2"))
+    fsdp = [*common, "--num-workers", "1", "--parallel", "fsdp"]
+    run_cli(dit_args(shards, vae_dir, tmp_path / "fsdp", *fsdp, "--exit-after", "2"), nproc=2)
+    proc = run_cli(dit_args(shards, vae_dir, tmp_path / "fsdp", *fsdp), nproc=2)
     assert "step 2 of 3" in proc.stderr + proc.stdout
-    assert sorted(losses(tmp_path / "fsdp")) == [1, 2, 3]
+    one, sharded = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert sorted(sharded) == [1, 2, 3]
+    assert [sharded[k] for k in (1, 2, 3)] == pytest.approx([one[k] for k in (1, 2, 3)], rel=1e-5)
+    a = load_file(tmp_path / "one" / "model" / "dit" / "model.safetensors")
+    b = load_file(tmp_path / "fsdp" / "model" / "dit" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     state = load_file(tmp_path / "fsdp" / "model" / "dit" / "model.safetensors")  # gathered full weights
     from dit3d import DiT3D
 
@@ -193,18 +213,18 @@ def test_tokenizer_stage_trains_with_the_discriminator_and_measures_latent_stats
     assert list((out / "previews").glob("step_*/*.mp4"))
 
 
-def test_a_nan_loss_stops_the_run_and_names_the_step(shards, vae_dir, tmp_path, monkeypatch):
-    real_loss = train.DiTStage.loss
+def test_a_nan_loss_stops_the_run_and_names_the_step(shards, vae_dir, tmp_path, monkeypatch, capsys):
+    real_loss = DiTStage.loss
 
     def loss(self, model, batch, step):
         value, logs = real_loss(self, model, batch, step)
         return (value * float("nan"), logs) if step == 3 else (value, logs)
 
-    monkeypatch.setattr(train.DiTStage, "loss", loss)
+    monkeypatch.setattr(DiTStage, "loss", loss)
     out = tmp_path / "nan"
-    with pytest.raises(SystemExit, match=r"loss is nan .* at step 4; .*step_00000002"):
-        train.main(dit_args(shards, vae_dir, out, "--steps", "8", "--batch-size", "2", "--num-workers", "0",
-                            "--checkpoint-every", "2"))
+    assert train.main(dit_args(shards, vae_dir, out, "--steps", "8", "--batch-size", "2", "--num-workers", "0",
+                               "--checkpoint-every", "2")) == 2
+    assert one_line_error(capsys, r"the loss is nan .* at step 4; .*step_00000002")
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert max(losses(out)) == 3
 
@@ -213,17 +233,20 @@ def test_bad_options_get_one_line_errors(shards, vae_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--seed", "1"])  # a quickstart option without `quickstart` before it
     assert "put the quickstart's options after its name (`python train.py quickstart --seed 1`)" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--stage dit needs --vae"):
-        train.main(["--stage", "dit", "--data", str(shards), "--out", str(tmp_path / "a"), *FAST])
-    with pytest.raises(SystemExit, match=r"--frames: frames must be 1 \+ 4k.*got 12: use 9 or 13"):
-        train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(tmp_path / "b"), "--frames", "12"])
+    assert train.main(["--stage", "dit", "--data", str(shards), "--out", str(tmp_path / "a"), *FAST]) == 2
+    assert one_line_error(capsys, "--stage dit needs --vae")
+    assert train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(tmp_path / "b"), "--frames", "12"]) == 2
+    assert one_line_error(capsys, r"--frames: frames must be 1 \+ 4k.*got 12: use 9 or 13")
     run = tmp_path / "c"
     assert train.main(dit_args(shards, vae_dir, run, "--steps", "1", "--batch-size", "2", "--num-workers", "0")) == 0
     # previews of the manifest's captions are scored by the motion benchmark and logged
     preview = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert preview["motion/videos"] >= 1 and 0 <= preview["motion/direction"] <= 1 and preview["previews"]
-    with pytest.raises(SystemExit, match="holds a dit run"):
-        train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(run), *FAST, "--steps", "1"])
+    assert train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(run), *FAST, "--steps", "1"]) == 2
+    assert one_line_error(capsys, "holds a dit run")
+    assert train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(tmp_path / "d"), *FAST,
+                       "--override", "widht=3"]) == 2
+    assert one_line_error(capsys, r"unknown tokenizer config field\(s\) \['widht'\]")
 
 
 def test_the_word_text_encoder_trains_and_samples(shards, vae_dir, tmp_path):

@@ -1,0 +1,165 @@
+"""The DiT stage: flow matching in the frozen tokenizer's normalised latent space, conditioned on captions
+(and on known frames, with --condition)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dit3d import DiT3D
+from dit3d import preset as dit_preset
+from dit3d.condition import ConditionConfig, FrameSelection
+from dit3d.flow import FlowConfig, flow_loss, interpolate, keep_given, training_timesteps, velocity_target
+from dit3d.model import DiTBlock
+from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
+from errors import InputError
+from evaluation.motion_score import preview_scores
+from parallel import Env, unwrap
+from pipeline import TextToVideo, generate_latents, save_pipeline, text_inputs
+from tokenizer import CausalVAE
+
+from .options import parse_overrides
+from .stage import autocast, image_step, sample_generator
+
+log = logging.getLogger("train")
+
+
+class DiTStage:
+    name = "dit"
+
+    def __init__(self, args, env: Env):
+        self.args, self.env = args, env
+        if not args.vae:
+            raise InputError("--stage dit needs --vae DIR, a trained tokenizer (OUT/model of a tokenizer run)")
+        self.vae = CausalVAE.from_pretrained(args.vae).to(env.device).eval().requires_grad_(False)
+        if env.main and bool((self.vae.latent_std == 1).all() and (self.vae.latent_mean == 0).all()):
+            log.warning("the tokenizer at %s has no measured latent statistics; latents are used unnormalised", args.vae)
+        self.frozen_text = None
+        try:
+            condition = ConditionConfig.parse(args.condition)
+        except InputError as e:
+            raise InputError(f"--condition: {e}") from None
+        self.frames = FrameSelection(condition, args.latent_stride, args.latent_window)
+        overrides = parse_overrides(args.override)
+        if args.text_encoder in BUILTIN_TEXT_ENCODERS:
+            cfg = dit_preset(args.preset, in_channels=self.vae.config.latent_channels, **overrides)
+            builtin = BUILTIN_TEXT_ENCODERS[args.text_encoder]
+            text = builtin(builtin.CONFIG(dim=cfg.text_dim))
+        else:
+            self.frozen_text = HFTextEncoder(args.text_encoder, device=env.device)
+            cfg = dit_preset(args.preset, in_channels=self.vae.config.latent_channels, text_dim=self.frozen_text.dim,
+                             **overrides)
+            text = None
+        if condition.active and not cfg.frame_conditioning:
+            cfg = dataclasses.replace(cfg, frame_conditioning=True)
+        self.model = TextToVideo(DiT3D(cfg), text).to(env.device)
+        self.block_types = (DiTBlock,)
+        self.flow = FlowConfig(logit_mean=args.logit_mean, logit_std=args.logit_std, shift=args.shift,
+                               shift_base_tokens=args.shift_base_tokens)
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.model.dit.config)
+
+    def initialize(self) -> None:
+        pass
+
+    def latent_grid(self, batch: dict) -> tuple[int, ...]:
+        if "latents" in batch:
+            t, h, w = batch["latents"].shape[2:]
+        else:
+            t, h, w = self.vae.latent_shape(*batch["video"].shape[2:])[1:]
+        return self.frames.frames(t), h, w
+
+    def tokens(self, batch: dict) -> int:
+        return math.prod(self.model.dit.token_grid(self.latent_grid(batch)))
+
+    def encode_text(self, module: TextToVideo, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text inputs of the wrapped model: token ids (built-in encoder) or frozen-encoder tokens."""
+        return text_inputs(module, self.frozen_text, captions, self.env.device)
+
+    def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        device, seed = self.env.device, self.args.seed
+        keys = batch["key"]
+        gens = [sample_generator(seed, step, k) for k in keys]
+        normals = torch.stack([torch.randn((), generator=g) for g in gens])
+        drop = torch.stack([torch.rand((), generator=g) < self.args.caption_dropout for g in gens])
+        with torch.no_grad():
+            if "latents" in batch:
+                z = batch["latents"].to(device)
+            else:
+                posterior = self.vae.encode(batch["video"].to(device))
+                eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in gens]).to(device)
+                z = posterior.mean + posterior.std * eps
+            z, given = self.frames.select(z, [sample_generator(seed, step, k, "condition") for k in keys])
+            if image_step(seed, step, self.args.image_prob):
+                z, given = z[:, :, :1], None if given is None else torch.zeros_like(given[:, :1])
+            x0 = self.vae.normalize(z.float())  # (B, C, t, h, w), unit scale
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+        t = training_timesteps(self.flow, normals, math.prod(unwrap(model).dit.token_grid(tuple(x0.shape[2:])))).to(device)
+        x_t = keep_given(interpolate(x0, noise, t), None if given is None else (x0, given))
+        text, mask = self.encode_text(unwrap(model), batch["caption"])
+        with autocast(device):
+            v = model(x_t, t, text, mask, drop.to(device), given)
+        loss = flow_loss(v, velocity_target(x0, noise), None if given is None else ~given)
+        logs = {} if given is None else {"given_frames": given.float().mean().item()}
+        return loss, logs
+
+    def after_backward(self, step: int, last_micro: bool, micro_batches: int) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def preview_prompts(self) -> list[str]:
+        if self.args.preview_prompts:
+            return self.args.preview_prompts
+        manifest = Path(self.args.data) / "manifest.json" if os.path.isdir(str(self.args.data)) else None
+        if manifest is not None and manifest.is_file():
+            m = json.loads(manifest.read_text())
+            captions = list(m.get("holdout_captions", []))[:3] + list(m.get("train_captions", []))[:2]
+            if captions:
+                return captions
+        return []
+
+    @torch.no_grad()
+    def generate(self, ema: TextToVideo, prompts: list[str], frames: int, size: int, steps: int, guidance: float,
+                 seed: int = 0) -> torch.Tensor:
+        """Videos (B, 3, frames, size, size) in [-1, 1] for prompts, by the EMA model (called as a whole, as
+        FSDP2 needs: it gathers the root's parameters in the root's forward)."""
+        shape = self.vae.latent_shape(frames, size, size)
+        z = generate_latents(ema, lambda c: self.encode_text(ema, c), prompts, shape, steps=steps, guidance=guidance,
+                             shift=self.flow.shift_for(math.prod(ema.dit.token_grid(shape[1:]))),
+                             seeds=[seed + i for i in range(len(prompts))], device=self.env.device,
+                             autocast_dtype=torch.bfloat16 if self.env.device.type == "cuda" else None)
+        return self.vae.decode(self.vae.denormalize(z), chunk=2).clamp(-1, 1)
+
+    def preview(self, ema: nn.Module, batch: dict) -> tuple[list[tuple[str, torch.Tensor, str | None]], dict]:
+        """Samples of the preview prompts by the EMA weights: (name, video, prompt) items and their motion scores."""
+        prompts = self.preview_prompts() or list(dict.fromkeys(batch["caption"]))[:4]
+        videos = self.generate(ema, prompts, self.args.frames, self.args.size, self.args.preview_steps, self.args.guidance,
+                               seed=self.args.seed)
+        items = [(f"{i:02d}_{prompt.replace(' ', '_')[:60]}", video, prompt) for i, (prompt, video) in enumerate(zip(prompts, videos))]
+        return items, preview_scores(prompts, videos)
+
+    def finish(self, ema: nn.Module) -> dict:
+        return {}
+
+    def export(self, ema: TextToVideo, state: dict[str, torch.Tensor], directory: Path) -> None:
+        """directory/{dit, text, tokenizer} and pipeline.json: all that sample.py needs."""
+        save_pipeline(directory, ema, state, self.vae, {
+            "text_encoder": self.args.text_encoder if ema.text is not None else str(Path(self.args.text_encoder).resolve()),
+            "frames": self.args.frames, "size": self.args.size, "fps": self.args.fps or 8.0,
+            "flow": dataclasses.asdict(self.flow),
+            "sampler": {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"},
+            "condition": dataclasses.asdict(self.frames.condition),
+        })

@@ -1,0 +1,131 @@
+"""train.py's options: every option's type, default and help in one place, and the checks of their values."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from data.video_io import check_frame_count
+from errors import InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description="Train the video tokenizer or the text-to-video DiT, from one CPU to many GPUs.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--stage", choices=["dit", "tokenizer"], required=True, help="what to train")
+    g.add_argument("--preset", default="tiny", help="model size: tokenizer tiny|small|base, DiT tiny|S|B|L|XL|1.3B")
+    g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one model config field of the preset (repeatable), e.g. depth=8")
+    g.add_argument("--data", required=True, help="shards: a folder, glob, brace pattern or pipe: URL")
+    g.add_argument("--out", required=True, help="run folder; an existing one is resumed")
+    g.add_argument("--vae", help="trained tokenizer folder (the dit stage)")
+    g.add_argument("--latents", action="store_true", help="--data holds latent shards (python -m tokenizer.encode)")
+    g.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("data")
+    g.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k")
+    g.add_argument("--size", type=int, default=64, help="square crop side, in pixels")
+    g.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
+    g.add_argument("--batch-size", type=int, default=8, help="clips per process per micro-batch")
+    g.add_argument("--num-workers", type=int, default=2, help="decoding worker processes per rank")
+    g.add_argument("--shuffle-buffer", type=int, default=64)
+    g.add_argument("--image-prob", type=float, default=0.0, help="fraction of steps that train on images (first frames)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=1000, help="optimiser steps in all")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    g.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="after the warm-up")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine: final LR over --lr")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.99)
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    g.add_argument("--ema-decay", type=float, default=0.999)
+    g = p.add_argument_group("parallelism and speed")
+    g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="with several processes")
+    g.add_argument("--sp-size", type=int, default=1,
+                   help="Ulysses sequence parallelism: split each video's tokens over this many consecutive ranks "
+                        "(must divide the process count and the DiT's heads); DDP / FSDP2 over the rest")
+    g.add_argument("--compile", action="store_true", help="torch.compile each block")
+    g.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward (memory)")
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="steps (0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--exit-after", type=int, default=0,
+                   help="checkpoint and exit after this many steps of this invocation (fixed-length job slots); 0: off")
+    g.add_argument("--max-minutes", type=float, default=0,
+                   help="end the run properly (statistics, export, final checkpoint) after this many minutes; 0: off")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--preview-every", type=int, default=0, help="steps between preview videos (0: at the end only)")
+    g.add_argument("--preview-prompts", nargs="*", default=None, help="dit: prompts (default: from the data's manifest)")
+    g.add_argument("--preview-steps", type=int, default=30, help="dit: sampler steps of the previews")
+    g.add_argument("--guidance", type=float, default=5.0, help="dit: classifier-free guidance scale of the previews, and sample.py's default")
+    g.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="auto",
+                   help="auto: online with WANDB_API_KEY set, else offline (WANDB_MODE overrides)")
+    g.add_argument("--wandb-project", default="dit3d-video")
+    g.add_argument("--wandb-run-name", default=None)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("dit stage")
+    g.add_argument("--text-encoder", default="bytes",
+                   help="bytes or words (built in, trained with the DiT; see dit3d/text.py) or a local folder with a "
+                        "T5 / UMT5 / CLIP text model")
+    g.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
+    g.add_argument("--logit-mean", type=float, default=0.0, help="logit-normal timestep location")
+    g.add_argument("--logit-std", type=float, default=1.0, help="logit-normal timestep scale")
+    g.add_argument("--shift", type=float, default=None, help="fixed timestep shift (default: from the token count)")
+    g.add_argument("--shift-base-tokens", type=int, default=256, help="token count with no shift")
+    g.add_argument("--condition", nargs="*", default=None, metavar="MODE=P",
+                   help="known-frame conditioning: per sample, with probability P, give the first latent frame "
+                        "(image), the first m (extend) or the first and last (interpolate) clean and train on the "
+                        "rest, e.g. --condition image=0.2 extend=0.2 interpolate=0.1 (the rest: text only)")
+    g.add_argument("--latent-window", type=int, default=0,
+                   help="train on this many latent frames of each clip (from its start, or anywhere when the "
+                        "window's first frame is given); 0: all")
+    g.add_argument("--latent-stride", type=int, default=1,
+                   help="take every K-th latent frame first (a keyframe model, as in bench/cascade.py)")
+    g = p.add_argument_group("tokenizer stage")
+    g.add_argument("--kl-weight", type=float, default=1e-6)
+    g.add_argument("--lpips-weight", type=float, default=0.0, help="perceptual loss weight (needs the two paths below)")
+    g.add_argument("--lpips-vgg", help="local torchvision VGG16 weights (.pth)")
+    g.add_argument("--lpips-heads", help="local LPIPS linear heads (vgg.pth of the lpips package)")
+    g.add_argument("--disc-weight", type=float, default=0.0, help="3D patch discriminator weight (0: none)")
+    g.add_argument("--disc-start", type=int, default=2000, help="step at which the adversarial loss switches on")
+    g.add_argument("--disc-lr", type=float, default=1e-4)
+    g.add_argument("--stats-batches", type=int, default=16, help="batches to measure the latent statistics on")
+    g.add_argument("--latent-norm", choices=["channel", "global"], default="channel",
+                   help="normalise latents per channel, or by one scale for all (the PCA-like linear code's "
+                        "weak channels then stay weak, so the DiT spends less on them)")
+    g.add_argument("--pca-init-clips", type=int, default=64,
+                   help="clips the linear codec path of a fresh run is fitted to: PCA encoder, least-squares decoder (0: random init)")
+    return p
+
+
+def check_args(args) -> None:
+    for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    try:
+        check_frame_count(args.frames)
+    except InputError as e:
+        raise InputError(f"--frames: {e}") from None
+    if args.latent_stride < 1 or args.latent_window < 0:
+        raise InputError("--latent-stride must be at least 1 and --latent-window at least 0")
+    if args.sp_size > 1 and args.stage != "dit":
+        raise InputError(f"--sp-size splits the DiT's token sequence; the {args.stage} stage has none (use 1)")
+    if args.latents and args.stage != "dit":
+        raise InputError("--latents is for the dit stage (latent shards have no pixels to reconstruct)")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise InputError(f"--override takes KEY=VALUE (e.g. depth=8), got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
