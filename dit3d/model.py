@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from checkpoint_io import load_model, save_model
 from errors import InputError
 
 from .attention import attention, resolve_backend
@@ -318,12 +319,8 @@ class DiT3D(nn.Module):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save_pretrained(self, directory) -> None:
-        from checkpoint_io import save_model
-
         save_model(self, directory, kind="dit")
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "DiT3D":
-        from checkpoint_io import load_model
-
         return load_model(cls, DiTConfig, directory, kind="dit", map_location=map_location)

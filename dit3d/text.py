@@ -27,6 +27,8 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
+from checkpoint_io import load_model, save_model
+
 
 class TextEncoder(Protocol):
     dim: int
@@ -76,14 +78,10 @@ class _LearnedTextEncoder(nn.Module):
         return self(ids, mask), mask
 
     def save_pretrained(self, directory) -> None:
-        from checkpoint_io import save_model
-
         save_model(self, directory, kind=self.KIND)
 
     @classmethod
     def from_pretrained(cls, directory):
-        from checkpoint_io import load_model
-
         return load_model(cls, cls.CONFIG, directory, kind=cls.KIND)
 
 

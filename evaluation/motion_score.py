@@ -29,9 +29,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 from scipy import ndimage
 
+from data import tensor_to_frames
 from data.synthetic import COLORS, DIRECTIONS, parse_caption
 from errors import InputError
 
@@ -188,8 +190,6 @@ def score_frames(frames: np.ndarray, caption: str, name: str = "", seen: str = "
 def preview_scores(prompts: list[str], videos) -> dict:
     """The averages of presence, colour, shape, direction and linearity over videos (B, 3, T, H, W) in [-1, 1]
     whose prompts follow the synthetic grammar (others are left out), as `motion/NAME` metrics."""
-    from data import tensor_to_frames
-
     scores = [score_frames(tensor_to_frames(v), p) for p, v in zip(prompts, videos) if parse_caption(p)]
     if not scores:
         return {}
@@ -198,8 +198,6 @@ def preview_scores(prompts: list[str], videos) -> dict:
 
 
 def read_frames(path: Path) -> np.ndarray:
-    import av
-
     with av.open(str(path)) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 

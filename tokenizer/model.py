@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
+from checkpoint_io import load_model, save_model
 from errors import InputError
 
 from .config import VAEConfig, preset
@@ -468,12 +469,8 @@ class CausalVAE(nn.Module):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save_pretrained(self, directory) -> None:
-        from checkpoint_io import save_model
-
         save_model(self, directory, kind="tokenizer")
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "CausalVAE":
-        from checkpoint_io import load_model
-
         return load_model(cls, VAEConfig, directory, kind="tokenizer", map_location=map_location)

@@ -26,7 +26,7 @@ class MetricsLog:
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         if mode != "disabled":
             try:
-                import wandb
+                import wandb  # here, not at the top: it takes a second to import, and most test runs disable it
 
                 id_file = path.parent / "wandb_id"
                 run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()

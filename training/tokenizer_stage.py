@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from checkpoint_io import save_checkpoint
 from data import make_loader
 from errors import InputError
+from evaluation.lpips import LPIPS
 from evaluation.metrics import psnr
 from parallel import Env, data_parallel, unwrap
 from tokenizer import CausalVAE
@@ -48,8 +49,6 @@ class TokenizerStage:
             if not (args.lpips_vgg and args.lpips_heads):
                 raise InputError("--lpips-weight needs --lpips-vgg (VGG16 weights) and --lpips-heads (LPIPS linear "
                                  "heads), both local files; nothing is downloaded")
-            from evaluation.lpips import LPIPS
-
             self.lpips = LPIPS.from_local(args.lpips_vgg, args.lpips_heads).to(env.device).eval().requires_grad_(False)
         self.disc = self.disc_opt = None
         if args.disc_weight > 0:
