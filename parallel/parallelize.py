@@ -12,6 +12,7 @@ with gradients reduced in float32). Training, sampling and the benchmarks all ca
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,23 @@ def data_parallel(model: nn.Module, strategy: str, block_types: tuple[type[nn.Mo
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Within the block, every FSDP2-sharded part of `model` holds its full parameters, so that its methods
+    other than forward (a tokenizer's encode and decode) can run; resharded after. Nothing for other models.
+    A forward of the root gathers them itself: prefer calling the model as a whole where one can."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in sharded:
+            m.reshard()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

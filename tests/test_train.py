@@ -176,6 +176,20 @@ def test_fsdp2_equals_one_process_and_resumes(shards, vae_dir, tmp_path):
     assert list((previews / "step_00000003").glob("*.mp4"))
 
 
+def test_the_tokenizer_stage_under_fsdp2_equals_one_process(shards, tmp_path):
+    """FSDP2 shards the tokenizer too; its encode and decode (previews, latent statistics) are not its forward,
+    so they run with the parameters gathered. With the discriminator on, 2 ranks take one process's steps."""
+    common = ["--stage", "tokenizer", "--data", str(shards), "--steps", "2", "--batch-size", "2", "--checkpoint-every",
+              "0", "--log-every", "1", "--disc-weight", "0.5", "--disc-start", "0", "--pca-init-clips", "0",
+              "--stats-batches", "100", *FAST]  # the statistics over every clip, however the ranks split them
+    run_cli([*common, "--out", str(tmp_path / "one"), "--grad-accum", "2", "--num-workers", "2"])
+    run_cli([*common, "--out", str(tmp_path / "fsdp"), "--num-workers", "1", "--parallel", "fsdp"], nproc=2)
+    one, sharded = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert [sharded[k] for k in (1, 2)] == pytest.approx([one[k] for k in (1, 2)], rel=1e-4)
+    a, b = CausalVAE.from_pretrained(tmp_path / "one" / "model"), CausalVAE.from_pretrained(tmp_path / "fsdp" / "model")
+    torch.testing.assert_close(b.latent_std, a.latent_std, rtol=1e-4, atol=1e-5)
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards, vae_dir, tmp_path):
     out = tmp_path / "preempted"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -20,7 +20,7 @@ from data import make_loader
 from errors import InputError
 from evaluation.lpips import LPIPS
 from evaluation.metrics import psnr
-from parallel import Env, data_parallel, unwrap
+from parallel import Env, ParallelOptions, parallelize, unsharded, unwrap
 from tokenizer import CausalVAE
 from tokenizer import preset as vae_preset
 from tokenizer.latent_stats import latent_moments, stats_from_moments
@@ -53,7 +53,7 @@ class TokenizerStage:
         self.disc = self.disc_opt = None
         if args.disc_weight > 0:
             self.disc = PatchDiscriminator3D(self.loss_cfg.disc_channels, self.loss_cfg.disc_layers).to(env.device)
-            self.disc = data_parallel(self.disc, "ddp" if env.world > 1 else "none", device=env.device)
+            self.disc = parallelize(self.disc, env, ParallelOptions((), "ddp"))
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
                                               fused=env.device.type == "cuda")
         self._recon: torch.Tensor | None = None
@@ -138,7 +138,8 @@ class TokenizerStage:
     def preview(self, ema: nn.Module, batch: dict) -> tuple[list[tuple[str, torch.Tensor, str | None]], dict]:
         """Originals beside their reconstructions by the EMA weights: (name, video, caption) items and the PSNR."""
         video = batch["video"][:4].to(self.env.device)
-        recon = ema.decode(ema.encode(video).mode()).clamp(-1, 1)
+        with unsharded(ema):  # encode and decode are not the forward, which FSDP2 would gather for
+            recon = ema.decode(ema.encode(video).mode()).clamp(-1, 1)
         items = [(key, torch.cat([original, rebuilt], dim=3), None) for key, original, rebuilt in zip(batch["key"], video, recon)]
         return items, {"preview/psnr": float(psnr(recon, video).mean())}
 
@@ -148,10 +149,11 @@ class TokenizerStage:
         loader = make_loader(self.args.data, self.args.batch_size, self.args.frames, self.args.size, mode="eval",
                              num_workers=self.args.num_workers, fps=self.args.fps)
         moments = torch.zeros(3, ema.config.latent_channels, dtype=torch.float64, device=self.env.device)
-        for i, batch in enumerate(loader):
-            if i >= self.args.stats_batches:
-                break
-            moments += latent_moments(ema.encode(batch["video"].to(self.env.device)).mode())
+        with unsharded(ema):
+            for i, batch in enumerate(loader):
+                if i >= self.args.stats_batches:
+                    break
+                moments += latent_moments(ema.encode(batch["video"].to(self.env.device)).mode())
         if dist.is_initialized():
             dist.all_reduce(moments)
         if moments[0, 0] == 0:
