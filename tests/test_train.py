@@ -91,18 +91,26 @@ def test_the_dit_starts_from_the_same_weights_whatever_the_tokenizer(shards, vae
     assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])
 
 
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shards, vae_dir, tmp_path):
-    # global batch 4 both ways: 2 ranks x 2 clips, or 1 process x 2 micro-batches of 2 clips. Readers
-    # (rank x worker) 0 and 1 read the same shards either way, and each clip's noise, time and caption
-    # dropout depend on the clip and the step alone, so the two runs must take the same steps.
-    common = ["--steps", "4", "--batch-size", "2", "--checkpoint-every", "0"]
-    run_cli(dit_args(shards, vae_dir, tmp_path / "one", *common, "--grad-accum", "2", "--num-workers", "2"))
-    run_cli(dit_args(shards, vae_dir, tmp_path / "ddp", *common, "--num-workers", "1"), nproc=2)
-    one, ddp = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+GLOBAL_BATCH_4 = ["--steps", "4", "--batch-size", "2", "--checkpoint-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(shards, vae_dir, tmp_path_factory) -> Path:
+    """The reference for the data-parallel runs: global batch 4 as 1 process x 2 micro-batches of 2 clips.
+    With 2 workers its readers are those of 2 ranks x 1 worker, and each clip's noise, time and caption dropout
+    depend on the clip and the step alone, so 2 ranks x 2 clips must take the same steps."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    run_cli(dit_args(shards, vae_dir, out, *GLOBAL_BATCH_4, "--grad-accum", "2", "--num-workers", "2"))
+    return out
+
+
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(shards, vae_dir, one_process_run, tmp_path):
+    run_cli(dit_args(shards, vae_dir, tmp_path / "ddp", *GLOBAL_BATCH_4, "--num-workers", "1"), nproc=2)
+    one, ddp = losses(one_process_run), losses(tmp_path / "ddp")
     assert one.keys() == ddp.keys() == {1, 2, 3, 4}
     assert [one[k] for k in one] == pytest.approx([ddp[k] for k in one], rel=1e-5)
     for part in ("dit", "text"):
-        a = load_file(tmp_path / "one" / "model" / part / "model.safetensors")
+        a = load_file(one_process_run / "model" / part / "model.safetensors")
         b = load_file(tmp_path / "ddp" / "model" / part / "model.safetensors")
         assert a.keys() == b.keys()
         for k in a:
@@ -149,19 +157,16 @@ def test_a_stopped_run_resumes_on_the_loss_curve_of_an_uninterrupted_one(shards,
     assert not list((tmp_path / "split" / "checkpoints").glob(".*.tmp"))
 
 
-def test_fsdp2_equals_one_process_and_resumes(shards, vae_dir, tmp_path):
-    # as the DDP test: 2 ranks x 2 clips against 1 process x 2 micro-batches of 2, the same readers either way;
-    # the FSDP run is stopped after step 2 and resumed
-    common = ["--steps", "3", "--batch-size", "2", "--checkpoint-every", "0"]
-    run_cli(dit_args(shards, vae_dir, tmp_path / "one", *common, "--grad-accum", "2", "--num-workers", "2"))
-    fsdp = [*common, "--num-workers", "1", "--parallel", "fsdp"]
+def test_fsdp2_equals_one_process_and_resumes(shards, vae_dir, one_process_run, tmp_path):
+    # the DDP test's reference, against 2 ranks x 2 clips sharded by FSDP2, stopped after step 2 and resumed
+    fsdp = [*GLOBAL_BATCH_4, "--num-workers", "1", "--parallel", "fsdp"]
     run_cli(dit_args(shards, vae_dir, tmp_path / "fsdp", *fsdp, "--exit-after", "2"), nproc=2)
     proc = run_cli(dit_args(shards, vae_dir, tmp_path / "fsdp", *fsdp), nproc=2)
-    assert "step 2 of 3" in proc.stderr + proc.stdout
-    one, sharded = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
-    assert sorted(sharded) == [1, 2, 3]
-    assert [sharded[k] for k in (1, 2, 3)] == pytest.approx([one[k] for k in (1, 2, 3)], rel=1e-5)
-    a = load_file(tmp_path / "one" / "model" / "dit" / "model.safetensors")
+    assert "step 2 of 4" in proc.stderr + proc.stdout
+    one, sharded = losses(one_process_run), losses(tmp_path / "fsdp")
+    assert sorted(sharded) == [1, 2, 3, 4]
+    assert [sharded[k] for k in (1, 2, 3, 4)] == pytest.approx([one[k] for k in (1, 2, 3, 4)], rel=1e-5)
+    a = load_file(one_process_run / "model" / "dit" / "model.safetensors")
     b = load_file(tmp_path / "fsdp" / "model" / "dit" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -172,8 +177,8 @@ def test_fsdp2_equals_one_process_and_resumes(shards, vae_dir, tmp_path):
     assert set(state) == set(model.state_dict())
     # both ranks ran the preview model (FSDP needs it), rank 0 alone wrote the videos
     previews = tmp_path / "fsdp" / "previews"
-    assert [p.name for p in previews.iterdir()] == ["step_00000003"]
-    assert list((previews / "step_00000003").glob("*.mp4"))
+    assert [p.name for p in previews.iterdir()] == ["step_00000004"]
+    assert list((previews / "step_00000004").glob("*.mp4"))
 
 
 def test_the_tokenizer_stage_under_fsdp2_equals_one_process(shards, tmp_path):
