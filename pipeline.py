@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from checkpoint_io import save_checkpoint, write_json_atomic
 from dit3d import DiT3D
+from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
 from dit3d.flow import FlowConfig, sample
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
 from errors import InputError, MissingInputError
@@ -172,6 +173,28 @@ class Pipeline:
 
     def tokens(self, shape: tuple[int, int, int, int]) -> int:
         return math.prod(self.model.dit.token_grid(shape[1:]))
+
+    def budget(self, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, text_tokens: int,
+               sp: int = 1) -> dict:
+        """Tokens, FLOPs and memory of one denoising step and of the run (forward passes only; see dit3d/budget.py),
+        per rank when the tokens are split over `sp` ranks: each holds N / sp tokens between blocks and does
+        1 / sp of the work."""
+        cfg = self.model.dit.config
+        shape = self.latent_shape(frames, height, width)
+        n = self.tokens(shape)
+        clips = batch * (2 if guidance != 1.0 else 1)  # guidance runs each prompt and its unconditional twin
+        flops = forward_flops(cfg, sum(p.numel() for p in self.model.dit.parameters()), n, text_tokens)
+        dtype_bytes = 2 if self.device.type == "cuda" else 4
+        weights = sum(p.numel() for p in self.model.parameters()) * dtype_bytes
+        activations = inference_activation_bytes(cfg, n, clips, dtype_bytes)
+        return {"sp": sp, "latent": shape, "tokens": n, "tokens_per_rank": n // sp, "text_tokens": text_tokens,
+                "tokens_without_temporal_compression": n * frames // shape[1],
+                "attention_tflop_per_step": clips * flops["attention"] / sp / 1e12,
+                "total_tflop_per_step": clips * flops["total"] / sp / 1e12,
+                "total_tflop_run": clips * flops["total"] * steps / sp / 1e12,
+                "memory_gb": (weights + activations / sp) / 2**30,
+                "all_to_all_gb_per_step": all_to_all_bytes(cfg, n, sp, clips, dtype_bytes, training=False) / 2**30,
+                "attention_matrix_gb_if_materialised": clips * cfg.heads * n * n * dtype_bytes / 2**30}
 
     def text_tokens(self, prompts: list[str]) -> int:
         """Text tokens a batch of these prompts is padded to (the encoder's most when there are none)."""

@@ -45,10 +45,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint_io import atomic_path, write_text_atomic
-from data import tensor_to_frames, write_video
-from data.video_io import (VideoReadError, check_frame_count, last_window_start, probe, read_clip,
-                           window_stride)
-from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
+from data import read_image, read_last_frames, tensor_to_frames, write_video
+from data.video_io import check_frame_count
 from dit3d.model import DiTBlock
 from errors import InputError, MissingInputError
 from parallel import ParallelOptions, parallelize, run_command, setup_distributed
@@ -118,33 +116,10 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "video"
 
 
-def budget(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, text_tokens: int,
-           sp: int = 1) -> dict:
-    """Tokens, FLOPs and memory of one denoising step and of the run (forward passes only; see dit3d/budget.py),
-    per rank when the tokens are split over `sp` ranks: each holds N / sp tokens between blocks and does
-    1 / sp of the work."""
-    cfg = pipe.model.dit.config
-    shape = pipe.latent_shape(frames, height, width)
-    n = pipe.tokens(shape)
-    clips = batch * (2 if guidance != 1.0 else 1)  # guidance runs each prompt and its unconditional twin
-    flops = forward_flops(cfg, sum(p.numel() for p in pipe.model.dit.parameters()), n, text_tokens)
-    dtype_bytes = 2 if pipe.device.type == "cuda" else 4
-    weights = sum(p.numel() for p in pipe.model.parameters()) * dtype_bytes
-    activations = inference_activation_bytes(cfg, n, clips, dtype_bytes)
-    return {"sp": sp, "latent": shape, "tokens": n, "tokens_per_rank": n // sp, "text_tokens": text_tokens,
-            "tokens_without_temporal_compression": n * frames // shape[1],
-            "attention_tflop_per_step": clips * flops["attention"] / sp / 1e12,
-            "total_tflop_per_step": clips * flops["total"] / sp / 1e12,
-            "total_tflop_run": clips * flops["total"] * steps / sp / 1e12,
-            "memory_gb": (weights + activations / sp) / 2**30,
-            "all_to_all_gb_per_step": all_to_all_bytes(cfg, n, sp, clips, dtype_bytes, training=False) / 2**30,
-            "attention_matrix_gb_if_materialised": clips * cfg.heads * n * n * dtype_bytes / 2**30}
-
-
 def dry_run(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, text_tokens: int,
             device) -> None:
     """Print the token budget, and per --sp-size (the divisors of the heads, up to 64) what each rank carries."""
-    b = budget(pipe, frames, height, width, steps, guidance, batch, text_tokens)
+    b = pipe.budget(frames, height, width, steps, guidance, batch, text_tokens)
     c, t, h, w = b["latent"]
     print(f"{frames} frames at {height}x{width} -> latents ({c}, {t}, {h}, {w}) -> {b['tokens']:,} tokens "
           f"({b['tokens_without_temporal_compression']:,} without temporal compression)")
@@ -155,7 +130,7 @@ def dry_run(pipe, frames: int, height: int, width: int, steps: int, guidance: fl
           f"the {b['attention_matrix_gb_if_materialised']:.2f} GiB score matrix)")
     free = free_memory_gb(device)
     heads = pipe.model.dit.config.heads
-    rows = [budget(pipe, frames, height, width, steps, guidance, batch, text_tokens, sp)
+    rows = [pipe.budget(frames, height, width, steps, guidance, batch, text_tokens, sp)
             for sp in range(1, min(heads, 64) + 1) if heads % sp == 0 and b["tokens"] % sp == 0]
     print(f"\nsequence parallelism (torchrun ... sample.py --sp-size N); {free:.1f} GiB free on {device}:")
     print("| --sp-size | tokens per rank | TFLOP per step per rank | memory per rank GiB | all-to-all GiB per step per rank |")
@@ -206,31 +181,6 @@ def write_outputs(path: Path, video: torch.Tensor, prompt: str, fps: float, args
                 frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
 
 
-def read_image(path: Path, height: int, width: int) -> torch.Tensor:
-    """(3, H, W) in [-1, 1], scaled to cover the size and centre-cropped; one-line errors."""
-    if not path.is_file():
-        raise MissingInputError(f"no image at {path}")
-    try:
-        return read_clip(path, 1, size=(height, width)).to_tensor()[:, 0]
-    except (VideoReadError, ValueError) as e:
-        raise InputError(f"cannot read the image {path}: {e}") from None
-
-
-def read_tail(path: Path, height: int, width: int, fps: float, factor: int) -> torch.Tensor:
-    """The last 1 + factor * k frames of a video at `fps`, (3, T, H, W) in [-1, 1]; one-line errors."""
-    if not path.is_file():
-        raise MissingInputError(f"no video at {path}")
-    try:
-        info = probe(path)
-        stride = window_stride(info.fps, fps)
-        available = int((info.frames - 1) // stride) + 1  # frames at the target rate
-        count = 1 + (available - 1) // factor * factor
-        start = last_window_start(info.frames, count, stride)
-        return read_clip(path, count, fps=fps, size=(height, width), start=start, info=info).to_tensor()
-    except (VideoReadError, ValueError) as e:
-        raise InputError(f"cannot read the video {path}: {e}") from None
-
-
 class KnownFrames:
     """What --image, --keyframes and --video give the sampler, read and encoded once."""
 
@@ -256,7 +206,7 @@ class KnownFrames:
             if args.extend is None or args.extend < factor or args.extend % factor:
                 raise InputError(f"--video needs --extend N, the frames to add: a positive multiple of {factor} "
                                  f"(got {args.extend})")
-            self.latents = pipe.encode(read_tail(args.video, height, width, fps, factor)[None], chunk=args.decode_chunk)
+            self.latents = pipe.encode(read_last_frames(args.video, height, width, fps, factor)[None], chunk=args.decode_chunk)
             self.window = self.shape[1]
             self.context = args.context or max(1, self.window // 2)
             if not 1 <= self.context < self.window:
@@ -300,7 +250,7 @@ def run(args) -> list[Path]:
     if args.dry_run:
         dry_run(pipe, frames, height, width, steps, guidance, batch, text_tokens, device)
         return []
-    b = budget(pipe, frames, height, width, steps, guidance, batch, text_tokens, env.sp)
+    b = pipe.budget(frames, height, width, steps, guidance, batch, text_tokens, env.sp)
     # sequence parallelism refuses a head count, and its layout a token count, that --sp-size does not divide
     parallelize(pipe.model.dit, env, ParallelOptions((DiTBlock,)))
     free = free_memory_gb(device)

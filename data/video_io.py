@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from checkpoint_io import write_bytes_atomic
-from errors import InputError
+from errors import InputError, MissingInputError
 
 Source = Union[str, os.PathLike, bytes]
 
@@ -365,6 +365,33 @@ def _decode_indices(container, stream, indices: list[int], width: int, height: i
 def read_video(source: Source, num_frames: int, **kwargs) -> torch.Tensor:
     """`read_clip(...)` as float (3, T, H, W) in [-1, 1]."""
     return read_clip(source, num_frames, **kwargs).to_tensor()
+
+
+def read_image(path: Path, height: int, width: int) -> torch.Tensor:
+    """An image (or a video's first frame), (3, H, W) in [-1, 1], scaled to cover the size and centre-cropped;
+    one-line errors."""
+    if not path.is_file():
+        raise MissingInputError(f"no image at {path}")
+    try:
+        return read_clip(path, 1, size=(height, width)).to_tensor()[:, 0]
+    except (VideoReadError, ValueError) as e:
+        raise InputError(f"cannot read the image {path}: {e}") from None
+
+
+def read_last_frames(path: Path, height: int, width: int, fps: float, factor: int) -> torch.Tensor:
+    """The last 1 + factor * k frames of a video at `fps` (as many as it has), (3, T, H, W) in [-1, 1], scaled
+    to cover the size and centre-cropped; one-line errors."""
+    if not path.is_file():
+        raise MissingInputError(f"no video at {path}")
+    try:
+        info = probe(path)
+        stride = window_stride(info.fps, fps)
+        available = int((info.frames - 1) // stride) + 1  # frames at the target rate
+        count = 1 + (available - 1) // factor * factor
+        start = last_window_start(info.frames, count, stride)
+        return read_clip(path, count, fps=fps, size=(height, width), start=start, info=info).to_tensor()
+    except (VideoReadError, ValueError) as e:
+        raise InputError(f"cannot read the video {path}: {e}") from None
 
 
 def _as_frames(video) -> np.ndarray:

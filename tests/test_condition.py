@@ -18,7 +18,7 @@ import sample
 import train
 from evaluation.motion_score import read_frames
 from data.synthetic import SyntheticSpec, generate
-from data.video_io import read_clip, write_video
+from data.video_io import read_clip, read_image, read_last_frames, write_video
 from dit3d import DiT3D
 from dit3d.condition import ConditionConfig, FrameSelection, given_mask
 from dit3d.flow import flow_loss, sample as flow_sample
@@ -200,9 +200,9 @@ def test_image_and_keyframes_come_back_after_decoding(runs, tmp_path):
     known = sample.KnownFrames(args, pipe, 9, 32, 32, 8.0)
     sampler = dict(steps=3, guidance=3.0)
     z = known.generate(["a red square moving right"] * 2, [0, 1], sampler)
-    image = sample.read_image(first, 32, 32)
+    image = read_image(first, 32, 32)
     torch.testing.assert_close(z[:, :, 0], pipe.encode(image[None, :, None])[:, :, 0].expand(2, -1, -1, -1))
-    torch.testing.assert_close(z[:, :, -1:], pipe.held_latent(sample.read_image(last, 32, 32)[None]).expand(2, -1, -1, -1, -1))
+    torch.testing.assert_close(z[:, :, -1:], pipe.held_latent(read_image(last, 32, 32)[None]).expand(2, -1, -1, -1, -1))
     video = pipe.decode(z)
     # the tokenizer is causal: the first output frame is the image's own reconstruction
     reconstruction = pipe.decode(pipe.encode(image[None, :, None]))[0, :, 0]
@@ -230,7 +230,7 @@ def test_extend_continues_a_clip_and_keeps_it(runs, tmp_path):
     assert read_frames(out).shape == (13 + 8, 32, 32, 3)
     # at the pipeline level: the clip's latents are kept exactly, and the new ones follow
     pipe = Pipeline.load(runs["cond"])
-    tail = sample.read_tail(clip, 32, 32, 8.0, 4)
+    tail = read_last_frames(clip, 32, 32, 8.0, 4)
     assert tail.shape[1] == 13
     torch.testing.assert_close(tail[:, 0], read_clip(clip, 1, size=(32, 32), start=1).to_tensor()[:, 0])
     latents = pipe.encode(tail[None])
