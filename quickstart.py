@@ -68,7 +68,7 @@ def run(q: argparse.Namespace) -> None:
     spec = SyntheticSpec(holdout=DEFAULT_HOLDOUT)
     if not (shards / "manifest.json").is_file() or json.loads((shards / "manifest.json").read_text())["samples"] != q.clips:
         log.info("[1/4] writing %d synthetic clips (%d frames, %dx%d) to %s", q.clips, spec.frames, spec.size, spec.size, shards)
-        generate(shards, q.clips, spec, seed=0, shard_size=max(1, q.clips // 8))
+        generate(shards, q.clips, spec, seed=0, shard_size=max(1, q.clips // 8), overwrite=True)
     common = ["--frames", str(spec.frames), "--size", str(spec.size), "--fps", str(spec.fps), "--preset", "tiny",
               "--seed", str(q.seed), "--wandb", q.wandb, "--log-every", "50", "--checkpoint-every", "500", "--num-workers", "1"]
     common += ["--no-progress"] if q.no_progress else []

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoint_io import write_json_atomic
+from errors import InputError
 
 from .shards import ShardWriter, sanitize_key
 from .video_io import MEDIA_EXTENSIONS, VideoReadError, probe
@@ -67,8 +68,8 @@ def candidates_from_csv(csv_path: Path, path_column: str, caption_column: str) -
         columns = reader.fieldnames or []
         for col in (path_column, caption_column):
             if col not in columns:
-                raise SystemExit(
-                    f"error: {csv_path} has no column {col!r} (columns: {', '.join(columns)}); "
+                raise InputError(
+                    f"{csv_path} has no column {col!r} (columns: {', '.join(columns)}); "
                     f"name them with --path-column and --caption-column"
                 )
         rows = list(reader)
@@ -90,11 +91,13 @@ def _unique_key(name: str, taken: set[str]) -> str:
     return key
 
 
-def make_shards(candidates: list[Candidate], out_dir: Path, shard_size: int = 100, log=print) -> dict:
-    """Probe every candidate, write the usable ones and return the manifest."""
+def make_shards(candidates: list[Candidate], out_dir: Path, shard_size: int = 100, log=print,
+                overwrite: bool = False) -> dict:
+    """Probe every candidate, write the usable ones and return the manifest. A non-empty `out_dir` is refused
+    unless `overwrite` (see ShardWriter)."""
     skipped: list[Skipped] = []
     keys: set[str] = set()
-    with ShardWriter(out_dir, shard_size) as writer:
+    with ShardWriter(out_dir, shard_size, overwrite) as writer:
         for c in candidates:
             if not c.path.is_file():
                 skipped.append(Skipped(c.name, "file not found"))
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, type=Path, help="a folder of videos with NAME.txt captions, or a CSV")
     parser.add_argument("--out", required=True, type=Path, help="output folder for NNNNNN.tar shards")
     parser.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out, replacing its shards and manifest (nothing else is touched)")
     parser.add_argument("--path-column", default="path", help="CSV column holding the video path (default 'path')")
     parser.add_argument("--caption-column", default="caption", help="CSV column holding the caption (default 'caption')")
     args = parser.parse_args(argv)
@@ -139,14 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.input.is_dir():
         candidates = candidates_from_folder(args.input)
     elif args.input.is_file() and args.input.suffix.lower() == ".csv":
-        candidates = candidates_from_csv(args.input, args.path_column, args.caption_column)
+        try:
+            candidates = candidates_from_csv(args.input, args.path_column, args.caption_column)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         print(f"error: --input {args.input} is neither a folder nor a .csv file", file=sys.stderr)
         return 2
     if not candidates:
         print(f"error: no video or image files found in {args.input} ({', '.join(MEDIA_EXTENSIONS)})", file=sys.stderr)
         return 1
-    manifest = make_shards(candidates, args.out, args.shard_size)
+    try:
+        manifest = make_shards(candidates, args.out, args.shard_size, overwrite=args.overwrite)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if manifest["samples"] == 0:
         print("error: nothing usable was written; see the reasons above", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ import numpy as np
 import webdataset as wds
 
 from checkpoint_io import atomic_path
+from errors import InputError
 
 SHARD_PATTERN = "{:06d}.tar"
 LATENT_EXT = "latents.npy"  # member holding a latent sample's (C, t, h, w) array
@@ -71,14 +72,20 @@ class ShardWriter:
 
     Each shard is written to a temporary name and renamed when complete, so a reader never sees half a
     shard. Tar headers carry a fixed mtime, owner and mode, so the same samples give the same bytes.
-    On close, numbered shards left in `out_dir` by an earlier, longer run are removed: the directory
-    then holds exactly this run's shards (a run that wrote nothing leaves the folder alone).
+    A folder that holds anything is refused unless `overwrite`: then the numbered shards an earlier, longer
+    run left there are removed on close, so it holds exactly this run's shards, and nothing else in it is
+    touched (a run that wrote nothing leaves the folder alone).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, shard_size: int = 100):
+    def __init__(self, out_dir: str | os.PathLike, shard_size: int = 100, overwrite: bool = False):
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {shard_size}")
         self.out_dir = Path(out_dir)
+        if self.out_dir.is_dir() and not overwrite:
+            present = sorted(p.name for p in self.out_dir.iterdir())
+            if present:
+                raise InputError(f"{self.out_dir} is not empty ({len(present)} entries, e.g. {present[0]}): give a new "
+                                 f"or empty folder, or --overwrite to replace the shards and manifest in it")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
         self.shards: list[Path] = []

@@ -187,14 +187,16 @@ def caption_schedule(spec: SyntheticSpec, num: int, seed: int) -> list[str]:
     return out[:num]
 
 
-def generate(out_dir: str | Path, num: int, spec: SyntheticSpec | None = None, seed: int = 0, shard_size: int = 100) -> dict:
-    """Write `num` synthetic samples as shards in `out_dir`, plus `manifest.json`; return the manifest."""
+def generate(out_dir: str | Path, num: int, spec: SyntheticSpec | None = None, seed: int = 0, shard_size: int = 100,
+             overwrite: bool = False) -> dict:
+    """Write `num` synthetic samples as shards in `out_dir`, plus `manifest.json`; return the manifest. A folder
+    that holds anything is refused unless `overwrite` (see ShardWriter)."""
     spec = spec or SyntheticSpec()
     if num < 1:
         raise InputError(f"num must be at least 1, got {num}")
     out_dir = Path(out_dir)
     counts: dict[str, int] = {}
-    with ShardWriter(out_dir, shard_size) as writer:
+    with ShardWriter(out_dir, shard_size, overwrite) as writer:
         for i, caption in enumerate(caption_schedule(spec, num, seed)):
             frames, truth = render_sample(caption, spec, np.random.default_rng([seed, i]))
             meta = {
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate written in the mp4 (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards and manifest of a non-empty --out")
     parser.add_argument("--speed", type=float, nargs=2, default=(0.45, 0.65), metavar=("MIN", "MAX"),
                         help="distance travelled over the clip, as a fraction of the frame")
     parser.add_argument("--object-size", type=float, nargs=2, default=(0.22, 0.30), metavar=("MIN", "MAX"),
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = SyntheticSpec(args.frames, args.size, args.fps, tuple(args.speed), tuple(args.object_size),
                              args.distractor, holdout)
-        manifest = generate(args.out, args.num, spec, args.seed, args.shard_size)
+        manifest = generate(args.out, args.num, spec, args.seed, args.shard_size, args.overwrite)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

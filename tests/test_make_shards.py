@@ -62,13 +62,13 @@ def test_same_input_gives_the_same_shards(video_folder, tmp_path):
     assert main(["--input", str(video_folder), "--out", str(a)]) == 0
     assert main(["--input", str(video_folder), "--out", str(b)]) == 0
     assert (a / "000000.tar").read_bytes() == (b / "000000.tar").read_bytes()
-    # a later run with bigger shards replaces the earlier run's shards rather than mixing with them
-    assert main(["--input", str(video_folder), "--out", str(a), "--shard-size", "1"]) == 0
-    assert main(["--input", str(video_folder), "--out", str(a), "--shard-size", "5"]) == 0
+    # a later run told to overwrite, with bigger shards, replaces the earlier run's shards rather than mixing
+    assert main(["--input", str(video_folder), "--out", str(a), "--shard-size", "1", "--overwrite"]) == 0
+    assert main(["--input", str(video_folder), "--out", str(a), "--shard-size", "5", "--overwrite"]) == 0
     assert sorted(p.name for p in a.glob("*.tar")) == ["000000.tar"]
 
 
-def test_csv_input(tmp_path):
+def test_csv_input(tmp_path, capsys):
     (tmp_path / "clips").mkdir()
     copy_clip(BIKES, tmp_path / "clips" / "a.mp4", None)
     copy_clip(CARPHONE, tmp_path / "clips" / "b.avi", None)  # container by content, any extension
@@ -87,8 +87,8 @@ def test_csv_input(tmp_path):
     assert "clips_b.avi" in members
     skipped = json.loads((out / "manifest.json").read_text())["skipped"]
     assert [s["reason"] for s in skipped] == ["file not found", "no caption: empty 'text' column"]
-    with pytest.raises(SystemExit, match="has no column 'path'"):
-        main(["--input", str(csv_path), "--out", str(out)])
+    assert main(["--input", str(csv_path), "--out", str(tmp_path / "other")]) == 2
+    assert "has no column 'path'" in capsys.readouterr().err
 
 
 def test_nothing_usable_exits_non_zero(tmp_path):
@@ -102,3 +102,23 @@ def test_nothing_usable_exits_non_zero(tmp_path):
     assert "x.mp4: unreadable" in result.stdout
     assert "nothing usable was written" in result.stderr
     assert not list((tmp_path / "o").glob("*.tar"))
+
+
+def test_a_folder_that_holds_anything_is_refused_unless_told_to_overwrite(tmp_path, capsys):
+    """make_shards once wrote one shard into a folder of four and deleted three it had not written."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    copy_clip(CARPHONE, videos / "a.mp4", "a phone call")
+    out = tmp_path / "shards"
+    out.mkdir()
+    for i in range(4):
+        (out / f"{i:06d}.tar").write_bytes(b"someone else's shard")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["--input", str(videos), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} is not empty (5 entries" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing deleted
+    assert main(["--input", str(videos), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "manifest.json", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"

@@ -30,13 +30,13 @@ from .model import CausalVAE
 @torch.no_grad()
 def export_latents(vae: CausalVAE, data, out: Path, frames: int, size: int, *, fps: float | None = None,
                    batch_size: int = 8, chunk: int | None = None, shard_size: int = 100, num_workers: int = 2,
-                   device: str | torch.device = "cpu", ckpt: str = "") -> dict:
+                   device: str | torch.device = "cpu", ckpt: str = "", overwrite: bool = False) -> dict:
     device = torch.device(device)
     vae = vae.to(device).eval()
     loader = make_loader(data, batch_size, frames, size, mode="eval", num_workers=num_workers, fps=fps,
                          rank=0, world_size=1)
     stats = {"latent_mean": vae.latent_mean.tolist(), "latent_std": vae.latent_std.tolist()}
-    with ShardWriter(out, shard_size) as writer:
+    with ShardWriter(out, shard_size, overwrite) as writer:
         for batch in loader:
             z = vae.encode(batch["video"].to(device), chunk=chunk).mean.cpu().numpy().astype(np.float16)
             for key, caption, latents, clip_fps in zip(batch["key"], batch["caption"], z, batch["fps"].tolist()):
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode step (bounded memory)")
     parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--overwrite", action="store_true", help="replace the shards and manifest of a non-empty --out")
     parser.add_argument("--workers", type=int, default=2, help="decoding worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         vae.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
         result = export_latents(vae, args.data, args.out, args.frames, args.size, fps=args.fps,
                                 batch_size=args.batch_size, chunk=args.chunk, shard_size=args.shard_size,
-                                num_workers=args.workers, device=args.device, ckpt=str(args.ckpt))
+                                num_workers=args.workers, device=args.device, ckpt=str(args.ckpt),
+                                overwrite=args.overwrite)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
