@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -39,10 +40,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        if tmp.is_file():  # some writers (safetensors) create their files -rw------- whatever the umask
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask can only be read by changing it, which would race with other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and write (then remove) a file in it, so that a command learns that its output
+    cannot be written before it computes anything; an InputError says why."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".write-test") as tmp:
+            tmp.write_bytes(b"")
+        (folder / ".write-test").unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to {folder} ({e.strerror or e}): give an output folder you can write to") from None
+    return folder
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -59,27 +88,72 @@ def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2, sort
     return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n")
 
 
-def save_checkpoint(directory: str | os.PathLike, config: dict, state_dict: dict[str, torch.Tensor], kind: str) -> Path:
-    """Write `config` (with `kind` recorded) and the weights into `directory`; the config last, so a folder
-    with a config is complete."""
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Put the complete folder `new` in the place of `target` (a sibling): the old folder moves aside, `new`
+    takes its name, then the old one is deleted. Readers see the old folder or the new one, never a mix; a
+    kill between the two renames leaves the old one aside, which `recover_folder` puts back."""
+    new, target = Path(new), Path(target)
+    aside = target.with_name(f".{target.name}.old")
+    recover_folder(target)
+    shutil.rmtree(aside, ignore_errors=True)
+    if target.exists():
+        os.replace(target, aside)
+    os.replace(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
+
+
+def recover_folder(target: str | os.PathLike) -> None:
+    """Undo a `replace_folder` killed between its renames: the old folder goes back where it was."""
+    target = Path(target)
+    aside = target.with_name(f".{target.name}.old")
+    if not target.exists() and aside.is_dir():
+        os.replace(aside, target)
+
+
+def save_checkpoint(directory: str | os.PathLike, config: dict, state_dict: dict[str, torch.Tensor], kind: str,
+                    step: int | None = None) -> Path:
+    """Write `config` (with `kind`, and the training `step` the weights are from, recorded) and the weights into
+    `directory`; the config last, so a folder with a config is complete."""
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"kind": kind})
-    write_json_atomic(directory / CONFIG_NAME, {"kind": kind, "config": config})
+    record = {"kind": kind, "config": config} | ({} if step is None else {"step": step})
+    write_json_atomic(directory / CONFIG_NAME, record)
     return directory
 
 
+def model_folder(path: str | os.PathLike) -> Path:
+    """The folder holding config.json for `path`: itself, or a train.py run folder's `model/`, so that every
+    option taking a trained model takes either."""
+    path = Path(path)
+    if not (path / WEIGHTS_NAME).is_file() and (path / "model" / WEIGHTS_NAME).is_file():
+        return path / "model"  # a run folder: its own config.json is the run's, not a model's
+    return path
+
+
+def checkpoint_step(directory: str | os.PathLike) -> int | None:
+    """The training step recorded with a checkpoint (None where none was)."""
+    try:
+        return json.loads((Path(directory) / CONFIG_NAME).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_checkpoint(directory: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, state dict) from `directory`; a one-line error says what is missing or wrong."""
-    directory = Path(directory)
+    """(config dict, state dict) from `directory` (or the `model/` folder of a run folder); a one-line error
+    says what is missing or wrong."""
+    given = Path(directory)
+    directory = model_folder(given)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not directory.is_dir():
         raise MissingInputError(f"no {kind} checkpoint at {directory}: the directory does not exist")
     for path in (config_path, weights_path):
         if not path.is_file():
             raise MissingInputError(f"incomplete {kind} checkpoint at {directory}: {path.name} is missing "
-                                    f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+                                    f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}; give the folder that holds them, "
+                                    f"or the train.py run folder whose model/ does)")
     try:
         record = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -132,7 +206,7 @@ def load_model(model_cls, config_cls, directory: str | os.PathLike, kind: str, m
         model = model_cls(from_dict(config) if from_dict else config_from_dict(config_cls, config, kind))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise InputError(f"the weights in {Path(directory) / WEIGHTS_NAME} do not match their config: missing "
+        raise InputError(f"the weights in {model_folder(directory) / WEIGHTS_NAME} do not match their config: missing "
                          f"{sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
                          f"{sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}")
     return model.to(map_location)

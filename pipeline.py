@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from checkpoint_io import save_checkpoint, write_json_atomic
+from checkpoint_io import checkpoint_step, save_checkpoint, write_json_atomic
 from dit3d import DiT3D
 from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
 from dit3d.flow import FlowConfig, sample
@@ -60,18 +62,30 @@ class TextToVideo(nn.Module):
         return self.dit(x, t, text, text_mask, given)
 
 
-def save_pipeline(directory: Path, model: TextToVideo, state: dict[str, torch.Tensor], vae: CausalVAE, spec: dict) -> None:
+def save_pipeline(directory: Path, model: TextToVideo, state: dict[str, torch.Tensor], vae: CausalVAE, step: int,
+                  previous: Path | None, spec: dict) -> None:
     """Write a trained model folder: directory/{dit, text, tokenizer} from `model`'s full `state` (the EMA
-    weights; `text` only with a built-in encoder; the tokenizer once) and pipeline.json = `spec` (the text
-    encoder's kind or path, frames, size, fps, flow, sampler and condition settings), last."""
+    weights; `text` only with a built-in encoder) and pipeline.json = `spec` (the text encoder's kind or path,
+    frames, size, fps, flow, sampler and condition settings) with `step`, last. The frozen tokenizer is
+    hard-linked from a `previous` export of the same run where there is one, not written again."""
     dit_state = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
-    save_checkpoint(directory / "dit", dataclasses.asdict(model.dit.config), dit_state, kind="dit")
+    save_checkpoint(directory / "dit", dataclasses.asdict(model.dit.config), dit_state, kind="dit", step=step)
     if model.text is not None:
         text_state = {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
-        save_checkpoint(directory / "text", dataclasses.asdict(model.text.config), text_state, kind=model.text.KIND)
-    if not (directory / "tokenizer" / "config.json").is_file():
+        save_checkpoint(directory / "text", dataclasses.asdict(model.text.config), text_state, kind=model.text.KIND,
+                        step=step)
+    if previous is not None and (previous / "tokenizer" / "config.json").is_file():
+        shutil.copytree(previous / "tokenizer", directory / "tokenizer", copy_function=_link_or_copy)
+    else:
         vae.save_pretrained(directory / "tokenizer")
-    write_json_atomic(directory / PIPELINE_FILE, spec)
+    write_json_atomic(directory / PIPELINE_FILE, spec | {"step": step})
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # safe to share: files are replaced by renames, never rewritten in place
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def text_inputs(model: TextToVideo, frozen: HFTextEncoder | None, captions: list[str],
@@ -143,7 +157,18 @@ class Pipeline:
         if not (root / PIPELINE_FILE).is_file():
             raise MissingInputError(f"{path} is not a trained DiT: no {PIPELINE_FILE} in it or in {path / 'model'} "
                                     f"(train one with `python train.py --stage dit ...`; its run folder is what to give)")
-        spec = json.loads((root / PIPELINE_FILE).read_text())
+        try:
+            spec = json.loads((root / PIPELINE_FILE).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"{root / PIPELINE_FILE} is not valid JSON ({e}): re-export the model or pick another "
+                             f"checkpoint") from None
+        parts = {"pipeline.json": spec.get("step"), "dit": checkpoint_step(root / "dit")}
+        if spec["text_encoder"] in BUILTIN_TEXT_ENCODERS:
+            parts["text"] = checkpoint_step(root / "text")
+        if len(set(parts.values())) > 1:
+            raise InputError(f"{root} mixes parts from different training steps ("
+                             + ", ".join(f"{k}: step {v}" for k, v in parts.items())
+                             + "): it was assembled by hand or half-copied; export it again, or copy a whole model/")
         device = torch.device(device)
         dit = DiT3D.from_pretrained(root / "dit")
         frozen, text = None, None

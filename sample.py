@@ -44,7 +44,7 @@ import torch
 
 from tqdm import tqdm
 
-from checkpoint_io import atomic_path, write_text_atomic
+from checkpoint_io import atomic_path, check_writable, write_text_atomic
 from data import read_image, read_last_frames, tensor_to_frames, write_video
 from data.video_io import check_frame_count
 from dit3d.model import DiTBlock
@@ -102,7 +102,12 @@ def read_prompts(args) -> list[str]:
     if args.prompts is not None:
         if not args.prompts.is_file():
             raise MissingInputError(f"no prompt file at {args.prompts}")
-        prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        try:
+            text = args.prompts.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"the prompt file {args.prompts} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                             f"give a text file, one prompt per line") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise InputError(f"the prompt file {args.prompts} has no prompts: write one per line")
         return prompts
@@ -227,23 +232,40 @@ class KnownFrames:
         return self.pipe.generate_latents(prompts, self.shape, seeds=seeds, given=given, **sampler)
 
 
+def check_options(args) -> None:
+    """Values out of range are errors; only an option left out takes the run's default."""
+    for flag, value in (("--videos-per-prompt", args.num), ("--batch-size", args.batch_size),
+                        ("--decode-chunk", args.decode_chunk), ("--steps", args.steps), ("--height", args.height),
+                        ("--width", args.width)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
+    if args.frames is not None:
+        try:
+            check_frame_count(args.frames)
+        except InputError as e:
+            raise InputError(f"--frames: {e}") from None
+    if args.fps is not None and not args.fps > 0:
+        raise InputError(f"--fps must be positive, got {args.fps}")
+    if args.cfg is not None and not args.cfg >= 0:
+        raise InputError(f"--cfg must be at least 0 (1: no guidance), got {args.cfg}")
+    if args.shift is not None and not args.shift > 0:
+        raise InputError(f"--shift must be positive, got {args.shift}")
+
+
 def run(args) -> list[Path]:
+    check_options(args)
     prompts = read_prompts(args)
+    if not args.dry_run:  # before anything is computed: a wrong or read-only --out fails now, not after sampling
+        check_writable(args.out.parent if args.out.suffix == ".mp4" else args.out)
     env = setup_distributed(args.device, 1 if args.dry_run else args.sp_size)
     device = env.device
     pipe = Pipeline.load(args.ckpt, vae=args.vae, device=device)
     d = pipe.defaults
-    frames = args.frames or d["frames"]
-    height, width = args.height or d["size"], args.width or d["size"]
-    steps = args.steps or d["sampler"]["steps"]
+    frames = d["frames"] if args.frames is None else args.frames
+    height, width = (d["size"] if v is None else v for v in (args.height, args.width))
+    steps = d["sampler"]["steps"] if args.steps is None else args.steps
     guidance = d["sampler"]["guidance"] if args.cfg is None else args.cfg
-    fps = args.fps or d.get("fps") or 8.0
-    check_frame_count(frames)
-    for flag, value in (("--videos-per-prompt", args.num), ("--batch-size", args.batch_size), ("--decode-chunk", args.decode_chunk)):
-        if value < 1:
-            raise InputError(f"{flag} must be at least 1, got {value}")
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
+    fps = d["fps"] if args.fps is None else args.fps
     jobs = [(p, args.seed + i, f"{slug(p)}_{args.seed + i}" if args.num > 1 else slug(p)) for p in prompts for i in range(args.num)]
     batch = max(1, min(args.batch_size, len(jobs) or 1))
     text_tokens = pipe.text_tokens(prompts + ([args.negative_prompt] if args.negative_prompt else []))

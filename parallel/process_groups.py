@@ -89,15 +89,17 @@ def teardown_distributed(ok: bool) -> None:
 
 def run_command(command: Callable[[], T]) -> tuple[int, T | None]:
     """An entry point's work, run as every command runs it: (0, its result); or, for bad input (InputError),
-    the message as one line on stderr and (2, None). Anything else keeps its traceback. The process group,
-    if there is one, is torn down either way."""
+    the message as one line on stderr and (2, None). Under torchrun every rank returns 2 and rank 0 alone
+    prints the line, so it is said once. Anything else keeps its traceback. The process group, if there is
+    one, is torn down either way."""
     ok = False
     try:
         result = command()
         ok = True
         return 0, result
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2, None
     finally:
         teardown_distributed(ok)

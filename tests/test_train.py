@@ -100,7 +100,7 @@ def one_process_run(shards, vae_dir, tmp_path_factory) -> Path:
     With 2 workers its readers are those of 2 ranks x 1 worker, and each clip's noise, time and caption dropout
     depend on the clip and the step alone, so 2 ranks x 2 clips must take the same steps."""
     out = tmp_path_factory.mktemp("one") / "run"
-    run_cli(dit_args(shards, vae_dir, out, *GLOBAL_BATCH_4, "--grad-accum", "2", "--num-workers", "2"))
+    assert train.main(dit_args(shards, vae_dir, out, *GLOBAL_BATCH_4, "--grad-accum", "2", "--num-workers", "2")) == 0
     return out
 
 
@@ -136,11 +136,13 @@ def test_sequence_parallel_two_processes_equal_one_process(shards, vae_dir, tmp_
     assert "--sp-size 2 must divide the number of processes" in capsys.readouterr().err
 
 
-def test_a_stopped_run_resumes_on_the_loss_curve_of_an_uninterrupted_one(shards, vae_dir, tmp_path):
+def test_a_stopped_run_resumes_on_the_loss_curve_of_an_uninterrupted_one(shards, vae_dir, tmp_path, capsys):
+    """The reference and the first part run in this process; the resumed part in a fresh one, as after a kill."""
     common = ["--steps", "6", "--batch-size", "3", "--num-workers", "2", "--checkpoint-every", "2"]
-    run_cli(dit_args(shards, vae_dir, tmp_path / "whole", *common))
-    first = run_cli(dit_args(shards, vae_dir, tmp_path / "split", *common, "--exit-after", "3"))
-    assert "stopped at step 3" in first.stderr + first.stdout
+    assert train.main(dit_args(shards, vae_dir, tmp_path / "whole", *common)) == 0
+    capsys.readouterr()
+    assert train.main(dit_args(shards, vae_dir, tmp_path / "split", *common, "--exit-after", "3")) == 0
+    assert "stopped at step 3" in capsys.readouterr().err
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     second = run_cli(dit_args(shards, vae_dir, tmp_path / "split", *common))
     assert "resuming" in second.stderr + second.stdout and "step 3 of 6" in second.stderr + second.stdout
@@ -282,13 +284,14 @@ def test_the_word_text_encoder_trains_and_samples(shards, vae_dir, tmp_path):
     assert pipe.decode(latents).shape == (1, 3, 5, 32, 32)
 
 
-def test_quickstart_completes_with_few_steps(tmp_path):
-    proc = run_cli(["quickstart", "--out", str(tmp_path / "qs"), "--clips", "48", "--tokenizer-steps", "6",
-                    "--dit-steps", "6", "--sample-steps", "2", "--samples-per-prompt", "1", "--no-progress"])
+def test_quickstart_completes_with_few_steps(tmp_path, capsys):
+    assert train.main(["quickstart", "--out", str(tmp_path / "qs"), "--clips", "48", "--tokenizer-steps", "6",
+                       "--dit-steps", "6", "--sample-steps", "2", "--samples-per-prompt", "1", "--no-progress"]) == 0
+    proc = capsys.readouterr()
     samples = sorted((tmp_path / "qs" / "samples").glob("*.mp4"))
     assert len(samples) == 8 and all(s.with_suffix(".txt").is_file() for s in samples)
-    assert "held out of training" in proc.stdout and "sample.py --ckpt" in proc.stdout
-    assert "| held_out |" in proc.stdout  # the motion scores, split by seen and held-out captions
+    assert "held out of training" in proc.out and "sample.py --ckpt" in proc.out
+    assert "| held_out |" in proc.out  # the motion scores, split by seen and held-out captions
     summary = json.loads((tmp_path / "qs" / "motion_scores.json").read_text())["summary"]
     assert summary["held_out"]["videos"] == 5 and summary["seen"]["videos"] == 3
 

@@ -37,7 +37,7 @@ class DiTStage:
     def __init__(self, args, env: Env):
         self.args, self.env = args, env
         if not args.vae:
-            raise InputError("--stage dit needs --vae DIR, a trained tokenizer (OUT/model of a tokenizer run)")
+            raise InputError("--stage dit needs --vae DIR, a trained tokenizer (a tokenizer run's folder, or its model/)")
         self.vae = CausalVAE.from_pretrained(args.vae).to(env.device).eval().requires_grad_(False)
         if env.main and bool((self.vae.latent_std == 1).all() and (self.vae.latent_mean == 0).all()):
             log.warning("the tokenizer at %s has no measured latent statistics; latents are used unnormalised", args.vae)
@@ -154,9 +154,11 @@ class DiTStage:
     def finish(self, ema: nn.Module) -> dict:
         return {}
 
-    def export(self, ema: TextToVideo, state: dict[str, torch.Tensor], directory: Path) -> None:
-        """directory/{dit, text, tokenizer} and pipeline.json: all that sample.py needs."""
-        save_pipeline(directory, ema, state, self.vae, {
+    def export(self, ema: TextToVideo, state: dict[str, torch.Tensor], directory: Path, step: int,
+               previous: Path | None = None) -> None:
+        """directory/{dit, text, tokenizer} and pipeline.json: all that sample.py needs (the frozen tokenizer
+        linked from the `previous` export where there is one)."""
+        save_pipeline(directory, ema, state, self.vae, step, previous, {
             "text_encoder": self.args.text_encoder if ema.text is not None else str(Path(self.args.text_encoder).resolve()),
             "frames": self.args.frames, "size": self.args.size, "fps": self.args.fps or 8.0,
             "flow": dataclasses.asdict(self.flow),

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -25,13 +26,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from tqdm import tqdm
 
-from checkpoint_io import write_json_atomic, write_text_atomic
+from checkpoint_io import recover_folder, replace_folder, write_json_atomic, write_text_atomic
 from data import make_loader, write_video
 from errors import InputError
 from evaluation.peak_memory import PeakMemory
 from parallel import Env, ParallelOptions, all_reduce_sum, parallelize, setup_distributed
 
-from .checkpoint import Checkpoints, rng_state, set_rng_state
+from .checkpoint import Checkpoints, folder_bytes, mount_point, out_of_space, rng_state, set_rng_state
 from .dit_stage import DiTStage
 from .metrics import MetricsLog
 from .optim import build_optimizer, ema_model
@@ -72,6 +73,8 @@ def train(args) -> Path:
     plain = stage.model
     n_params = sum(p.numel() for p in plain.parameters() if p.requires_grad)
     ckpts = Checkpoints(out / "checkpoints", env, args.keep_checkpoints)
+    if env.main:
+        recover_folder(out / "model")  # a swap killed half-way
     latest = ckpts.latest()
     if latest is None:
         stage.initialize()
@@ -92,9 +95,9 @@ def train(args) -> Path:
         return {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema), "stage": stage.state_dict()}
 
     step, samples_seen = 0, 0
-    if latest is not None:
-        state = tensor_state()
-        trainer_state, rank_state = ckpts.load(latest, state)
+    loaded = ckpts.load_newest(tensor_state) if latest is not None else None
+    if loaded is not None:
+        latest, state, trainer_state, rank_state = loaded
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         set_model_state_dict(ema, state["ema"])
         stage.load_state_dict(state["stage"])
@@ -116,10 +119,12 @@ def train(args) -> Path:
 
     def save_checkpoint() -> None:
         trainer_state = {"step": step, "samples_seen": samples_seen, "scheduler": sched.state_dict()}
-        path = ckpts.save(step, tensor_state(), trainer_state, {"rng": rng_state(env.device), "data": loader.state_dict()})
+        exported = out / "model"
+        path = ckpts.save(step, tensor_state(), trainer_state, {"rng": rng_state(env.device), "data": loader.state_dict()},
+                          reserve_bytes=folder_bytes(exported) if exported.is_dir() else 0)
         full = get_model_state_dict(ema.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if env.main:
-            stage.export(ema.module, full, out / "model")
+            export_model(stage, ema.module, full, exported, step)
             log.info("checkpoint: %s", path)
 
     metrics = MetricsLog(out / "metrics.jsonl", env, args, resolved, step)
@@ -234,6 +239,22 @@ class Window:
         return {"loss": self.loss / self.n, "grad_norm": self.grad_norm / self.n, "samples_per_s": self.samples / self.time,
                 "tokens_per_s": self.tokens / self.time, "memory_held_gb": self.memory.held_mb / 1024,
                 "memory_peak_gb": self.memory.peak_mb / 1024}
+
+
+def export_model(stage, ema: nn.Module, state: dict, target: Path, step: int) -> None:
+    """OUT/model as a whole: the stage writes a sibling folder, which then takes model/'s place, so model/ is
+    always one step's weights, complete (see checkpoint_io.replace_folder)."""
+    staging = target.with_name(f".{target.name}.next")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        stage.export(ema, state, staging, step, previous=target if target.is_dir() else None)
+        replace_folder(staging, target)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if out_of_space(e):
+            raise InputError(f"no space left on {mount_point(target.parent)} while writing {staging}; {target} is "
+                             f"still the last complete export") from None
+        raise
 
 
 def run_preview(stage, ema, step: int, out: Path, batch: dict, env: Env) -> tuple[list[Path], dict]:

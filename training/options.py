@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change one model config field of the preset (repeatable), e.g. depth=8")
     g.add_argument("--data", required=True, help="shards: a folder, glob, brace pattern or pipe: URL")
     g.add_argument("--out", required=True, help="run folder; an existing one is resumed")
-    g.add_argument("--vae", help="trained tokenizer folder (the dit stage)")
+    g.add_argument("--vae", help="the dit stage's trained tokenizer: a tokenizer run folder, or its model/")
     g.add_argument("--latents", action="store_true", help="--data holds latent shards (python -m tokenizer.encode)")
     g.add_argument("--device", default="auto", help="auto | cuda | cpu")
     g.add_argument("--seed", type=int, default=0)

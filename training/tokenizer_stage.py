@@ -162,5 +162,6 @@ class TokenizerStage:
         ema.set_latent_stats(mean, std)
         return {"latent_mean": mean.tolist(), "latent_std": std.tolist()}
 
-    def export(self, ema: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
-        save_checkpoint(directory, dataclasses.asdict(ema.config), state, kind="tokenizer")
+    def export(self, ema: nn.Module, state: dict[str, torch.Tensor], directory: Path, step: int,
+               previous: Path | None = None) -> None:
+        save_checkpoint(directory, dataclasses.asdict(ema.config), state, kind="tokenizer", step=step)
