@@ -19,8 +19,8 @@ class MetricsLog:
         if not env.main:
             return
         if path.is_file():  # a resumed run: drop what an interrupted run logged after its last checkpoint
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resumed_step]
-            write_text_atomic(path, "".join(line + "\n" for line in kept))
+            write_text_atomic(path, "".join(line + "\n" for line in path.read_text().splitlines()
+                                            if _step(line) is not None and _step(line) <= resumed_step))
         mode = args.wandb
         if mode == "auto":
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
@@ -56,3 +56,11 @@ class MetricsLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step(line: str) -> int | None:
+    """The step of a metrics line; None for a line a kill cut short."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return None
