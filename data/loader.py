@@ -31,14 +31,16 @@ import json
 import logging
 import os
 import random
+import tarfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from errors import InputError, MissingInputError
@@ -62,7 +64,7 @@ class SkipSample(Exception):
 
 @dataclass(frozen=True)
 class SkipRecord:
-    reason: str  # corrupt | too_short | no_caption | no_video | bad_latents | bad_shard
+    reason: str  # corrupt | too_short | no_caption | no_video | bad_latents | bad_shard | truncated_shard
     key: str
     url: str
     detail: str
@@ -90,18 +92,82 @@ def expand_urls(urls: str | os.PathLike | Sequence) -> list[str]:
     return out
 
 
+def shard_samples(sources: Iterable[dict], on_error: Callable[[str, Exception, int], None]) -> Iterator[dict]:
+    """The samples {"__key__", "__url__", EXT: bytes, ...} of each shard {"url": ...} in turn.
+
+    Members are grouped by key within one shard only. webdataset groups the file stream across shards, so a
+    shard cut off mid-member left its last sample open and the next pass's first members were added to it
+    ("duplicate file name"), skipping every sample after it. Here a shard that cannot be opened or read to its
+    end goes to on_error(url, exception, samples read from it); the samples before the damage are still
+    yielded, the last one too if its caption and media were read whole."""
+    for source in sources:
+        url, read, current, error = source["url"], 0, None, None
+        try:
+            stream = wds.gopen(url)
+        except Exception as e:
+            on_error(url, e, 0)
+            continue
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    prefix, suffix = base_plus_ext(info.name) if info.isreg() else (None, None)
+                    if prefix is None or suffix is None or prefix.startswith("__"):
+                        continue
+                    data = tar.extractfile(info).read()
+                    tar.members = []  # a stream: keep no index of what was read
+                    if current is not None and prefix != current["__key__"]:
+                        yield current
+                        read, current = read + 1, None
+                    current = current or {"__key__": prefix, "__url__": url}
+                    if suffix.lower() in current:
+                        raise ValueError(f"{info.name} appears twice in the shard")
+                    current[suffix.lower()] = data
+        except Exception as e:  # a truncated or damaged tar
+            error = e
+        finally:
+            stream.close()
+        if error is None and not _ends_whole(url):  # cut at a member boundary: tarfile reads that as the end
+            error = tarfile.ReadError("the archive stops without its end-of-archive blocks")
+        if current is not None and (error is None or ("txt" in current and media_member(current))):
+            yield current
+            read += 1
+        if error is not None:
+            on_error(url, error, read)
+
+
+def _ends_whole(url: str) -> bool:
+    """Whether a local tar ends as tar writers end one (whole 512-byte blocks, the last two zero). Streams
+    from pipe: commands cannot be checked this way and count as whole."""
+    path = url[len("file:"):] if url.startswith("file:") else url
+    if url.startswith("pipe:") or not os.path.isfile(path):
+        return True
+    size = os.path.getsize(path)
+    if size % 512 or size < 1024:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
+
+
 def iter_shard_samples(urls) -> Iterator[dict]:
     """Every raw sample of the shards, in order, in this process: {"__key__", "__url__", EXT: bytes, ...}.
 
-    For tools that walk a dataset once (evaluation, latent export) rather than train on it. An
-    unreadable shard is logged and skipped.
+    For tools that walk a dataset once (evaluation, latent export) rather than train on it. An unreadable
+    shard is logged and skipped; what a truncated one holds before the damage is read.
     """
 
-    def on_error(exn: Exception) -> bool:
-        log.warning("skipping part of a shard: %s", exn)
-        return True
+    def on_error(url: str, exn: Exception, read: int) -> None:
+        log.warning("%s: %s", url, shard_problem(exn, read)[1])
 
-    yield from wds.tarfile_to_samples(handler=on_error)({"url": u} for u in expand_urls(urls))
+    yield from shard_samples(({"url": u} for u in expand_urls(urls)), on_error)
+
+
+def shard_problem(exn: Exception, read: int) -> tuple[str, str]:
+    """(skip reason, detail) for a shard that failed after `read` samples."""
+    text = f"{type(exn).__name__}: {exn}"
+    if isinstance(exn, (tarfile.ReadError, EOFError)) and read > 0:
+        return "truncated_shard", f"the shard is truncated: it ends after {read} readable samples ({text})"
+    return "bad_shard", f"the shard cannot be read ({text})"
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -234,12 +300,11 @@ class ShardStream(IterableDataset):
                     f"({rec.url}); check the shards and the requested frames, size and fps"
                 )
 
-        def on_shard_error(exn: Exception) -> bool:
-            url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in self.urls), "?")
-            skip(SkipRecord("bad_shard", "", url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"))
-            return True  # go on with the next shard
+        def on_shard_error(url: str, exn: Exception, read: int) -> None:
+            reason, detail = shard_problem(exn, read)
+            skip(SkipRecord(reason, "", url, detail))
 
-        samples = wds.tarfile_to_samples(handler=on_shard_error)(self._shard_source(reader, readers))
+        samples = shard_samples(self._shard_source(reader, readers), on_shard_error)
         if self.mode == "train":
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4,
                                   rng=random.Random(f"samples-{self.seed}-{reader}"))(samples)
@@ -288,16 +353,23 @@ class ShardLoader:
                                   persistent_workers=False, **kwargs)
         self.skipped: Counter = Counter()
         self.skip_log: list[SkipRecord] = []  # every skipped sample, in the order met
+        self.unique_skips: set[tuple[str, str, str]] = set()  # (reason, url, key) of each bad sample or shard
         self._positions: dict[int, int] = {}  # reader -> raw samples consumed by the caller
         self._next_worker = 0  # the worker whose batch the caller takes next (train mode)
 
     def _count_skips(self, item: dict) -> None:
+        """Every pass over a bad sample counts in `skipped`; each bad sample (or shard) once in `unique_skips`,
+        and only its first meeting is logged."""
         for rec in item.pop("__skips__"):
             self.skipped[rec.reason] += 1
             self.skip_log.append(rec)
-            if len(self.skip_log) <= _MAX_LOGGED_SKIPS:
+            which = (rec.reason, rec.url, rec.key)
+            if which in self.unique_skips:
+                continue
+            self.unique_skips.add(which)
+            if len(self.unique_skips) <= _MAX_LOGGED_SKIPS:
                 log.warning("skipped %s from %s (%s): %s", rec.key or "a shard", rec.url, rec.reason, rec.detail)
-                if len(self.skip_log) == _MAX_LOGGED_SKIPS:
+                if len(self.unique_skips) == _MAX_LOGGED_SKIPS:
                     log.warning("further skipped samples are counted, not logged; see loader.skipped")
 
     def _take(self, item: dict) -> dict | None:
@@ -330,7 +402,8 @@ class ShardLoader:
         d = self.dataset
         return {"seed": d.seed, "rank": d.rank, "world_size": d.world_size, "num_workers": self.num_workers,
                 "urls": len(d.urls), "batch_size": d.batch_size, "positions": {str(k): v for k, v in self._positions.items()},
-                "next_worker": self._next_worker, "skipped": dict(self.skipped)}
+                "next_worker": self._next_worker, "skipped": dict(self.skipped),
+                "unique_skips": sorted(self.unique_skips)}
 
     def load_state_dict(self, state: dict) -> bool:
         """Continue from `state` (taken by `state_dict()` of a loader over the same shards and layout).
@@ -339,7 +412,8 @@ class ShardLoader:
         ranks, workers, shards or another batch size or seed): positions would then name other streams.
         The skip counts carry over either way.
         """
-        self.skipped.update(state.get("skipped", {}))
+        self.skipped.update(state["skipped"])
+        self.unique_skips.update(tuple(u) for u in state["unique_skips"])
         d = self.dataset
         layout = (d.seed, d.rank, d.world_size, self.num_workers, len(d.urls), d.batch_size)
         saved = tuple(state.get(k) for k in ("seed", "rank", "world_size", "num_workers", "urls", "batch_size"))
@@ -358,7 +432,10 @@ class ShardLoader:
         if not self.skipped:
             return "no samples skipped"
         parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return f"skipped {self.samples_skipped} samples ({parts})"
+        unique = Counter(reason for reason, _, _ in self.unique_skips)
+        distinct = ", ".join(f"{n} {reason}" for reason, n in sorted(unique.items()))
+        return (f"skipped {self.samples_skipped} samples ({parts}); {len(self.unique_skips)} distinct bad samples or "
+                f"shards ({distinct}), the rest were passes over them again")
 
 
 def make_loader(
