@@ -65,11 +65,12 @@ class VideoInfo:
     """What a shard's `KEY.json` records about its video."""
 
     fps: float  # the file's own frame rate; 0.0 for an image
-    frames: int  # exact count of decodable frames when probed, else the header's count
+    frames: int  # frames present (packets demuxed) when probed, else the header's count
     width: int
     height: int
     duration: float  # seconds; 0.0 for an image
     codec: str
+    declared_frames: int = 0  # what the header claims, when probing found fewer (0: no shortfall)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -88,6 +89,7 @@ class VideoInfo:
             height=int(d["height"]),
             duration=float(d.get("duration", 0.0)),
             codec=str(d.get("codec", "")),
+            declared_frames=int(d.get("declared_frames", 0)),
         )
 
 
@@ -137,9 +139,9 @@ def _header_info(container, stream) -> VideoInfo:
 def probe(source: Source) -> VideoInfo:
     """Check that `source` is a decodable video and measure it.
 
-    Demuxes every packet (cheap: nothing is decoded) to count the frames exactly and to catch a
-    truncated file whose header promises more frames than it holds, then decodes the first frame.
-    Raises VideoReadError with the reason when the file is unusable.
+    Demuxes every packet (cheap: nothing is decoded) to count the frames the file holds, whatever its
+    header claims (a truncated file's header promises more: the claim is kept in `declared_frames`), then
+    decodes the first frame. Raises VideoReadError with the reason when the file is unusable.
     """
     container = _open(source)
     try:
@@ -153,16 +155,15 @@ def probe(source: Source) -> VideoInfo:
             raise VideoReadError(f"demuxing failed (truncated or corrupt file): {_reason(e)}") from e
         if packets == 0:
             raise VideoReadError("the video stream holds no frames")
-        if stream.frames and packets < stream.frames:
-            raise VideoReadError(f"truncated: the header promises {stream.frames} frames but only {packets} are present")
+        declared = stream.frames if stream.frames and stream.frames > packets else 0
         container.seek(0)
         try:
             next(container.decode(stream))
         except (av.FFmpegError, StopIteration) as e:
             raise VideoReadError(f"the first frame does not decode: {_reason(e)}") from e
         frames = 1 if _is_image_format(container) else packets
-        duration = info.duration if info.duration > 0 or info.fps == 0 else frames / info.fps
-        return VideoInfo(info.fps, frames, info.width, info.height, duration, info.codec)
+        duration = frames / info.fps if info.fps > 0 and (declared or info.duration <= 0) else info.duration
+        return VideoInfo(info.fps, frames, info.width, info.height, duration, info.codec, declared)
     finally:
         container.close()
 
@@ -176,6 +177,7 @@ class Clip:
     start: int  # index of the first source frame
     stride: float  # source frames per output frame
     decoded: int = 0  # frames the decoder produced to get the window (the cost that seeking saves)
+    available: int | None = None  # frames the file really decoded to, when fewer than it claimed (else None)
 
     def to_tensor(self) -> torch.Tensor:
         return frames_to_tensor(self.frames)
@@ -305,10 +307,23 @@ def read_clip(
         stream.thread_type = "AUTO"
         if threads > 0:
             stream.codec_context.thread_count = threads
-        frames, decoded = _decode_indices(container, stream, indices, rw, rh, seek)
+        available = None
+        try:
+            frames, decoded = _decode_indices(container, stream, indices, rw, rh, seek)
+        except _StreamEnded as end:  # fewer frames decode than the file claims: the window moves into them
+            available = end.available
+            last_start = last_window_start(available, num_frames, stride)  # ClipTooShortError if none fits
+            first = min(indices[0], last_start) if isinstance(start, int) else start
+            indices = _window_indices(available, num_frames, stride, first, rng)
+            container.seek(0)
+            try:
+                frames, decoded = _decode_indices(container, stream, indices, rw, rh, seek=False)
+            except _StreamEnded as again:
+                raise VideoReadError(f"decoding stopped at frame {again.available}, before frame "
+                                     f"{available} where it stopped the first time") from None
         out = np.stack([f[top : top + th, left : left + tw] for f in frames])  # (T, H, W, 3)
         eff_fps = src_fps / stride if src_fps > 0 else 0.0
-        return Clip(frames=out, fps=eff_fps, start=indices[0], stride=stride, decoded=decoded)
+        return Clip(frames=out, fps=eff_fps, start=indices[0], stride=stride, decoded=decoded, available=available)
     except av.FFmpegError as e:
         raise VideoReadError(f"decoding failed: {_reason(e)}") from e
     finally:
@@ -332,7 +347,8 @@ def _decode_indices(container, stream, indices: list[int], width: int, height: i
     out: list[np.ndarray] = []
     want = 0
     counted = -1
-    for frame in container.decode(stream):
+    last = -1  # index of the last frame that decoded
+    for frame in _frames_until_damage(container.decode(stream)):
         counted += 1
         if frame.time is not None and fps > 0:
             idx = int(round((frame.time - t0) * fps))
@@ -347,6 +363,7 @@ def _decode_indices(container, stream, indices: list[int], width: int, height: i
             return frames, decoded + 1
         if idx is None:
             raise VideoReadError("a frame without a timestamp after seeking; read this file with seek=False")
+        last = idx
         if idx < indices[want]:
             continue
         rgb = None
@@ -358,8 +375,35 @@ def _decode_indices(container, stream, indices: list[int], width: int, height: i
             want += 1
         if want == len(indices):
             return out, counted + 1
-    # The window was checked against the frame count, so the file holds fewer frames than it says.
-    raise VideoReadError(f"truncated: the stream ended after {len(out)} of {len(indices)} frames (frame {indices[-1]} wanted)")
+    # The window was checked against the frame count, so fewer frames decode than the file holds or claims.
+    if last < 0:
+        raise VideoReadError("no frame decodes")
+    raise _StreamEnded(last + 1)
+
+
+class _StreamEnded(Exception):
+    """Decoding ended (or broke) before a window's last frame: `available` frames decode."""
+
+    def __init__(self, available: int):
+        super().__init__(f"only {available} frames decode")
+        self.available = available
+
+
+def _frames_until_damage(frames):
+    """The decoder's frames, ending quietly at damage after the first (a truncated or broken last frame):
+    what decoded before it is good, and the caller learns where it stopped."""
+    first = True
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except av.FFmpegError:
+            if first:
+                raise
+            return
+        first = False
+        yield frame
 
 
 def read_video(source: Source, num_frames: int, **kwargs) -> torch.Tensor:

@@ -123,3 +123,23 @@ def test_encode_writes_latent_shards_the_loader_reads(ckpt, synthetic_shards, tm
         expected = vae.encode(video["video"]).mean[0]
     assert batches[0]["key"][0] == video["key"][0]
     torch.testing.assert_close(batches[0]["latents"][0], expected, rtol=2e-3, atol=2e-3)
+
+
+def test_evaluate_takes_windows_from_the_frames_that_decode(ckpt, tmp_path):
+    """Files whose headers lie: one claims 40 frames and holds 24, one holds 40 whose last ones do not decode. The
+    evaluation crashed on the second (its last window reached a broken frame) and rejected the first whole."""
+    from .conftest import write_faststart_mp4
+
+    data = write_faststart_mp4(tmp_path / "whole.mp4", 40).read_bytes()
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "short.mp4").write_bytes(data[: int(len(data) * 0.6)])
+    (folder / "broken_end.mp4").write_bytes(data[: int(len(data) * 0.99)])
+    assert evaluate_main(["--ckpt", str(ckpt), "--data", str(folder), "--frames", "17", "--size", "32", "--windows", "3",
+                          "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert sorted(r["video"] for r in report["videos"]) == ["broken_end.mp4", "short.mp4"] and not report["skipped"]
+    short = {s["video"]: s for s in report["shortfalls"]}
+    assert short["short.mp4"]["declared"] == 40 and short["short.mp4"]["decoded"] < 30
+    assert short["broken_end.mp4"]["declared"] == 40 and short["broken_end.mp4"]["decoded"] < 40
+    assert "claims 40 frames and decodes" in (tmp_path / "eval" / "report.md").read_text()

@@ -106,22 +106,27 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
     vae = vae.to(device).eval()
     lpips = lpips.to(device) if lpips is not None else None
     latent_shape = vae.latent_shape(frames, size, size)
-    rows, skipped = [], []
+    rows, skipped, shortfalls = [], [], []  # shortfalls: videos that decode fewer frames than they claim
     feats: dict[str, list[torch.Tensor]] = {"real": [], "recon": [], "baseline": []}  # I3D features, for rFVD
     enc_time = dec_time = 0.0
     n_frames = 0
     with PeakMemory(device) as mem:
         for v in videos:
-            try:
-                starts = window_starts(v.info, frames, fps, windows)
-            except ClipTooShortError as e:
+            try:  # every window read first: a file that holds fewer frames than it claims moves them into what decodes
+                clips = [read_clip(v.data, frames, fps=fps, size=size, start=start, info=v.info)
+                         for start in window_starts(v.info, frames, fps, windows)]
+            except (ClipTooShortError, VideoReadError) as e:
                 skipped.append((v.name, str(e)))
                 continue
+            clips = list({c.start: c for c in clips}.values())  # windows moved onto the same frames count once
+            decoded = min((c.available for c in clips if c.available is not None), default=v.info.frames)
+            if v.info.declared_frames or decoded < v.info.frames:
+                shortfalls.append({"video": v.name, "declared": v.info.declared_frames or v.info.frames,
+                                   "decoded": decoded})
             sq_err = sq_err_base = 0.0
             count = 0
             ssims, ssims_base, lp, lp_base = [], [], [], []
-            for i, start in enumerate(starts):
-                clip = read_clip(v.data, frames, fps=fps, size=size, start=start, info=v.info)
+            for i, clip in enumerate(clips):
                 x = clip.to_tensor().unsqueeze(0).to(device)  # (1, 3, T, H, W)
                 _sync(device)
                 t0 = time.perf_counter()
@@ -150,7 +155,7 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
                                 fps=clip.fps or 8.0)
             rows.append({
                 "video": v.name,
-                "windows": len(starts),
+                "windows": len(clips),
                 "frames": len(ssims),
                 "psnr": psnr_from_mse(torch.tensor(sq_err / count)).item(),
                 "ssim": float(np.mean(ssims)),
@@ -167,6 +172,7 @@ def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, 
         "videos": rows,
         "mean": mean,
         "skipped": [{"video": n, "reason": r} for n, r in skipped],
+        "shortfalls": shortfalls,
         "encode_frames_per_s": n_frames / enc_time if enc_time else float("nan"),
         "decode_frames_per_s": n_frames / dec_time if dec_time else float("nan"),
         "peak_memory_mb": mem.peak_mb,
@@ -217,6 +223,9 @@ def markdown(report: dict, ckpt: str, data: str) -> str:
         "",
         "Conventions: " + "; ".join(f"{k}: {v}" for k, v in report["conventions"].items()) + ".",
     ]
+    for short in report["shortfalls"]:
+        lines.append(f"\n{short['video']} claims {short['declared']} frames and decodes {short['decoded']}: its "
+                     f"windows were taken from the frames that decode")
     for sk in report["skipped"]:
         lines.append(f"\nSkipped {sk['video']}: {sk['reason']}")
     return "\n".join(lines) + "\n"
