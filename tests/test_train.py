@@ -122,7 +122,7 @@ def test_sequence_parallel_two_processes_equal_one_process(shards, vae_dir, tmp_
     # --sp-size 2 on 2 ranks: one data-parallel replica whose two ranks read the same clips and each hold half
     # of every clip's tokens (the tiny DiT has 4 heads, 2 per rank). It must take the steps of one process.
     common = ["--steps", "2", "--batch-size", "2", "--checkpoint-every", "0", "--num-workers", "1"]
-    run_cli(dit_args(shards, vae_dir, tmp_path / "one", *common))
+    assert train.main(dit_args(shards, vae_dir, tmp_path / "one", *common)) == 0
     sp = run_cli(dit_args(shards, vae_dir, tmp_path / "sp", *common, "--sp-size", "2"), nproc=2)
     assert "1 data-parallel x 2 sequence-parallel" in sp.stdout + sp.stderr
     one, two = losses(tmp_path / "one"), losses(tmp_path / "sp")
@@ -189,7 +189,7 @@ def test_the_tokenizer_stage_under_fsdp2_equals_one_process(shards, tmp_path):
     common = ["--stage", "tokenizer", "--data", str(shards), "--steps", "2", "--batch-size", "2", "--checkpoint-every",
               "0", "--log-every", "1", "--disc-weight", "0.5", "--disc-start", "0", "--pca-init-clips", "0",
               "--stats-batches", "100", *FAST]  # the statistics over every clip, however the ranks split them
-    run_cli([*common, "--out", str(tmp_path / "one"), "--grad-accum", "2", "--num-workers", "2"])
+    assert train.main([*common, "--out", str(tmp_path / "one"), "--grad-accum", "2", "--num-workers", "2"]) == 0
     run_cli([*common, "--out", str(tmp_path / "fsdp"), "--num-workers", "1", "--parallel", "fsdp"], nproc=2)
     one, sharded = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     assert [sharded[k] for k in (1, 2)] == pytest.approx([one[k] for k in (1, 2)], rel=1e-4)
