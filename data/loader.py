@@ -220,7 +220,12 @@ def _decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> di
         raise SkipSample("too_short", str(e)) from e
     except VideoReadError as e:
         raise SkipSample("corrupt", str(e)) from e
-    return {"video": clip.to_tensor(), "caption": caption, "key": key, "fps": clip.fps, "meta": meta}
+    out = {"video": clip.to_tensor(), "caption": caption, "key": key, "fps": clip.fps, "meta": meta}
+    claimed = (info.declared_frames or info.frames) if info is not None else None
+    if clip.available is not None or (info is not None and info.declared_frames):
+        decoded = clip.available if clip.available is not None else info.frames
+        out["__short__"] = f"claims {claimed or '?'} frames and {decoded} decode; windows are taken from those"
+    return out
 
 
 def _decode_latents(data: bytes, caption: str, key: str, meta: dict, spec: ClipSpec) -> dict:
@@ -313,12 +318,16 @@ class ShardStream(IterableDataset):
         for _ in range(position):  # resume: the raw samples of batches consumed before, read but not decoded
             next(samples)
         batch: list[dict] = []
+        shorts: list[SkipRecord] = []  # samples used from files that decode fewer frames than they claim
         for sample in samples:
             key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
             rng = np.random.default_rng([self.seed, reader, position])  # this sample's window and crop
             position += 1
             try:
-                batch.append(_decode_sample(sample, self.spec, rng))
+                decoded = _decode_sample(sample, self.spec, rng)
+                if "__short__" in decoded:  # used, and counted: a file whose header claims more than decodes
+                    shorts.append(SkipRecord("short_file", key, url, decoded.pop("__short__")))
+                batch.append(decoded)
             except SkipSample as s:
                 skip(SkipRecord(s.reason, key, url, s.detail))
                 continue
@@ -327,13 +336,17 @@ class ShardStream(IterableDataset):
                 continue
             run[0] = 0
             if len(batch) == self.batch_size:
-                out = collate(batch) | {"__skips__": skips[:], "__reader__": reader, "__position__": position}
-                batch, skips[:] = [], []
+                out = collate(batch) | {"__skips__": skips[:], "__shorts__": shorts[:], "__reader__": reader,
+                                        "__position__": position}
+                batch, skips[:], shorts[:] = [], [], []
                 yield out
         if batch and self.mode == "eval":
-            yield collate(batch) | {"__skips__": skips[:], "__reader__": reader, "__position__": position}
+            yield collate(batch) | {"__skips__": skips[:], "__shorts__": shorts[:], "__reader__": reader,
+                                    "__position__": position}
             skips.clear()
-        yield {"__skips__": skips[:], "__end__": True, "__reader__": reader, "__position__": position}
+            shorts.clear()
+        yield {"__skips__": skips[:], "__shorts__": shorts[:], "__end__": True, "__reader__": reader,
+               "__position__": position}
 
 
 class ShardLoader:
@@ -354,12 +367,17 @@ class ShardLoader:
         self.skipped: Counter = Counter()
         self.skip_log: list[SkipRecord] = []  # every skipped sample, in the order met
         self.unique_skips: set[tuple[str, str, str]] = set()  # (reason, url, key) of each bad sample or shard
+        self.short_files: dict[tuple[str, str], str] = {}  # (url, key) -> what a file claims and what decodes
         self._positions: dict[int, int] = {}  # reader -> raw samples consumed by the caller
         self._next_worker = 0  # the worker whose batch the caller takes next (train mode)
 
     def _count_skips(self, item: dict) -> None:
         """Every pass over a bad sample counts in `skipped`; each bad sample (or shard) once in `unique_skips`,
         and only its first meeting is logged."""
+        for rec in item.pop("__shorts__"):
+            if (rec.url, rec.key) not in self.short_files:
+                self.short_files[(rec.url, rec.key)] = rec.detail
+                log.warning("%s from %s %s", rec.key, rec.url, rec.detail)
         for rec in item.pop("__skips__"):
             self.skipped[rec.reason] += 1
             self.skip_log.append(rec)
@@ -429,13 +447,15 @@ class ShardLoader:
         return sum(self.skipped.values())
 
     def report(self) -> str:
+        shorts = (f"; {len(self.short_files)} files decode fewer frames than they claim (used: their windows come "
+                  f"from the frames that decode)") if self.short_files else ""
         if not self.skipped:
-            return "no samples skipped"
+            return "no samples skipped" + shorts
         parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
         unique = Counter(reason for reason, _, _ in self.unique_skips)
         distinct = ", ".join(f"{n} {reason}" for reason, n in sorted(unique.items()))
         return (f"skipped {self.samples_skipped} samples ({parts}); {len(self.unique_skips)} distinct bad samples or "
-                f"shards ({distinct}), the rest were passes over them again")
+                f"shards ({distinct}), the rest were passes over them again" + shorts)
 
 
 def make_loader(

@@ -277,3 +277,25 @@ def test_a_shard_cut_off_mid_member_gives_what_it_holds_and_is_named_truncated(t
     resumed = make_loader(str(out), 2, 5, 32, mode="train", num_workers=0)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     assert resumed.unique_skips == loader.unique_skips
+
+
+def test_files_whose_headers_lie_train_on_the_frames_that_decode_and_are_counted(tmp_path):
+    """Shards of a clip claiming 40 frames and holding 24, and of one whose last frames do not decode: both train
+    (windows from the frames that decode), and each is counted once in loader.short_files and the report."""
+    from data.make_shards import main as make_shards_main
+
+    from .conftest import write_faststart_mp4
+
+    data = write_faststart_mp4(tmp_path / "whole.mp4", 40).read_bytes()
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "short.mp4").write_bytes(data[: int(len(data) * 0.6)])
+    (videos / "broken_end.mp4").write_bytes(data[: int(len(data) * 0.99)])
+    for name in ("short", "broken_end"):
+        (videos / f"{name}.txt").write_text(f"a {name} clip\n")
+    assert make_shards_main(["--input", str(videos), "--out", str(tmp_path / "shards")]) == 0
+    loader = make_loader(str(tmp_path / "shards"), 2, 17, 32, mode="train", num_workers=0, seed=3)
+    batches = [batch for _, batch in zip(range(6), loader)]
+    assert all(b["video"].shape == (2, 3, 17, 32, 32) for b in batches) and loader.samples_skipped == 0
+    assert sorted(key for _, key in loader.short_files) == ["broken_end", "short"]
+    assert "2 files decode fewer frames than they claim" in loader.report()

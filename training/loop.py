@@ -181,9 +181,10 @@ def train(args) -> Path:
             window.add(time.perf_counter() - t0, mean_loss, float(grad_norm))
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
-                skipped, distinct = all_reduce_sum([loader.samples_skipped, len(loader.unique_skips)], env.device)
+                skipped, distinct, short = all_reduce_sum(
+                    [loader.samples_skipped, len(loader.unique_skips), len(loader.short_files)], env.device)
                 record = {"step": step, "lr": sched.get_last_lr()[0], "skipped_samples": int(skipped),
-                          "skipped_distinct": int(distinct)} | window.record() | logs
+                          "skipped_distinct": int(distinct), "short_files": int(short)} | window.record() | logs
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 window = Window(env.device)
