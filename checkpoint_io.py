@@ -144,8 +144,7 @@ def checkpoint_step(directory: str | os.PathLike) -> int | None:
 def load_checkpoint(directory: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, state dict) from `directory` (or the `model/` folder of a run folder); a one-line error
     says what is missing or wrong."""
-    given = Path(directory)
-    directory = model_folder(given)
+    directory = model_folder(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not directory.is_dir():
         raise MissingInputError(f"no {kind} checkpoint at {directory}: the directory does not exist")

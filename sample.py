@@ -255,8 +255,10 @@ def check_options(args) -> None:
 def run(args) -> list[Path]:
     check_options(args)
     prompts = read_prompts(args)
+    single = args.out.suffix == ".mp4"
+    out_dir = args.out.parent if single else args.out
     if not args.dry_run:  # before anything is computed: a wrong or read-only --out fails now, not after sampling
-        check_writable(args.out.parent if args.out.suffix == ".mp4" else args.out)
+        check_writable(out_dir)
     env = setup_distributed(args.device, 1 if args.dry_run else args.sp_size)
     device = env.device
     pipe = Pipeline.load(args.ckpt, vae=args.vae, device=device)
@@ -279,11 +281,8 @@ def run(args) -> list[Path]:
     if b["memory_gb"] > free:
         print(f"warning: this needs about {b['memory_gb']:.1f} GiB and {device} has {free:.1f} GiB free; lower "
               f"--batch-size, --frames or the size", file=sys.stderr)
-    single = args.out.suffix == ".mp4"
     if single and len(jobs) != 1:
         raise InputError(f"--out {args.out} is one file but {len(jobs)} videos were asked for: give a folder")
-    out_dir = args.out.parent if single else args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
     known = KnownFrames(args, pipe, frames, height, width, fps)
     writer = env.rank % env.sp == 0  # the first rank of each sequence group
     starts = list(range(0, len(jobs), batch))[env.dp_rank :: env.dp_world]  # sequence groups share out the batches

@@ -221,8 +221,8 @@ def _decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> di
     except VideoReadError as e:
         raise SkipSample("corrupt", str(e)) from e
     out = {"video": clip.to_tensor(), "caption": caption, "key": key, "fps": clip.fps, "meta": meta}
-    claimed = (info.declared_frames or info.frames) if info is not None else None
     if clip.available is not None or (info is not None and info.declared_frames):
+        claimed = (info.declared_frames or info.frames) if info is not None else None
         decoded = clip.available if clip.available is not None else info.frames
         out["__short__"] = f"claims {claimed or '?'} frames and {decoded} decode; windows are taken from those"
     return out

@@ -27,8 +27,11 @@ def _status_mb(field: str) -> float:
 
 
 class PeakMemory:
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", collect_garbage: bool = True):
+        """collect_garbage: free unreferenced objects first, so that held_mb is what is really held (for
+        measurements; the trainer, which measures every logging window, skips it)."""
         self.device = torch.device(device)
+        self.collect_garbage = collect_garbage
         self.peak_mb = float("nan")
         self.held_mb = 0.0
 
@@ -37,7 +40,8 @@ class PeakMemory:
         return self.device.type == "cuda" or Path("/proc/self/clear_refs").exists()
 
     def start(self) -> "PeakMemory":
-        gc.collect()
+        if self.collect_garbage:
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -85,8 +85,6 @@ def teardown_distributed(ok: bool) -> None:
     dist.destroy_process_group()
 
 
-
-
 def run_command(command: Callable[[], T]) -> tuple[int, T | None]:
     """An entry point's work, run as every command runs it: (0, its result); or, for bad input (InputError),
     the message as one line on stderr and (2, None). Under torchrun every rank returns 2 and rank 0 alone

@@ -228,7 +228,7 @@ class Window:
     def __init__(self, device: torch.device):
         self.loss = self.grad_norm = self.time = 0.0
         self.n = self.samples = self.tokens = 0
-        self.memory = PeakMemory(device).start()
+        self.memory = PeakMemory(device, collect_garbage=False).start()  # no gc pass on the training loop
 
     def add(self, seconds: float, loss: float, grad_norm: float) -> None:
         self.time += seconds
