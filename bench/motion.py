@@ -27,19 +27,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import markdown_table  # noqa: E402
-from data import write_video  # noqa: E402
+from errors import InputError  # noqa: E402
+from evaluation.generator import captions_for, sample_run  # noqa: E402
 from evaluation.motion_score import score_dir  # noqa: E402
-from data.synthetic import ALL_CAPTIONS  # noqa: E402
-
-
-def captions_for(which: str, manifest: dict | None) -> list[str]:
-    held = list(manifest.get("holdout_captions", [])) if manifest else []
-    train = list(manifest.get("train_captions", ALL_CAPTIONS)) if manifest else list(ALL_CAPTIONS)
-    if which == "holdout":
-        if not held:
-            raise SystemExit("error: --captions holdout needs --manifest with held-out captions")
-        return held
-    return train if which == "train" else held + train
 
 
 def run_setting(run: str, captions: list[str], k: int, steps: int | None, cfg: float | None, shift: float | None,
@@ -50,17 +40,9 @@ def run_setting(run: str, captions: list[str], k: int, steps: int | None, cfg: f
     d = pipe.defaults
     steps = steps or d["sampler"]["steps"]
     cfg = d["sampler"]["guidance"] if cfg is None else cfg
-    jobs = [(c, seed) for c in captions for seed in range(k)]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for start in range(0, len(jobs), batch):
-            group = jobs[start : start + batch]
-            z = pipe.generate([c for c, _ in group], d["frames"], d["size"], d["size"], steps=steps, guidance=cfg,
-                              seeds=[s for _, s in group], shift=shift, solver=solver)
-            for (caption, seed), video in zip(group, pipe.decode(z)):
-                name = f"{caption.replace(' ', '_')}_{seed}"
-                write_video(Path(tmp) / f"{name}.mp4", video, fps=d.get("fps") or 8.0)
-                (Path(tmp) / f"{name}.txt").write_text(caption + "\n")
+        jobs = sample_run(pipe, captions, k, Path(tmp), dict(steps=steps, guidance=cfg, shift=shift, solver=solver), batch)
         seconds = time.perf_counter() - t0
         scores, summary = score_dir(tmp, manifest_path)
     return {"run": run, "steps": steps, "cfg": cfg, "shift": shift, "solver": solver, "videos": len(jobs),
@@ -71,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="train.py DiT run folders")
     p.add_argument("--manifest", help="the training shards' manifest.json (seen / held-out split)")
-    p.add_argument("--captions", choices=["holdout", "train", "all"], default="all")
+    p.add_argument("--captions", default="all", help="holdout, train, all (the synthetic set's) or a file of captions")
     p.add_argument("--k", type=int, default=4, help="videos per caption")
     p.add_argument("--steps", type=int, nargs="+", default=[None])
     p.add_argument("--cfg", type=float, nargs="+", default=[None])
@@ -81,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "motion.json")
     args = p.parse_args(argv)
-    manifest = json.loads(Path(args.manifest).read_text()) if args.manifest else None
-    captions = captions_for(args.captions, manifest)
+    try:
+        captions = captions_for(args.captions, args.manifest)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
     results = [run_setting(run, captions, args.k, steps, cfg, args.shift, solver, args.manifest, args.device, args.batch_size)
                for run, steps, cfg, solver in itertools.product(args.runs, args.steps, args.cfg, args.solver)]
     headers = ["run", "steps", "cfg", "solver", "group", "videos", "presence", "colour", "shape", "direction",

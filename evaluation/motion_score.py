@@ -56,6 +56,8 @@ class Score:
     color_spread: float
     flicker: float
     seen: str  # "seen", "held_out" or "unknown"
+    found: int = 0  # frames in which an object of plausible size was found (colour and shape need 1, direction 2)
+    start: tuple[float, float] | None = None  # the object's centre (x, y) in the first frame it was found in
 
     METRICS = ("presence", "color", "shape", "direction", "linearity", "identity", "area_cv", "color_spread", "flicker")
 
@@ -184,7 +186,8 @@ def score_frames(frames: np.ndarray, caption: str, name: str = "", seen: str = "
         if outside.any():
             flicker = float(np.abs(np.diff(f, axis=0)).mean(-1)[outside].mean())
     return Score(name, caption, float(np.mean(present)), color_ok, shape_ok, direction_ok, linearity, identity,
-                 area_cv, color_spread, flicker, seen)
+                 area_cv, color_spread, flicker, seen, len(found),
+                 (float(centres[found[0]][0]), float(centres[found[0]][1])) if found else None)
 
 
 def preview_scores(prompts: list[str], videos) -> dict:
@@ -205,20 +208,33 @@ def read_frames(path: Path) -> np.ndarray:
 def score_dir(directory: str | Path, manifest: str | Path | None = None) -> tuple[list[Score], dict]:
     """Scores of every NAME.mp4 with a NAME.txt in `directory`, and their averages (all, seen, held out)."""
     directory = Path(directory)
-    held, train = set(), set()
-    if manifest is not None:
-        m = json.loads(Path(manifest).read_text())
-        held, train = set(m.get("holdout_captions", [])), set(m.get("train_captions", []))
+    held, train = caption_groups(manifest)
     scores = []
     for video in sorted(directory.glob("*.mp4")):
         caption_file = video.with_suffix(".txt")
         if not caption_file.is_file():
             continue
         caption = caption_file.read_text().strip()
-        seen = "held_out" if caption in held else "seen" if caption in train else "unknown"
-        scores.append(score_frames(read_frames(video), caption, video.stem, seen))
+        scores.append(score_frames(read_frames(video), caption, video.stem, group_of(caption, held, train)))
     if not scores:
         raise InputError(f"no NAME.mp4 with a NAME.txt caption in {directory}")
+    return scores, summarise(scores)
+
+
+def caption_groups(manifest: str | Path | None) -> tuple[set[str], set[str]]:
+    """(held-out captions, training captions) from the synthetic set's manifest.json; empty without one."""
+    if manifest is None:
+        return set(), set()
+    m = json.loads(Path(manifest).read_text())
+    return set(m.get("holdout_captions", [])), set(m.get("train_captions", []))
+
+
+def group_of(caption: str, held: set[str], train: set[str]) -> str:
+    return "held_out" if caption in held else "seen" if caption in train else "unknown"
+
+
+def summarise(scores: list[Score]) -> dict:
+    """The averages of every metric over all videos, the seen and the held-out ones (NaNs left out)."""
     groups = {"all": scores, "seen": [s for s in scores if s.seen == "seen"],
               "held_out": [s for s in scores if s.seen == "held_out"]}
     summary = {}
@@ -227,7 +243,7 @@ def score_dir(directory: str | Path, manifest: str | Path | None = None) -> tupl
             summary[group] = {"videos": len(members)} | {
                 m: float(np.nanmean([getattr(s, m) for s in members])) if not all(
                     np.isnan(getattr(s, m)) for s in members) else float("nan") for m in Score.METRICS}
-    return scores, summary
+    return summary
 
 
 def table(summary: dict, first: str = "group") -> str:

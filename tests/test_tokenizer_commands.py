@@ -14,7 +14,7 @@ from data.make_shards import main as make_shards_main
 from tokenizer import CausalVAE
 from tokenizer.encode import main as encode_main
 from tokenizer.evaluate import main as evaluate_main
-from tokenizer.evaluate import window_starts
+from data.sources import window_starts
 from evaluation.metrics import psnr, ssim, to_unit_range
 
 from .conftest import BIKES, CARPHONE, copy_clip, write_reference_lpips_weights

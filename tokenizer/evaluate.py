@@ -23,16 +23,15 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import ClipTooShortError, VideoInfo, VideoReadError, iter_shard_samples, probe, read_clip, write_video
-from data.loader import media_member
+from data import ClipTooShortError, VideoReadError, read_clip, write_video
 from data.shards import sanitize_key
-from data.video_io import MEDIA_EXTENSIONS, check_frame_count, last_window_start, window_stride
+from data.sources import VideoSource, find_videos, window_starts
+from data.video_io import check_frame_count
 from errors import InputError
 from evaluation.fvd import FrechetVideoDistance, fvd_from_features
 from evaluation.lpips import LPIPS
@@ -43,48 +42,6 @@ from .model import CausalVAE
 
 log = logging.getLogger("tokenizer.evaluate")
 ERROR_GAIN = 4.0  # amplification of |original - reconstruction| in the side-by-side videos
-
-
-@dataclass
-class VideoSource:
-    name: str
-    data: bytes | Path
-    info: VideoInfo
-
-
-def find_videos(path: str) -> tuple[list[VideoSource], list[tuple[str, str]]]:
-    """The videos under `path` and the (name, reason) of those that cannot be read."""
-    p = Path(path)
-    videos, skipped = [], []
-    is_shards = (p.is_dir() and any(p.glob("*.tar"))) or not p.exists()  # not a path: a glob or brace pattern
-    if is_shards:
-        for sample in iter_shard_samples(path):
-            ext = media_member(sample)
-            if ext is None:
-                skipped.append((sample["__key__"], "no video member"))
-                continue
-            try:
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-                info = VideoInfo.from_meta(meta) or probe(sample[ext])
-            except (VideoReadError, ValueError) as e:
-                skipped.append((sample["__key__"], str(e)))
-                continue
-            videos.append(VideoSource(sample["__key__"], sample[ext], info))
-        return videos, skipped
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix.lower().lstrip(".") in MEDIA_EXTENSIONS)
-    for f in files:
-        name = f.name if p.is_file() else f.relative_to(p).as_posix()
-        try:
-            videos.append(VideoSource(name, f, probe(f)))
-        except VideoReadError as e:
-            skipped.append((name, str(e)))
-    return videos, skipped
-
-
-def window_starts(info: VideoInfo, frames: int, fps: float | None, windows: int) -> list[int]:
-    """Evenly spaced first frames of `windows` windows (fewer if the video is short)."""
-    last = last_window_start(info.frames, frames, window_stride(info.fps, fps))
-    return sorted({round(i * last / max(1, windows - 1)) for i in range(windows)}) if windows > 1 else [last // 2]
 
 
 def side_by_side(original: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
