@@ -2,10 +2,10 @@
 moves with the number of steps, the guidance scale and the timestep shift.
 
     python bench/chain_of_steps.py [--run runs/quickstart/dit] [--manifest runs/quickstart/shards/manifest.json]
-                                   [--seeds 3] [--steps 10 30 60] [--cfg 1 3 5 8] [--shift 1 3 6 12]
+                                   [--seeds 3] [--seen 10] [--steps 10 60] [--cfg 1 3 5 8] [--shift 1 3 6 12]
                                    [--cascade bench/results/cascade] [--out bench/results/chain_of_steps]
 
-For every caption of the synthetic grammar (held-out and seen combinations) and seeds 0..N-1, the run samples
+For the held-out caption combinations and `--seen` of the seen ones, and seeds 0..N-1, the run samples
 a video and the clean-video prediction at every solver step is decoded and scored (`evaluation.chain_of_steps`
 says how). The run's own sampler setting is the base; each of steps, guidance and shift is then varied alone,
 the others at the base. With `--cascade` (a `bench/cascade.py` output folder), the whole-clip model and the
@@ -57,10 +57,9 @@ def latent_study(pipe, captions: list[str], seeds: int, shape, sampler: dict, ma
 
 def rows_of(label: str, s: dict) -> list[list]:
     out = []
-    for group in ("held_out", "seen"):
-        g = s["groups"].get(group)
-        if g is None:
-            continue
+    groups = [g for g in ("held_out", "seen") if g in s["groups"]] or ["all"]
+    for group in groups:
+        g = s["groups"][group]
         out.append([label, group, g["videos"]] + [
             f"{g[a]['final']:.2f} @{g[a]['decided_fraction_mean']:.2f} "
             f"+{g[a]['corrected']}/{g[a]['ever_wrong']} -{g[a]['lost']}/{g[a]['ever_right']}" for a in SHOWN])
@@ -72,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", default=str(ROOT / "runs" / "quickstart" / "dit"))
     p.add_argument("--manifest", default=str(ROOT / "runs" / "quickstart" / "shards" / "manifest.json"))
     p.add_argument("--captions", default="all", help="holdout, train, all or a file of captions")
+    p.add_argument("--seen", type=int, default=10,
+                   help="with --captions all: the held-out captions and this many seen ones, evenly spread (0: all)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per caption")
     p.add_argument("--steps", type=int, nargs="*", default=[10, 60], help="solver steps tried beside the run's")
     p.add_argument("--cfg", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="guidance scales tried beside the run's")
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     manifest = args.manifest if args.manifest and Path(args.manifest).is_file() else None
     captions = captions_for(args.captions, manifest)
+    if args.captions == "all" and args.seen and manifest:
+        held = captions_for("holdout", manifest)
+        seen = [c for c in captions if c not in held]
+        captions = held + seen[::max(1, len(seen) // args.seen)][:args.seen]
     pipe = Pipeline.load(args.run, device=args.device)
     d = pipe.defaults
     base_shift = pipe.flow.shift_for(pipe.tokens(pipe.latent_shape(d["frames"], d["size"], d["size"])))

@@ -145,6 +145,14 @@ def markdown(study: dict, label: str = "") -> str:
             s = g[a]
             lines.append(f"| {group} | {a} | {g['videos']} | {s['final']:.3f} | {s['decided_step_mean']:.1f} | "
                          f"{s['decided_fraction_mean']:.2f} | {s['corrected']}/{s['ever_wrong']} | {s['lost']}/{s['ever_right']} |")
+    n = len(study["t"])
+    shown = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 8 else list(range(n))
+    for group, g in study["groups"].items():
+        lines += ["", f"Accuracy along the steps ({group} captions, {g['videos']} videos; t is the flow time the "
+                      f"step starts from, 1 = noise):", "",
+                  "| step | t | " + " | ".join(ATTRIBUTES) + " |", "|" + "---|" * (len(ATTRIBUTES) + 2)]
+        for i in shown:
+            lines.append(f"| {i + 1} | {study['t'][i]:.3f} | " + " | ".join(f"{g[a]['accuracy'][i]:.2f}" for a in ATTRIBUTES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,9 +166,11 @@ def plot_curves(studies: dict[str, dict], path, group: str = "all", title: str =
     from checkpoint_io import atomic_path
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True, sharey=True)
+    if not all(group in study["groups"] for study in studies.values()):
+        group = "all"
     for ax, a in zip(axes.flat, ATTRIBUTES):
         for label, study in studies.items():
-            g = study["groups"].get(group) or study["groups"]["all"]
+            g = study["groups"][group]
             acc = g[a]["accuracy"]
             x = (np.arange(len(acc)) + 1) / len(acc)
             ax.plot(x, acc, marker="." if len(acc) <= 12 else None, label=label or None)
