@@ -28,10 +28,9 @@ REPORT/trajectory.md and REPORT/trajectory.png.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 from data.synthetic import SyntheticSpec, generate
 
@@ -76,3 +77,25 @@ def write_reference_lpips_weights(folder: Path):
     torch.save(vgg, folder / "vgg16.pth")
     heads = Path(os.path.dirname(lpips.__file__)) / "weights" / "v0.1" / "vgg.pth"
     return ref, folder / "vgg16.pth", heads
+
+
+class TinyI3D(torch.nn.Module):
+    """The call signature of the TorchScript I3D, with random weights and 16 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 8, 3, stride=(1, 4, 4))
+        self.fc = torch.nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = True) -> torch.Tensor:
+        assert x.shape[-2:] == (224, 224)
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3, 4)))
+
+
+@pytest.fixture(scope="session")
+def i3d_path(tmp_path_factory):
+    """A tiny random I3D saved as TorchScript, the form the field's detector comes in."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("i3d") / "tiny_i3d.pt"
+    torch.jit.script(TinyI3D()).save(str(path))
+    return path

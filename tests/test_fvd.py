@@ -18,27 +18,6 @@ from .conftest import CARPHONE, copy_clip
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:torch.jit")
 
 
-class TinyI3D(torch.nn.Module):
-    """The call signature of the TorchScript I3D, with random weights and 16 features."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv3d(3, 8, 3, stride=(1, 4, 4))
-        self.fc = torch.nn.Linear(8, 16)
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = True) -> torch.Tensor:
-        assert x.shape[-2:] == (224, 224)
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3, 4)))
-
-
-@pytest.fixture(scope="module")
-def i3d_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("i3d") / "tiny_i3d.pt"
-    torch.jit.script(TinyI3D()).save(str(path))
-    return path
-
-
 def test_frechet_distance_equals_scipy():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((40, 6)), rng.standard_normal((50, 6)) * 1.5 + 0.3

@@ -14,8 +14,6 @@ from data.synthetic import SyntheticSpec, render_sample
 from evaluation import chain_of_steps
 from evaluation.generator import main as evaluate_main
 
-from .test_fvd import i3d_path  # noqa: F401  (the tiny scripted I3D fixture)
-
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:torch.jit")
 
 CAPTIONS = ["a red circle moving right", "a blue square moving left", "a green triangle moving up",
@@ -44,7 +42,7 @@ def report_of(out):
     return json.loads((out / "report.json").read_text())
 
 
-def test_fvd_of_a_set_against_itself_is_zero_and_grows_when_corrupted(tmp_path, i3d_path):  # noqa: F811
+def test_fvd_of_a_set_against_itself_is_zero_and_grows_when_corrupted(tmp_path, i3d_path):
     clips = synthetic_clips(12)
     clean = write_set(tmp_path / "clean", clips)
     g = torch.Generator().manual_seed(0)
@@ -74,7 +72,7 @@ def test_fvd_of_a_set_against_itself_is_zero_and_grows_when_corrupted(tmp_path, 
     assert clean_motion["color"] == clean_motion["direction"] == 1.0
 
 
-def test_the_command_fails_in_one_line_on_bad_input(tmp_path, i3d_path, capsys):  # noqa: F811
+def test_the_command_fails_in_one_line_on_bad_input(tmp_path, i3d_path, capsys):
     clips = synthetic_clips(4)
     uncaptioned = write_set(tmp_path / "uncaptioned", clips, captions=False)
     assert evaluate_main(["--videos", str(uncaptioned), "--out", str(tmp_path / "r1")]) == 2
@@ -96,7 +94,7 @@ def test_the_command_fails_in_one_line_on_bad_input(tmp_path, i3d_path, capsys):
     assert len(err.splitlines()) == 1 and "2 shapes" in err
 
 
-def test_reference_shards_are_read_at_the_generated_shape(tmp_path, i3d_path, synthetic_shards):  # noqa: F811
+def test_reference_shards_are_read_at_the_generated_shape(tmp_path, i3d_path, synthetic_shards):
     # the shards hold 64x64 clips of 17 frames; the generated ones are 9 frames at 32x32
     generated = write_set(tmp_path / "generated", synthetic_clips(6))
     out = tmp_path / "report"
