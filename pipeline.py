@@ -31,7 +31,7 @@ from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_b
 from dit3d.flow import FlowConfig, sample
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
 from errors import InputError, MissingInputError
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, load_tokenizer
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -176,7 +176,7 @@ class Pipeline:
             text = BUILTIN_TEXT_ENCODERS[spec["text_encoder"]].from_pretrained(root / "text")
         else:
             frozen = HFTextEncoder(spec["text_encoder"], device=device)
-        tokenizer = CausalVAE.from_pretrained(vae or root / "tokenizer")
+        tokenizer = load_tokenizer(vae or root / "tokenizer")
         if tokenizer.config.latent_channels != dit.config.in_channels:
             raise InputError(f"the tokenizer at {vae or root / 'tokenizer'} has {tokenizer.config.latent_channels} latent "
                              f"channels but the DiT takes {dit.config.in_channels}: use the tokenizer it was trained with")

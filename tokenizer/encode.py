@@ -24,11 +24,12 @@ from data import ShardWriter, latent_sample, make_loader
 from data.video_io import check_frame_count
 from errors import InputError
 
+from .diffusers_vae import DiffusersVAE, load_tokenizer
 from .model import CausalVAE
 
 
 @torch.no_grad()
-def export_latents(vae: CausalVAE, data, out: Path, frames: int, size: int, *, fps: float | None = None,
+def export_latents(vae: CausalVAE | DiffusersVAE, data, out: Path, frames: int, size: int, *, fps: float | None = None,
                    batch_size: int = 8, chunk: int | None = None, shard_size: int = 100, num_workers: int = 2,
                    device: str | torch.device = "cpu", ckpt: str = "", overwrite: bool = False) -> dict:
     device = torch.device(device)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         check_frame_count(args.frames)
-        vae = CausalVAE.from_pretrained(args.ckpt)
+        vae = load_tokenizer(args.ckpt)
         vae.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
         result = export_latents(vae, args.data, args.out, args.frames, args.size, fps=args.fps,
                                 batch_size=args.batch_size, chunk=args.chunk, shard_size=args.shard_size,

@@ -38,6 +38,7 @@ from evaluation.lpips import LPIPS
 from evaluation.metrics import equal_floats_baseline, psnr_from_mse, ssim_frames, to_unit_range
 from evaluation.peak_memory import PeakMemory
 
+from .diffusers_vae import DiffusersVAE, load_tokenizer
 from .model import CausalVAE
 
 log = logging.getLogger("tokenizer.evaluate")
@@ -56,7 +57,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(vae: CausalVAE, videos: list[VideoSource], frames: int, size: int, *, fps: float | None = None,
+def evaluate(vae: CausalVAE | DiffusersVAE, videos: list[VideoSource], frames: int, size: int, *, fps: float | None = None,
              windows: int = 4, chunk: int | None = None, tile: int | None = None, device: torch.device | str = "cpu",
              video_dir: Path | None = None, lpips: LPIPS | None = None, fvd: FrechetVideoDistance | None = None) -> dict:
     device = torch.device(device)
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         check_frame_count(args.frames)
-        vae = CausalVAE.from_pretrained(args.ckpt)
+        vae = load_tokenizer(args.ckpt)
         vae.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
         if bool(args.lpips_vgg) != bool(args.lpips_heads):
             raise InputError("LPIPS needs both --lpips-vgg and --lpips-heads")

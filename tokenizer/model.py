@@ -228,6 +228,20 @@ def _nearest_multiples(n: int, m: int) -> str:
     return f"{lower} or {lower + m}" if lower != n else str(n)
 
 
+def check_video_shape(video: torch.Tensor, channels: int, tf: int, sf: int) -> None:
+    """An InputError naming the nearest valid sizes unless video is (B, channels, 1 + tf k, H, W) with H and W
+    divisible by sf."""
+    if video.ndim != 5 or video.shape[1] != channels:
+        raise InputError(f"expected video (B, {channels}, T, H, W), got shape {tuple(video.shape)}")
+    t, h, w = video.shape[2:]
+    if (t - 1) % tf:
+        lower = 1 + (t - 1) // tf * tf
+        raise InputError(f"the frame count must be 1 + {tf}k (1, {1 + tf}, {1 + 2 * tf}, ...); got {t}: use {lower} or {lower + tf}")
+    for name, n in (("height", h), ("width", w)):
+        if n % sf:
+            raise InputError(f"{name} {n} is not divisible by the spatial factor {sf}: use {_nearest_multiples(n, sf)}")
+
+
 class CausalVAE(nn.Module):
     """Video (B, 3, 1 + 4k, H, W) in [-1, 1]  <->  latents (B, 16, 1 + k, H/8, W/8)."""
 
@@ -252,17 +266,7 @@ class CausalVAE(nn.Module):
     def check_video(self, video: torch.Tensor) -> None:
         """Raise an InputError naming the nearest valid sizes unless video is (B, C, 1 + tk, H, W) with H, W
         divisible by the spatial factor."""
-        cfg = self.config
-        if video.ndim != 5 or video.shape[1] != cfg.in_channels:
-            raise InputError(f"expected video (B, {cfg.in_channels}, T, H, W), got shape {tuple(video.shape)}")
-        t, h, w = video.shape[2:]
-        tf, sf = cfg.temporal_factor, cfg.spatial_factor
-        if (t - 1) % tf:
-            lower = 1 + (t - 1) // tf * tf
-            raise InputError(f"the frame count must be 1 + {tf}k (1, {1 + tf}, {1 + 2 * tf}, ...); got {t}: use {lower} or {lower + tf}")
-        for name, n in (("height", h), ("width", w)):
-            if n % sf:
-                raise InputError(f"{name} {n} is not divisible by the spatial factor {sf}: use {_nearest_multiples(n, sf)}")
+        check_video_shape(video, self.config.in_channels, self.config.temporal_factor, self.config.spatial_factor)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         cfg = self.config

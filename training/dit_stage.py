@@ -23,7 +23,7 @@ from errors import InputError
 from evaluation.motion_score import preview_scores
 from parallel import Env, unwrap
 from pipeline import TextToVideo, generate_latents, save_pipeline, text_inputs
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, load_tokenizer
 
 from .options import parse_overrides
 from .stage import autocast, image_step, sample_generator
@@ -38,8 +38,8 @@ class DiTStage:
         self.args, self.env = args, env
         if not args.vae:
             raise InputError("--stage dit needs --vae DIR, a trained tokenizer (a tokenizer run's folder, or its model/)")
-        self.vae = CausalVAE.from_pretrained(args.vae).to(env.device).eval().requires_grad_(False)
-        if env.main and bool((self.vae.latent_std == 1).all() and (self.vae.latent_mean == 0).all()):
+        self.vae = load_tokenizer(args.vae).to(env.device).eval().requires_grad_(False)
+        if env.main and isinstance(self.vae, CausalVAE) and bool((self.vae.latent_std == 1).all() and (self.vae.latent_mean == 0).all()):
             log.warning("the tokenizer at %s has no measured latent statistics; latents are used unnormalised", args.vae)
         self.frozen_text = None
         try:

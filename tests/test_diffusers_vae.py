@@ -1,0 +1,161 @@
+"""The field's video autoencoders behind our tokenizer interface: tiny random diffusers models, saved with
+save_pretrained and loaded through our path, against diffusers' own calls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from errors import InputError
+from tokenizer import CausalVAE, DiffusersVAE, load_tokenizer
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY = {
+    "AutoencoderKLWan": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                             temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                             latents_std=[1.5, 0.5, 2.0, 1.0]),
+    "AutoencoderKLCogVideoX": dict(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1,
+                                   norm_num_groups=4, sample_height=32, sample_width=32),
+    "AutoencoderKLHunyuanVideo": dict(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1,
+                                      norm_num_groups=4),
+    "AutoencoderKLLTXVideo": dict(block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 8, 16, 16),
+                                  latent_channels=8, layers_per_block=(1, 1, 1, 1, 1),
+                                  decoder_layers_per_block=(1, 1, 1, 1, 1), scaling_factor=0.7),
+}
+# (frames rule, compression) each class declares; LTX-Video compresses 8x32x32
+EXPECTED = {"AutoencoderKLWan": (4, 8), "AutoencoderKLCogVideoX": (4, 8), "AutoencoderKLHunyuanVideo": (4, 8),
+            "AutoencoderKLLTXVideo": (8, 32)}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vaes")
+    out = {}
+    for name, config in TINY.items():
+        torch.manual_seed(0)
+        model = getattr(diffusers, name)(**config)
+        if name == "AutoencoderKLLTXVideo":  # saved statistics, so the normalisation is not the identity
+            model.latents_mean.copy_(torch.linspace(-0.5, 0.5, 8))
+            model.latents_std.copy_(torch.linspace(0.5, 2.0, 8))
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def clip_for(name: str, batch: int = 2) -> torch.Tensor:
+    tf, sf = EXPECTED[name]
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(batch, 3, 1 + 2 * tf, 2 * sf, 2 * sf, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_reconstruction_equals_diffusers(folders, name):
+    vae = load_tokenizer(folders[name])
+    assert isinstance(vae, DiffusersVAE) and vae.config.class_name == name
+    tf, sf = EXPECTED[name]
+    assert (vae.config.temporal_factor, vae.config.spatial_factor) == (tf, sf)
+    x = clip_for(name)
+    reference = getattr(diffusers, name).from_pretrained(folders[name]).eval()
+    with torch.no_grad():
+        posterior = vae.encode(x)
+        dist = reference.encode(x).latent_dist
+        ours, theirs = vae.decode(posterior.mean), reference.decode(dist.mean).sample
+    assert posterior.mean.shape == (2, vae.config.latent_channels, *vae.latent_shape(*x.shape[2:])[1:])
+    assert torch.equal(posterior.mean, dist.mean) and torch.equal(posterior.logvar, dist.logvar)
+    assert ours.shape == x.shape
+    assert torch.equal(ours, theirs)  # float32, the same calls: exactly equal
+    # the posterior's KL is the diffusers distribution's
+    assert torch.allclose(posterior.kl(), dist.kl().reshape(2, -1).sum(1), rtol=1e-5)  # diffusers sums dims 1-3 only
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_latent_normalisation_is_the_pipelines(folders, name):
+    vae = load_tokenizer(folders[name])
+    z = torch.randn(2, vae.config.latent_channels, 3, 2, 2)
+    model = vae.model
+    if name == "AutoencoderKLWan":  # WanPipeline: latents / (1 / std) + mean before decoding
+        mean = torch.tensor(model.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(model.config.latents_std).view(1, -1, 1, 1, 1)
+        expected = (z - mean) / std
+    elif name == "AutoencoderKLLTXVideo":
+        from diffusers import LTXPipeline
+
+        expected = LTXPipeline._normalize_latents(z, model.latents_mean, model.latents_std, model.config.scaling_factor)
+    else:  # CogVideoX and HunyuanVideo pipelines scale by scaling_factor
+        expected = z * model.config.scaling_factor
+    assert torch.allclose(vae.normalize(z), expected, atol=1e-6)
+    assert torch.allclose(vae.denormalize(vae.normalize(z)), z, atol=1e-5)
+
+
+def test_frame_rules_and_bad_folders(folders, tmp_path):
+    ltx = load_tokenizer(folders["AutoencoderKLLTXVideo"])
+    with pytest.raises(InputError, match=r"1 \+ 8k.*use 9 or 17"):
+        ltx.check_video(torch.empty(1, 3, 13, 64, 64, device="meta"))
+    with pytest.raises(InputError, match="divisible by the spatial factor 32"):
+        ltx.check_video(torch.empty(1, 3, 9, 48, 64, device="meta"))
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2).save_pretrained(tmp_path / "image_vae")
+    with pytest.raises(InputError) as e:
+        load_tokenizer(tmp_path / "image_vae")
+    assert "holds AutoencoderKL (config.json)" in str(e.value) and "AutoencoderKLWan" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="no config.json"):
+        DiffusersVAE.from_pretrained(tmp_path / "nowhere")
+    # our own folders still load as CausalVAE
+    CausalVAE.from_preset("tiny").save_pretrained(tmp_path / "ours")
+    assert isinstance(load_tokenizer(tmp_path / "ours"), CausalVAE)
+
+
+def test_save_pretrained_round_trip(folders, tmp_path):
+    vae = load_tokenizer(folders["AutoencoderKLWan"])
+    vae.save_pretrained(tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["_class_name"] == "AutoencoderKLWan"
+    again = load_tokenizer(tmp_path / "copy")
+    x = clip_for("AutoencoderKLWan", 1)
+    with torch.no_grad():
+        assert torch.equal(again.encode(x).mean, vae.encode(x).mean)
+
+
+def test_tiled_decoding_runs_and_its_error_is_measured(folders):
+    """diffusers' tiling blends overlapping tiles: an approximation, not claimed exact. It runs through our
+    interface, keeps the shape, and stays near the whole-frame result on this smooth random model."""
+    vae = load_tokenizer(folders["AutoencoderKLWan"])
+    x = torch.rand(1, 3, 5, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).mean
+        whole = vae.decode(z)
+        tiled = vae.decode(z, tile=32)
+        again = vae.decode(z)
+    assert tiled.shape == whole.shape
+    assert torch.equal(again, whole)  # tiling switched back off
+    assert (tiled - whole).abs().max() < 1.0
+
+
+def test_a_wrapped_tokenizer_works_wherever_ours_does(folders, tmp_path, synthetic_shards):
+    """tokenizer.evaluate, tokenizer.encode, train.py --vae and sample.py with Wan's autoencoder (tiny, random)."""
+    import sample
+    import train
+    from tokenizer.encode import main as encode_main
+    from tokenizer.evaluate import main as evaluate_main
+
+    from .conftest import CARPHONE
+
+    wan = str(folders["AutoencoderKLWan"])
+    assert evaluate_main(["--ckpt", wan, "--data", str(CARPHONE), "--frames", "9", "--size", "32", "--windows", "1",
+                          "--no-videos", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["settings"]["latent_shape"] == [4, 3, 4, 4] and report["mean"]["psnr"] > 0
+    assert encode_main(["--ckpt", wan, "--data", str(synthetic_shards), "--out", str(tmp_path / "latents"),
+                        "--frames", "9", "--size", "32", "--workers", "0"]) == 0
+    assert train.main(["--stage", "dit", "--data", str(tmp_path / "latents"), "--latents", "--vae", wan,
+                       "--out", str(tmp_path / "dit"), "--frames", "9", "--size", "32", "--steps", "2",
+                       "--batch-size", "2", "--num-workers", "0", "--checkpoint-every", "0", "--wandb", "disabled",
+                       "--no-progress", "--preview-steps", "2", "--warmup", "1"]) == 0
+    exported = tmp_path / "dit" / "model" / "tokenizer" / "config.json"
+    assert json.loads(exported.read_text())["_class_name"] == "AutoencoderKLWan"
+    assert sample.main(["--ckpt", str(tmp_path / "dit"), "--prompt", "a red circle moving right", "--steps", "2",
+                        "--out", str(tmp_path / "clip.mp4"), "--no-progress"]) == 0
+    assert (tmp_path / "clip.mp4").stat().st_size > 0
