@@ -89,3 +89,38 @@ def equal_floats_baseline(video: torch.Tensor, latent_shape: tuple[int, int, int
     small = (tl, max(1, round(h / scale)), max(1, round(w / scale)))
     down = F.interpolate(video.float(), size=small, mode="trilinear", align_corners=False)
     return F.interpolate(down, size=(t, h, w), mode="trilinear", align_corners=False)
+
+
+def group_starts(frames: int, temporal_factor: int) -> list[int]:
+    """The frames that start a latent group of a causal tokenizer, after the first (an image, encoded alone):
+    1, 1 + tf, 1 + 2 tf, ..."""
+    return list(range(1, frames, temporal_factor))
+
+
+def frame_errors(original: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame of videos (B, 3, T, H, W) on [0, 1], summed over the batch: the squared error (T,), and the
+    motion error (T,): the mean |(r_t - r_{t-1}) - (o_t - o_{t-1})| of the frame-to-frame change, 0 at t = 0.
+    Both are means over pixels and channels, summed over videos (divide by the count of videos)."""
+    a, b = original.double(), recon.double()
+    sq = (a - b).pow(2).mean(dim=(1, 3, 4)).sum(0)
+    motion = torch.zeros_like(sq)
+    if a.shape[2] > 1:
+        motion[1:] = ((b.diff(dim=2) - a.diff(dim=2)).abs()).mean(dim=(1, 3, 4)).sum(0)
+    return sq, motion
+
+
+def seam_ratios(sq: torch.Tensor, motion: torch.Tensor, temporal_factor: int) -> dict:
+    """From per-frame sums of `frame_errors`: the reconstruction error and the motion error at frames that start
+    a latent group against the other frames after the first (above 1: a seam where groups meet). NaN when the
+    clip has no group boundary (one frame) or no frame inside a group (temporal_factor 1)."""
+    t = len(sq)
+    starts = set(group_starts(t, temporal_factor))
+    inside = [i for i in range(1, t) if i not in starts]
+    if not starts or not inside:
+        return {"error_ratio": float("nan"), "motion_ratio": float("nan")}
+    at = sorted(starts)
+    err_at, err_in = float(sq[at].mean()), float(sq[inside].mean())
+    mot_at, mot_in = float(motion[at].mean()), float(motion[inside].mean())
+    return {"error_ratio": err_at / err_in if err_in > 0 else float("nan"),
+            "motion_ratio": mot_at / mot_in if mot_in > 0 else float("nan"),
+            "group_starts": at}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,7 +148,7 @@ def test_a_wrapped_tokenizer_works_wherever_ours_does(folders, tmp_path, synthet
     assert evaluate_main(["--ckpt", wan, "--data", str(CARPHONE), "--frames", "9", "--size", "32", "--windows", "1",
                           "--no-videos", "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["settings"]["latent_shape"] == [4, 3, 4, 4] and report["mean"]["psnr"] > 0
+    assert report["settings"]["latent_shape"] == [4, 3, 4, 4] and report["tokenizers"]["AutoencoderKLWan"]["mean"]["psnr"] > 0
     assert encode_main(["--ckpt", wan, "--data", str(synthetic_shards), "--out", str(tmp_path / "latents"),
                         "--frames", "9", "--size", "32", "--workers", "0"]) == 0
     assert train.main(["--stage", "dit", "--data", str(tmp_path / "latents"), "--latents", "--vae", wan,
@@ -159,3 +160,59 @@ def test_a_wrapped_tokenizer_works_wherever_ours_does(folders, tmp_path, synthet
     assert sample.main(["--ckpt", str(tmp_path / "dit"), "--prompt", "a red circle moving right", "--steps", "2",
                         "--out", str(tmp_path / "clip.mp4"), "--no-progress"]) == 0
     assert (tmp_path / "clip.mp4").stat().st_size > 0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning:torch.jit", "ignore::UserWarning:torchvision")
+def test_one_report_compares_ours_and_two_wrapped_tokenizers(folders, tmp_path, i3d_path):
+    """Ours, Wan's and LTX-Video's autoencoders on the repository's real clips, on the same windows at each
+    clip's own aspect ratio: every column filled, the side-by-side videos and the PSNR-per-frame plot written."""
+    import av
+
+    from tokenizer.evaluate import main as evaluate_main
+
+    from .conftest import BIKES, CARPHONE, copy_clip, write_reference_lpips_weights
+
+    torch.manual_seed(0)
+    CausalVAE.from_preset("tiny").save_pretrained(tmp_path / "ours")
+    _, vgg, heads = write_reference_lpips_weights(tmp_path)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    copy_clip(BIKES, clips / "bikes.mp4", None)
+    copy_clip(CARPHONE, clips / "carphone.mp4", None)
+    ckpts = [tmp_path / "ours", folders["AutoencoderKLWan"], folders["AutoencoderKLLTXVideo"]]
+    out = tmp_path / "report"
+    args = ["--data", str(clips), "--frames", "9", "--size", "32", "--aspect", "native", "--windows", "1",
+            "--out", str(out), "--lpips-vgg", str(vgg), "--lpips-heads", str(heads), "--i3d", str(i3d_path)]
+    assert evaluate_main(sum((["--ckpt", str(c)] for c in ckpts), []) + args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["order"] == ["ours", "AutoencoderKLWan", "AutoencoderKLLTXVideo"]
+    # 640x272 and 176x144: the long side to the nearest multiple of 32, LTX-Video's spatial factor
+    assert report["settings"]["sizes"] == {"bikes.mp4": [32, 64], "carphone.mp4": [32, 32]}
+    columns = ("psnr", "ssim", "lpips", "rfvd", "baseline_psnr", "baseline_ssim", "baseline_lpips", "baseline_rfvd")
+    for name, r in report["tokenizers"].items():
+        assert all(np.isfinite(r["mean"][c]) for c in columns), name
+        assert r["mean"]["rfvd_clips"] == 2 and len(r["videos"]) == 2
+        assert np.isfinite(r["seams"]["error_ratio"]) and np.isfinite(r["seams"]["motion_ratio"])
+        assert r["encode_frames_per_s"] > 0 and r["decode_frames_per_s"] > 0 and np.isfinite(r["peak_memory_mb"])
+        assert len(r["psnr_per_frame"]) == 9
+    ltx = report["tokenizers"]["AutoencoderKLLTXVideo"]
+    assert ltx["compression"] == [8, 32, 32] and ltx["latent_floats_per_pixel"] == pytest.approx(8 * 2 / (9 * 32 * 32))
+    assert report["tokenizers"]["AutoencoderKLWan"]["seams"]["group_starts"] == [1, 5]
+    text = (out / "report.md").read_text()
+    assert "| AutoencoderKLLTXVideo | 8x32x32 |" in text and "nan" not in text.split("## ")[0]
+    assert (out / "psnr_per_frame.png").stat().st_size > 0
+    with av.open(str(out / "videos" / "bikes.mp4")) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    assert frame.shape == (32, 64 * 7, 3)  # original, then reconstruction and error for each of three
+
+
+def test_a_frame_count_one_tokenizer_cannot_take_names_it(folders, tmp_path, capsys):
+    from tokenizer.evaluate import main as evaluate_main
+
+    from .conftest import CARPHONE
+
+    CausalVAE.from_preset("tiny").save_pretrained(tmp_path / "ours")
+    assert evaluate_main(["--ckpt", str(tmp_path / "ours"), "--ckpt", str(folders["AutoencoderKLLTXVideo"]),
+                          "--data", str(CARPHONE), "--frames", "13", "--size", "64", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: AutoencoderKLLTXVideo: the frame count must be 1 + 8k") and len(err.splitlines()) == 1

@@ -71,6 +71,7 @@ def test_evaluate_reports_rfvd(i3d_path, tmp_path):
     copy_clip(CARPHONE, tmp_path / "v" / "carphone.mp4", None)
     assert evaluate_main(["--ckpt", str(tmp_path / "vae"), "--data", str(tmp_path / "v"), "--frames", "5", "--size", "32",
                           "--windows", "4", "--no-videos", "--out", str(tmp_path / "e"), "--i3d", str(i3d_path)]) == 0
-    mean = json.loads((tmp_path / "e" / "report.json").read_text())["mean"]
+    (report,) = json.loads((tmp_path / "e" / "report.json").read_text())["tokenizers"].values()
+    mean = report["mean"]
     assert mean["rfvd_clips"] == 4 and mean["rfvd"] > 0 and mean["baseline_rfvd"] > 0
     assert "rFVD" in (tmp_path / "e" / "report.md").read_text()

@@ -62,3 +62,25 @@ def test_equal_floats_baseline():
     smooth = torch.stack([torch.sin(2 * x + t), torch.cos(3 * y), x * y * 2 - 1])[None] * 0.8
     assert psnr(to_unit_range(equal_floats_baseline(smooth, latent_shape)), to_unit_range(smooth)).item() > 35
     assert psnr(to_unit_range(out), to_unit_range(video)).item() < 15
+
+
+def test_seam_ratios_find_a_step_where_latent_groups_meet():
+    from evaluation.metrics import frame_errors, group_starts, seam_ratios
+
+    assert group_starts(17, 4) == [1, 5, 9, 13] and group_starts(9, 8) == [1] and group_starts(1, 4) == []
+    g = torch.Generator().manual_seed(0)
+    original = torch.rand(2, 3, 17, 8, 8, generator=g)
+    smooth = original + 0.01 * torch.randn(original.shape, generator=g)
+    sq, motion = frame_errors(original, smooth)
+    even = seam_ratios(sq, motion, 4)
+    assert 0.7 < even["error_ratio"] < 1.4 and 0.7 < even["motion_ratio"] < 1.4
+    jumped = smooth.clone()
+    jumped[:, :, 5:9] += 0.1  # the group starting at frame 5 is offset: a jump into it and out of it
+    jumped[:, :, 13:] -= 0.1
+    sq, motion = frame_errors(original, jumped)
+    seam = seam_ratios(sq, motion, 4)
+    assert seam["motion_ratio"] > 2 and seam["group_starts"] == [1, 5, 9, 13]
+    # the motion error is exactly the change of the difference between frames
+    sq1, m1 = frame_errors(original[:1, :, :3], original[:1, :, :3] + torch.tensor([0.0, 0.1, 0.3]).view(1, 1, 3, 1, 1))
+    assert torch.allclose(m1, torch.tensor([0.0, 0.1, 0.2], dtype=torch.float64))
+    assert torch.allclose(sq1, torch.tensor([0.0, 0.01, 0.09], dtype=torch.float64))

@@ -1,41 +1,49 @@
-"""How faithfully a trained tokenizer reconstructs real video.
+"""How faithfully tokenizers reconstruct real video: ours and the field's, side by side on the same windows.
 
-    python -m tokenizer.evaluate --ckpt DIR --data PATH --frames 17 --size 256 --out DIR
-                                 [--windows 4] [--fps F] [--chunk N] [--tile PX] [--device cuda] [--no-videos]
+    python -m tokenizer.evaluate --ckpt DIR [--ckpt DIR ...] --data PATH --frames 17 --size 256 --out DIR
+                                 [--aspect square|native] [--windows 4] [--fps F] [--chunk N] [--tile PX]
+                                 [--lpips-vgg W --lpips-heads H] [--i3d I3D] [--device cuda] [--no-videos]
 
-PATH is a folder of video files (searched recursively), one video file, or shards (a folder of .tar,
-a glob or a brace pattern). Each video is cut into `--windows` evenly spaced windows of `--frames`
-frames, resized so the short side fits `--size` and centre-cropped, encoded and decoded (chunked
-when `--chunk` is given). Reported per video and on average:
+Each --ckpt is one of our tokenizer folders or a diffusers video autoencoder folder (Wan, CogVideoX,
+HunyuanVideo, LTX-Video: `tokenizer.diffusers_vae`). PATH is a folder of video files (searched recursively),
+one video file, or shards (a folder of .tar, a glob or a brace pattern). Each video is cut into `--windows`
+evenly spaced windows of `--frames` frames (the same first frames on every run over the same footage: no
+randomness), resized so the short side fits `--size` and centre-cropped, square or at the video's own aspect
+ratio; every tokenizer encodes and decodes exactly these windows. Reported per tokenizer, per video and on
+average:
 - PSNR on [0, 1] over all the video's evaluated frames, and SSIM (Gaussian window 11, sigma 1.5, as
-  scikit-image computes it) averaged over frames; see tokenizer/metrics.py for the exact conventions;
+  scikit-image computes it) averaged over frames; LPIPS and rFVD with local weights;
 - the same for the equal-floats baseline: trilinear down- and up-sampling to a grid holding as many
-  floats as the latents (16 channels at 4x8x8 = 3 channels at 4x3.46x3.46);
-- encode and decode throughput (frames/s) and the peak memory of the run.
-Writes OUT/report.json, OUT/report.md and, per video, OUT/videos/NAME.mp4 with the original, the
-reconstruction and the error amplified 4x side by side (first window).
+  floats as the tokenizer's latents (16 channels at 4x8x8 = 3 channels at 4x3.46x3.46);
+- compression, latent floats per pixel, encode and decode throughput (frames/s) and peak memory;
+- seams: the error and the frame-to-frame motion error at frames that start a latent group against the
+  others (a ratio above 1 is a seam), and the PSNR at every frame of the window (psnr_per_frame.png).
+Writes OUT/report.json, OUT/report.md, OUT/psnr_per_frame.png and, per video, OUT/videos/NAME.mp4 with the
+original and every tokenizer's reconstruction and amplified error side by side (first window).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import ClipTooShortError, VideoReadError, read_clip, write_video
+from checkpoint_io import atomic_path, write_json_atomic, write_text_atomic
+from data import ClipTooShortError, VideoInfo, VideoReadError, read_clip, write_video
 from data.shards import sanitize_key
 from data.sources import VideoSource, find_videos, window_starts
-from data.video_io import check_frame_count
 from errors import InputError
 from evaluation.fvd import FrechetVideoDistance, fvd_from_features
 from evaluation.lpips import LPIPS
-from evaluation.metrics import equal_floats_baseline, psnr_from_mse, ssim_frames, to_unit_range
+from evaluation.metrics import (equal_floats_baseline, frame_errors, psnr_from_mse, seam_ratios, ssim_frames,
+                                to_unit_range)
 from evaluation.peak_memory import PeakMemory
 
 from .diffusers_vae import DiffusersVAE, load_tokenizer
@@ -45,10 +53,41 @@ log = logging.getLogger("tokenizer.evaluate")
 ERROR_GAIN = 4.0  # amplification of |original - reconstruction| in the side-by-side videos
 
 
-def side_by_side(original: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """(3, T, H, W) x2 in [-1, 1] -> (3, T, H, 3W): original | reconstruction | amplified error."""
-    error = ((original - recon).abs() * ERROR_GAIN).clamp(0, 2) - 1
-    return torch.cat([original, recon, error], dim=-1)
+@dataclass
+class Candidate:
+    """One tokenizer under evaluation: its name in the report, where it came from, and the model."""
+
+    name: str
+    ckpt: str
+    model: CausalVAE | DiffusersVAE
+
+
+def candidate_names(paths: list[str]) -> list[str]:
+    """Short unique names for checkpoint folders: the folder's name, with its parent's where the name is generic."""
+    names = []
+    for p in paths:
+        path = Path(p)
+        name = f"{path.parent.name}/{path.name}" if path.name in ("model", "tokenizer", "vae") else path.name
+        names.append(name if name not in names else f"{name} ({len(names) + 1})")
+    return names
+
+
+def clip_size(info: VideoInfo, size: int, multiple: int, aspect: str) -> tuple[int, int]:
+    """(height, width) a window is read at: `size` square, or the video's own aspect ratio with the short side
+    `size` and the long side the nearest multiple of `multiple`."""
+    if aspect == "square" or not info.width or not info.height:
+        return size, size
+    long_side = max(multiple, round(size * max(info.width, info.height) / min(info.width, info.height) / multiple) * multiple)
+    return (size, long_side) if info.width >= info.height else (long_side, size)
+
+
+def side_by_side(original: torch.Tensor, recons: list[torch.Tensor]) -> torch.Tensor:
+    """(3, T, H, W) in [-1, 1] -> (3, T, H, (1 + 2n) W): original | reconstruction, amplified error | ...
+    for each of n tokenizers, in the report's order."""
+    parts = [original]
+    for recon in recons:
+        parts += [recon, ((original - recon).abs() * ERROR_GAIN).clamp(0, 2) - 1]
+    return torch.cat(parts, dim=-1)
 
 
 def _sync(device: torch.device) -> None:
@@ -56,34 +95,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Tally:
+    """What one tokenizer accumulates over the videos."""
+
+    def __init__(self, frames: int):
+        self.rows: list[dict] = []
+        self.enc = self.dec = 0.0
+        self.frames = 0
+        self.peak_mb = float("nan")
+        self.sq = torch.zeros(frames, dtype=torch.float64)  # per-frame squared error, summed over windows
+        self.motion = torch.zeros(frames, dtype=torch.float64)
+        self.windows = 0
+        self.feats: dict[str, list[torch.Tensor]] = {"real": [], "recon": [], "baseline": []}
+        self.latent_floats = self.pixels = 0
+        self.chunk_gap = 0.0  # largest |chunked or tiled - whole| seen on first windows
+
+
 @torch.no_grad()
-def evaluate(vae: CausalVAE | DiffusersVAE, videos: list[VideoSource], frames: int, size: int, *, fps: float | None = None,
-             windows: int = 4, chunk: int | None = None, tile: int | None = None, device: torch.device | str = "cpu",
-             video_dir: Path | None = None, lpips: LPIPS | None = None, fvd: FrechetVideoDistance | None = None) -> dict:
+def evaluate(tokenizers: list[Candidate] | CausalVAE | DiffusersVAE, videos: list[VideoSource], frames: int, size: int,
+             *, aspect: str = "square", fps: float | None = None, windows: int = 4, chunk: int | None = None,
+             tile: int | None = None, device: torch.device | str = "cpu", video_dir: Path | None = None,
+             plot: Path | None = None, lpips: LPIPS | None = None, fvd: FrechetVideoDistance | None = None) -> dict:
+    """Every tokenizer on exactly the same windows: see the module's docstring for what is reported."""
+    if not isinstance(tokenizers, list):
+        tokenizers = [Candidate("tokenizer", "", tokenizers)]
     device = torch.device(device)
-    vae = vae.to(device).eval()
+    for c in tokenizers:
+        c.model.to(device).eval()
     lpips = lpips.to(device) if lpips is not None else None
-    latent_shape = vae.latent_shape(frames, size, size)
-    rows, skipped, shortfalls = [], [], []  # shortfalls: videos that decode fewer frames than they claim
-    feats: dict[str, list[torch.Tensor]] = {"real": [], "recon": [], "baseline": []}  # I3D features, for rFVD
-    enc_time = dec_time = 0.0
-    n_frames = 0
-    with PeakMemory(device) as mem:
-        for v in videos:
-            try:  # every window read first: a file that holds fewer frames than it claims moves them into what decodes
-                clips = [read_clip(v.data, frames, fps=fps, size=size, start=start, info=v.info)
-                         for start in window_starts(v.info, frames, fps, windows)]
-            except (ClipTooShortError, VideoReadError) as e:
-                skipped.append((v.name, str(e)))
-                continue
-            clips = list({c.start: c for c in clips}.values())  # windows moved onto the same frames count once
-            decoded = min((c.available for c in clips if c.available is not None), default=v.info.frames)
-            if v.info.declared_frames or decoded < v.info.frames:
-                shortfalls.append({"video": v.name, "declared": v.info.declared_frames or v.info.frames,
-                                   "decoded": decoded})
+    multiple = math.lcm(*(c.model.config.spatial_factor for c in tokenizers))
+    tallies = {c.name: _Tally(frames) for c in tokenizers}
+    skipped, shortfalls, shapes = [], [], {}
+    for v in videos:
+        height, width = clip_size(v.info, size, multiple, aspect)
+        try:  # every window read first: a file that holds fewer frames than it claims moves them into what decodes
+            clips = [read_clip(v.data, frames, fps=fps, size=(height, width), start=start, info=v.info)
+                     for start in window_starts(v.info, frames, fps, windows)]
+        except (ClipTooShortError, VideoReadError) as e:
+            skipped.append((v.name, str(e)))
+            continue
+        clips = list({c.start: c for c in clips}.values())  # windows moved onto the same frames count once
+        shapes[v.name] = [height, width]
+        decoded = min((c.available for c in clips if c.available is not None), default=v.info.frames)
+        if v.info.declared_frames or decoded < v.info.frames:
+            shortfalls.append({"video": v.name, "declared": v.info.declared_frames or v.info.frames, "decoded": decoded})
+        firsts = []
+        for cand in tokenizers:
+            tally, vae = tallies[cand.name], cand.model
+            latent_shape = vae.latent_shape(frames, height, width)
             sq_err = sq_err_base = 0.0
             count = 0
             ssims, ssims_base, lp, lp_base = [], [], [], []
+            mem = PeakMemory(device).start()
             for i, clip in enumerate(clips):
                 x = clip.to_tensor().unsqueeze(0).to(device)  # (1, 3, T, H, W)
                 _sync(device)
@@ -93,25 +156,35 @@ def evaluate(vae: CausalVAE | DiffusersVAE, videos: list[VideoSource], frames: i
                 t1 = time.perf_counter()
                 y = vae.decode(z, chunk=chunk, tile=tile).clamp(-1, 1)
                 _sync(device)
-                enc_time, dec_time = enc_time + t1 - t0, dec_time + time.perf_counter() - t1
-                n_frames += frames
+                tally.enc, tally.dec = tally.enc + t1 - t0, tally.dec + time.perf_counter() - t1
+                tally.frames += frames
+                if i == 0 and (chunk is not None or tile is not None):
+                    whole = vae.decode(vae.encode(x).mean).clamp(-1, 1)
+                    tally.chunk_gap = max(tally.chunk_gap, float((whole - y).abs().max()))
                 base = equal_floats_baseline(x, latent_shape).clamp(-1, 1)
                 a, b, c = to_unit_range(x.float()), to_unit_range(y.float()), to_unit_range(base)
                 sq_err += (a.double() - b.double()).pow(2).sum().item()
                 sq_err_base += (a.double() - c.double()).pow(2).sum().item()
                 count += a.numel()
+                frame_sq, frame_motion = frame_errors(a, b)
+                tally.sq += frame_sq.cpu()
+                tally.motion += frame_motion.cpu()
+                tally.windows += 1
+                tally.latent_floats += math.prod(z.shape[1:])
+                tally.pixels += frames * height * width
                 ssims += ssim_frames(a, b)[0].tolist()
                 ssims_base += ssim_frames(a, c)[0].tolist()
                 if fvd is not None:
                     for name, clip_ in (("real", x), ("recon", y), ("baseline", base)):
-                        feats[name].append(fvd.features(clip_))
+                        tally.feats[name].append(fvd.features(clip_))
                 if lpips is not None:
                     lp.append(lpips.video(x, y).item())
                     lp_base.append(lpips.video(x, base).item())
-                if i == 0 and video_dir is not None:
-                    write_video(video_dir / f"{sanitize_key(Path(v.name).stem)}.mp4", side_by_side(x[0].cpu(), y[0].cpu()),
-                                fps=clip.fps or 8.0)
-            rows.append({
+                if i == 0:
+                    firsts.append(y[0].cpu())
+            mem.stop()
+            tally.peak_mb = max(tally.peak_mb, mem.peak_mb) if tally.peak_mb == tally.peak_mb else mem.peak_mb
+            tally.rows.append({
                 "video": v.name,
                 "windows": len(clips),
                 "frames": len(ssims),
@@ -120,67 +193,151 @@ def evaluate(vae: CausalVAE | DiffusersVAE, videos: list[VideoSource], frames: i
                 "baseline_psnr": psnr_from_mse(torch.tensor(sq_err_base / count)).item(),
                 "baseline_ssim": float(np.mean(ssims_base)),
             } | ({"lpips": float(np.mean(lp)), "baseline_lpips": float(np.mean(lp_base))} if lpips is not None else {}))
-    keys = ("psnr", "ssim", "baseline_psnr", "baseline_ssim") + (("lpips", "baseline_lpips") if lpips is not None else ())
-    mean = {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in keys}
-    if fvd is not None and len(feats["real"]) >= 2:
-        real = torch.cat(feats["real"])
-        mean |= {"rfvd": fvd_from_features(real, torch.cat(feats["recon"])),
-                 "baseline_rfvd": fvd_from_features(real, torch.cat(feats["baseline"])), "rfvd_clips": len(real)}
+        if video_dir is not None:
+            write_video(video_dir / f"{sanitize_key(Path(v.name).stem)}.mp4",
+                        side_by_side(clips[0].to_tensor(), firsts), fps=clips[0].fps or 8.0)
+    results = {}
+    for cand in tokenizers:
+        results[cand.name] = _summary(cand, tallies[cand.name], lpips is not None, fvd is not None, chunk, tile)
+    if plot is not None and any(t.windows for t in tallies.values()):
+        psnr_per_frame_plot(results, plot)
+    first = tokenizers[0].model
     return {
-        "videos": rows,
-        "mean": mean,
+        "tokenizers": results,
+        "order": [c.name for c in tokenizers],
         "skipped": [{"video": n, "reason": r} for n, r in skipped],
         "shortfalls": shortfalls,
-        "encode_frames_per_s": n_frames / enc_time if enc_time else float("nan"),
-        "decode_frames_per_s": n_frames / dec_time if dec_time else float("nan"),
-        "peak_memory_mb": mem.peak_mb,
         "device": str(device),
-        "settings": {"frames": frames, "size": size, "fps": fps, "windows": windows, "chunk": chunk, "tile": tile,
-                     "latent_shape": list(latent_shape)},
-        "conventions": {
-            "psnr": "per video, from the MSE over all its evaluated frames on [0, 1] (peak 1), then averaged over videos",
-            "ssim": "per frame: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, population covariance, data range 1, "
-                    "5-pixel border excluded, averaged over RGB; then over frames, then over videos (= scikit-image)",
-            "baseline": "trilinear down- and up-sampling to a 3-channel grid with as many floats as the latents",
-            "lpips": "VGG16 LPIPS v0.1 from the given local weights, per frame, averaged over frames then videos",
-            "rfvd": "Frechet distance of I3D (Kinetics-400, TorchScript, local) logits between all original and all "
-                    "reconstructed windows, short side resized to 224 and centre-cropped; needs hundreds of windows "
-                    "to be meaningful (the count is reported)",
-        },
+        "settings": {"frames": frames, "size": size, "aspect": aspect, "fps": fps, "windows": windows, "chunk": chunk,
+                     "tile": tile, "sizes": shapes,
+                     "latent_shape": list(first.latent_shape(frames, size, size)) if len(tokenizers) == 1 else None},
+        "conventions": CONVENTIONS,
     }
 
 
-def markdown(report: dict, ckpt: str, data: str) -> str:
+def _summary(cand: Candidate, tally: _Tally, has_lpips: bool, has_fvd: bool, chunk, tile) -> dict:
+    rows = tally.rows
+    keys = ("psnr", "ssim", "baseline_psnr", "baseline_ssim") + (("lpips", "baseline_lpips") if has_lpips else ())
+    mean = {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in keys}
+    if has_fvd and len(tally.feats["real"]) >= 2:
+        real = torch.cat(tally.feats["real"])
+        mean |= {"rfvd": fvd_from_features(real, torch.cat(tally.feats["recon"])),
+                 "baseline_rfvd": fvd_from_features(real, torch.cat(tally.feats["baseline"])), "rfvd_clips": len(real)}
+    cfg = cand.model.config
+    per_frame = tally.sq / max(1, tally.windows)
+    out = {
+        "ckpt": cand.ckpt,
+        "kind": getattr(cfg, "class_name", "CausalVAE"),
+        "compression": list(cfg.compression),
+        "latent_channels": cfg.latent_channels,
+        "latent_floats_per_pixel": tally.latent_floats / tally.pixels if tally.pixels else float("nan"),
+        "videos": rows,
+        "mean": mean,
+        "encode_frames_per_s": tally.frames / tally.enc if tally.enc else float("nan"),
+        "decode_frames_per_s": tally.frames / tally.dec if tally.dec else float("nan"),
+        "peak_memory_mb": tally.peak_mb,
+        "seams": seam_ratios(tally.sq, tally.motion, cfg.temporal_factor) if tally.windows else {},
+        "psnr_per_frame": [psnr_from_mse(m).item() if m > 0 else float("inf") for m in per_frame] if tally.windows else [],
+    }
+    if chunk is not None or tile is not None:
+        out["chunked_max_abs_difference"] = tally.chunk_gap  # against the whole clip, first windows
+    return out
+
+
+def psnr_per_frame_plot(results: dict, path: Path) -> None:
+    """PSNR at each frame index, over all windows, one line per tokenizer; group-start frames marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, r in results.items():
+        values = np.array(r["psnr_per_frame"], dtype=float)
+        if not len(values):
+            continue
+        line, = ax.plot(np.arange(len(values)), values, label=name)
+        starts = r["seams"].get("group_starts", [])
+        ax.plot(starts, values[starts], "o", color=line.get_color(), markersize=4)
+    ax.set_xlabel("frame in the window (dots: frames that start a latent group)")
+    ax.set_ylabel("PSNR (dB), all windows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+CONVENTIONS = {
+    "psnr": "per video, from the MSE over all its evaluated frames on [0, 1] (peak 1), then averaged over videos",
+    "ssim": "per frame: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, population covariance, data range 1, "
+            "5-pixel border excluded, averaged over RGB; then over frames, then over videos (= scikit-image)",
+    "baseline": "trilinear down- and up-sampling to a 3-channel grid with as many floats as the tokenizer's latents",
+    "lpips": "VGG16 LPIPS v0.1 from the given local weights, per frame, averaged over frames then videos",
+    "rfvd": "Frechet distance of I3D (Kinetics-400, TorchScript, local) logits between all original and all "
+            "reconstructed windows, short side resized to 224 and centre-cropped; needs hundreds of windows "
+            "to be meaningful (the count is reported)",
+    "seams": "mean squared error, and mean |frame-to-frame change of the reconstruction - that of the original|, at "
+             "frames that start a latent group (1, 1 + tf, ...) divided by the same at the other frames after the "
+             "first, over all windows; 1 means no seam",
+}
+
+
+def markdown(report: dict, data: str) -> str:
     s = report["settings"]
+    results = report["tokenizers"]
+    sizes = sorted({tuple(v) for v in s["sizes"].values()})
     lines = [
-        f"# Tokenizer reconstruction: `{ckpt}`",
+        "# Tokenizer reconstruction",
         "",
-        f"Data `{data}`: {len(report['videos'])} videos, up to {s['windows']} windows of {s['frames']} frames "
-        f"at {s['size']}x{s['size']}" + (f", {s['fps']} fps" if s["fps"] else "") + f"; latents {tuple(s['latent_shape'])}.",
+        f"Data `{data}`: up to {s['windows']} windows of {s['frames']} frames per video"
+        + (f" at {s['fps']} fps" if s["fps"] else "") + ", read at "
+        + ", ".join(f"{h}x{w}" for h, w in sizes) + f" ({s['aspect']}); every tokenizer on the same windows.",
         "",
     ]
-    has_lpips = "lpips" in report["mean"]
-    head = "| video | frames | PSNR (dB) | SSIM |" + (" LPIPS |" if has_lpips else "")
-    head += " baseline PSNR (dB) | baseline SSIM |" + (" baseline LPIPS |" if has_lpips else "")
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-
-    def cells(r: dict) -> str:
-        ours = f" {r['psnr']:.2f} | {r['ssim']:.4f} |" + (f" {r['lpips']:.4f} |" if has_lpips else "")
-        base = f" {r['baseline_psnr']:.2f} | {r['baseline_ssim']:.4f} |" + (f" {r['baseline_lpips']:.4f} |" if has_lpips else "")
-        return ours + base
-
-    for r in report["videos"]:
-        lines.append(f"| {r['video']} | {r['frames']} |" + cells(r))
-    lines += [
-        "| **mean** | |" + cells(report["mean"]),
-        "",
-        *([f"rFVD {report['mean']['rfvd']:.1f} (baseline {report['mean']['baseline_rfvd']:.1f}) over "
-           f"{report['mean']['rfvd_clips']} windows.", ""] if "rfvd" in report["mean"] else []),
-        f"Encode {report['encode_frames_per_s']:.1f} frames/s, decode {report['decode_frames_per_s']:.1f} frames/s, "
-        f"peak memory {report['peak_memory_mb']:.0f} MB above the model ({report['device']}).",
-        "",
-        "Conventions: " + "; ".join(f"{k}: {v}" for k, v in report["conventions"].items()) + ".",
-    ]
+    has_lpips = any("lpips" in r["mean"] for r in results.values())
+    has_fvd = any("rfvd" in r["mean"] for r in results.values())
+    head = ["tokenizer", "compression t x h x w", "latent floats / pixel", "PSNR (dB)", "SSIM"]
+    head += ["LPIPS"] * has_lpips + ["rFVD"] * has_fvd
+    head += ["baseline PSNR", "baseline SSIM"] + ["baseline LPIPS"] * has_lpips + ["baseline rFVD"] * has_fvd
+    head += ["seam error ratio", "seam motion ratio", "encode frames/s", "decode frames/s", "peak MB"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        m, seam = r["mean"], r["seams"]
+        cells = [name, "x".join(map(str, r["compression"])), f"{r['latent_floats_per_pixel']:.4f}",
+                 f"{m['psnr']:.2f}", f"{m['ssim']:.4f}"]
+        nan = float("nan")
+        cells += ([f"{m.get('lpips', nan):.4f}"] if has_lpips else []) + ([f"{m.get('rfvd', nan):.1f}"] if has_fvd else [])
+        cells += [f"{m['baseline_psnr']:.2f}", f"{m['baseline_ssim']:.4f}"]
+        cells += (([f"{m.get('baseline_lpips', nan):.4f}"] if has_lpips else [])
+                  + ([f"{m.get('baseline_rfvd', nan):.1f}"] if has_fvd else []))
+        cells += [f"{seam.get('error_ratio', float('nan')):.2f}", f"{seam.get('motion_ratio', float('nan')):.2f}",
+                  f"{r['encode_frames_per_s']:.1f}", f"{r['decode_frames_per_s']:.1f}", f"{r['peak_memory_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, r in results.items():
+        lines += [f"## {name}" + (f" (`{r['ckpt']}`)" if r["ckpt"] else ""), "",
+                  "| video | frames | PSNR (dB) | SSIM |" + (" LPIPS |" if has_lpips else "")
+                  + " baseline PSNR (dB) | baseline SSIM |" + (" baseline LPIPS |" if has_lpips else ""),
+                  "|" + "---|" * (6 + 2 * has_lpips)]
+        for v in r["videos"]:
+            lines.append(f"| {v['video']} | {v['frames']} | {v['psnr']:.2f} | {v['ssim']:.4f} |"
+                         + (f" {v['lpips']:.4f} |" if has_lpips else "")
+                         + f" {v['baseline_psnr']:.2f} | {v['baseline_ssim']:.4f} |"
+                         + (f" {v['baseline_lpips']:.4f} |" if has_lpips else ""))
+        if "rfvd" in r["mean"]:
+            lines += ["", f"rFVD {r['mean']['rfvd']:.1f} (baseline {r['mean']['baseline_rfvd']:.1f}) over "
+                          f"{r['mean']['rfvd_clips']} windows."]
+        if "chunked_max_abs_difference" in r:
+            gap = r["chunked_max_abs_difference"]
+            lines += ["", f"Chunked / tiled against the whole clip (first windows): largest difference {gap:.2e}"
+                          + (" (equal)" if gap < 1e-4 else " (not equal: the model's tiling is an approximation)")]
+        lines.append("")
+    lines += [f"Peak memory is above what was held when each tokenizer started, on {report['device']}. Side-by-side "
+              f"videos: original, then each tokenizer's reconstruction and its error x{ERROR_GAIN:g}, in the table's "
+              f"order. psnr_per_frame.png: PSNR at each frame of the window.", "",
+              "Conventions: " + "; ".join(f"{k}: {v}" for k, v in report["conventions"].items()) + "."]
     for short in report["shortfalls"]:
         lines.append(f"\n{short['video']} claims {short['declared']} frames and decodes {short['decoded']}: its "
                      f"windows were taken from the frames that decode")
@@ -191,15 +348,22 @@ def markdown(report: dict, ckpt: str, data: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenizer.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="tokenizer checkpoint folder (config.json + model.safetensors)")
+    parser.add_argument("--ckpt", required=True, action="append",
+                        help="a tokenizer: our checkpoint folder, or a diffusers video autoencoder folder; repeat to "
+                             "compare several on the same windows")
     parser.add_argument("--data", required=True, help="a folder of videos, a video file, or shards")
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md and videos/")
-    parser.add_argument("--frames", type=int, default=17, help="frames per window, 1 + 4k (default 17)")
-    parser.add_argument("--size", type=int, default=256, help="square crop side, a multiple of the spatial factor")
+    parser.add_argument("--frames", type=int, default=17, help="frames per window, one every tokenizer takes (default 17)")
+    parser.add_argument("--size", type=int, default=256,
+                        help="square side, or the short side with --aspect native; a multiple of every spatial factor")
+    parser.add_argument("--aspect", choices=["square", "native"], default="square",
+                        help="square centre crops, or each video's own aspect ratio (the long side rounded to a "
+                             "multiple of every tokenizer's spatial factor)")
     parser.add_argument("--windows", type=int, default=4, help="evenly spaced windows per video (default 4)")
     parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode/decode step (bounded memory)")
-    parser.add_argument("--tile", type=int, default=None, help="spatial tiles of this many pixels (exact; for large frames)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="spatial tiles of this many pixels (ours: exact; a diffusers model's own tiling: blended)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-videos", action="store_true", help="do not write the side-by-side videos")
     parser.add_argument("--lpips-vgg", help="local VGG16 ImageNet weights (torchvision's state dict) to report LPIPS")
@@ -208,9 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        check_frame_count(args.frames)
-        vae = load_tokenizer(args.ckpt)
-        vae.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
+        tokenizers = []
+        for name, ckpt in zip(candidate_names(args.ckpt), args.ckpt):
+            model = load_tokenizer(ckpt)
+            try:
+                model.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
+            except InputError as e:
+                raise InputError(f"{name}: {e}") from None
+            tokenizers.append(Candidate(name, ckpt, model))
         if bool(args.lpips_vgg) != bool(args.lpips_heads):
             raise InputError("LPIPS needs both --lpips-vgg and --lpips-heads")
         lpips = LPIPS.from_local(args.lpips_vgg, args.lpips_heads) if args.lpips_vgg else None
@@ -223,15 +392,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no readable video under {args.data}" + "".join(f"\n  {n}: {r}" for n, r in skipped), file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    report = evaluate(vae, videos, args.frames, args.size, fps=args.fps, windows=args.windows, chunk=args.chunk, tile=args.tile,
-                      device=args.device, video_dir=None if args.no_videos else args.out / "videos", lpips=lpips, fvd=fvd)
+    report = evaluate(tokenizers, videos, args.frames, args.size, aspect=args.aspect, fps=args.fps, windows=args.windows,
+                      chunk=args.chunk, tile=args.tile, device=args.device,
+                      video_dir=None if args.no_videos else args.out / "videos", plot=args.out / "psnr_per_frame.png",
+                      lpips=lpips, fvd=fvd)
     report["skipped"] = [{"video": n, "reason": r} for n, r in skipped] + report["skipped"]
-    report["checkpoint"], report["data"] = str(args.ckpt), str(args.data)
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report, args.ckpt, args.data)
-    (args.out / "report.md").write_text(text)
+    report["data"] = str(args.data)
+    write_json_atomic(args.out / "report.json", report)
+    text = markdown(report, args.data)
+    write_text_atomic(args.out / "report.md", text)
     print(text)
-    return 0 if report["videos"] else 1
+    return 0 if any(r["videos"] for r in report["tokenizers"].values()) else 1
 
 
 if __name__ == "__main__":
