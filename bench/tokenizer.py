@@ -1,6 +1,9 @@
-"""Tokenizer speed and memory: our CausalVAE against diffusers' AutoencoderKLWan with matching widths.
+"""Tokenizer speed and memory: our CausalVAE against diffusers' AutoencoderKLWan with matching widths, and
+against the field's released autoencoder architectures.
 
     python bench/tokenizer.py [--preset small] [--size 128] [--frames 17 65 129] [--chunk 2]
+                              [--field AutoencoderKLWan AutoencoderKLCogVideoX AutoencoderKLHunyuanVideo
+                                       AutoencoderKLLTXVideo]
                               [--device cpu|cuda] [--dtype float32|bfloat16] [--out bench/results/tokenizer.json]
 
 Both models get random weights. The Wan model is built with the same widths at the resolutions both
@@ -13,6 +16,11 @@ Each (model, mode, frames, op) is timed in a fresh process: one warm-up, then th
 increase over the memory held before the call (model and input already allocated): on CUDA the
 allocator's peak; on the CPU the peak resident set size, its high-water mark reset first and large
 buffers mmapped so that freed memory leaves the resident set. Prints a table with ratios (ours over Wan) and writes JSON.
+
+`--field` adds the named diffusers classes at their default configs, which are the released architectures
+(Wan2.1's VAE, CogVideoX's, HunyuanVideo's, LTX-Video 0.9's), through our tokenizer interface, at the same
+size and frames (frame counts a model cannot take, such as 65 for LTX-Video's 1 + 8k, are skipped): random
+weights, so speed and memory only; their quality is `tokenizer.evaluate`'s business with real weights.
 """
 
 from __future__ import annotations
@@ -50,6 +58,14 @@ def measure(spec: dict) -> dict:
         chunk = spec["chunk"]
         encode = lambda x: model.encode(x, chunk=chunk).mean  # noqa: E731
         decode = lambda z: model.decode(z, chunk=chunk)  # noqa: E731
+    elif spec["model"] != "wan":  # a released architecture, through our adapter
+        import diffusers
+
+        from tokenizer import DiffusersVAE
+
+        model = DiffusersVAE(getattr(diffusers, spec["model"])(), spec["model"])
+        encode = lambda x: model.encode(x).mean  # noqa: E731
+        decode = lambda z: model.decode(z)  # noqa: E731
     else:
         from diffusers import AutoencoderKLWan
 
@@ -89,6 +105,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--field", nargs="*", default=[], help="diffusers autoencoder classes at their released configs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tokenizer.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -108,6 +125,16 @@ def main() -> None:
                 print(f"  {model:4s} chunk={chunk} {frames:4d} frames {op}: {r['frames_per_s']:.1f} frames/s, "
                       f"peak +{r['peak_mb']:.0f} MB", file=sys.stderr)
 
+    field = []
+    for name in args.field:
+        factor = 8 if name == "AutoencoderKLLTXVideo" else 4
+        for frames in [f for f in args.frames if (f - 1) % factor == 0]:
+            for op in ("encode", "decode"):
+                field.append(measure_in_subprocess(__file__, base | {"model": name, "chunk": None, "frames": frames, "op": op}))
+                r = field[-1]
+                print(f"  {name} {frames:4d} frames {op}: {r['frames_per_s']:.1f} frames/s, peak +{r['peak_mb']:.0f} MB",
+                      file=sys.stderr)
+
     def get(model, chunk, frames, op):
         return next(r for r in rows if (r["model"], r["chunk"], r["frames"], r["op"]) == (model, chunk, frames, op))
 
@@ -123,9 +150,24 @@ def main() -> None:
             print(f"| {frames} | {op} | {w['frames_per_s']:.1f} | {o['frames_per_s']:.1f} | "
                   f"{o['frames_per_s'] / w['frames_per_s']:.2f}x | {c['frames_per_s']:.1f} | "
                   f"{c['frames_per_s'] / w['frames_per_s']:.2f}x | {w['peak_mb']:.0f} | {o['peak_mb']:.0f} | {c['peak_mb']:.0f} |")
+    if field:
+        print(f"\nThe field's released architectures (random weights) against ours, {args.size}x{args.size}")
+        print("| model | params (M) | frames | encode frames/s | ours / it | decode frames/s | ours / it | "
+              "encode peak MB | decode peak MB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name in args.field:
+            for frames in sorted({r["frames"] for r in field if r["model"] == name}):
+                e, d = (next(r for r in field if (r["model"], r["frames"], r["op"]) == (name, frames, op))
+                        for op in ("encode", "decode"))
+                oe, od = get("ours", None, frames, "encode"), get("ours", None, frames, "decode")
+                print(f"| {name} | {e['params'] / 1e6:.1f} | {frames} | {e['frames_per_s']:.2f} | "
+                      f"{oe['frames_per_s'] / e['frames_per_s']:.1f}x | {d['frames_per_s']:.2f} | "
+                      f"{od['frames_per_s'] / d['frames_per_s']:.1f}x | {e['peak_mb']:.0f} | {d['peak_mb']:.0f} |")
+        rows += field
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    args.out.write_text(json.dumps({"machine": machine, "args": base | {"chunk": args.chunk}, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"machine": machine, "args": base | {"chunk": args.chunk, "field": args.field},
+                                    "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 
