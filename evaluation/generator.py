@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint_io import atomic_path, write_json_atomic, write_text_atomic
+from checkpoint_io import atomic_path, check_writable, write_json_atomic, write_text_atomic
 from data import ClipTooShortError, VideoReadError, frames_to_tensor, probe, read_clip, write_video
 from data.sources import find_videos, window_starts
 from data.synthetic import ALL_CAPTIONS, parse_caption
@@ -307,6 +307,7 @@ def run(args) -> dict:
         raise InputError("--trajectory needs --run: the trajectory is recorded while sampling")
     if args.i3d and not args.reference:
         raise InputError("--i3d computes FVD against a --reference set of real clips: give one")
+    check_writable(args.out)  # before anything is sampled or scored: a wrong --out fails now
     fvd = FrechetVideoDistance.from_local(args.i3d, args.device) if args.i3d else None
     clip = ClipScore.from_local(args.clip, args.device) if args.clip else None
     folder, source = args.videos, str(args.videos)
