@@ -18,6 +18,9 @@ TINY = {
     "AutoencoderKLWan": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                              temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
                              latents_std=[1.5, 0.5, 2.0, 1.0]),
+    "Wan2.2": dict(base_dim=8, decoder_base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                   temperal_downsample=[False, True, True], is_residual=True, patch_size=2, scale_factor_spatial=16,
+                   in_channels=12, out_channels=12, latents_mean=[0.2, 0.0, -0.1, 0.1], latents_std=[1.2, 0.8, 1.0, 2.0]),
     "AutoencoderKLCogVideoX": dict(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1,
                                    norm_num_groups=4, sample_height=32, sample_width=32),
     "AutoencoderKLHunyuanVideo": dict(block_out_channels=(8, 8, 16, 16), latent_channels=4, layers_per_block=1,
@@ -27,7 +30,7 @@ TINY = {
                                   decoder_layers_per_block=(1, 1, 1, 1, 1), scaling_factor=0.7),
 }
 # (frames rule, compression) each class declares; LTX-Video compresses 8x32x32
-EXPECTED = {"AutoencoderKLWan": (4, 8), "AutoencoderKLCogVideoX": (4, 8), "AutoencoderKLHunyuanVideo": (4, 8),
+EXPECTED = {"AutoencoderKLWan": (4, 8), "Wan2.2": (4, 16), "AutoencoderKLCogVideoX": (4, 8), "AutoencoderKLHunyuanVideo": (4, 8),
             "AutoencoderKLLTXVideo": (8, 32)}
 
 
@@ -37,13 +40,17 @@ def folders(tmp_path_factory):
     out = {}
     for name, config in TINY.items():
         torch.manual_seed(0)
-        model = getattr(diffusers, name)(**config)
+        model = getattr(diffusers, class_of(name))(**config)
         if name == "AutoencoderKLLTXVideo":  # saved statistics, so the normalisation is not the identity
             model.latents_mean.copy_(torch.linspace(-0.5, 0.5, 8))
             model.latents_std.copy_(torch.linspace(0.5, 2.0, 8))
         model.save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+def class_of(name: str) -> str:
+    return "AutoencoderKLWan" if name == "Wan2.2" else name  # Wan2.2's 4x16x16 autoencoder is the same class
 
 
 def clip_for(name: str, batch: int = 2) -> torch.Tensor:
@@ -55,11 +62,11 @@ def clip_for(name: str, batch: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(TINY))
 def test_reconstruction_equals_diffusers(folders, name):
     vae = load_tokenizer(folders[name])
-    assert isinstance(vae, DiffusersVAE) and vae.config.class_name == name
+    assert isinstance(vae, DiffusersVAE) and vae.config.class_name == class_of(name)
     tf, sf = EXPECTED[name]
     assert (vae.config.temporal_factor, vae.config.spatial_factor) == (tf, sf)
     x = clip_for(name)
-    reference = getattr(diffusers, name).from_pretrained(folders[name]).eval()
+    reference = getattr(diffusers, class_of(name)).from_pretrained(folders[name]).eval()
     with torch.no_grad():
         posterior = vae.encode(x)
         dist = reference.encode(x).latent_dist
@@ -77,7 +84,7 @@ def test_latent_normalisation_is_the_pipelines(folders, name):
     vae = load_tokenizer(folders[name])
     z = torch.randn(2, vae.config.latent_channels, 3, 2, 2)
     model = vae.model
-    if name == "AutoencoderKLWan":  # WanPipeline: latents / (1 / std) + mean before decoding
+    if class_of(name) == "AutoencoderKLWan":  # WanPipeline: latents / (1 / std) + mean before decoding
         mean = torch.tensor(model.config.latents_mean).view(1, -1, 1, 1, 1)
         std = torch.tensor(model.config.latents_std).view(1, -1, 1, 1, 1)
         expected = (z - mean) / std

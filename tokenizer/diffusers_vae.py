@@ -78,7 +78,7 @@ class DiffusersVAE(nn.Module):
         temporal, spatial = _factors(class_name, model)
         c = model.config
         latent = int(c.z_dim if class_name == "AutoencoderKLWan" else c.latent_channels)
-        self.config = WrappedConfig(class_name, int(c.in_channels), latent, temporal, spatial)
+        self.config = WrappedConfig(class_name, 3, latent, temporal, spatial)  # RGB video (Wan2.2's 12 are after its patchify)
         mean, std, scale = self._normalisation()
         self.register_buffer("latent_mean", mean, persistent=False)
         self.register_buffer("latent_std", std, persistent=False)
