@@ -14,9 +14,11 @@ Supported classes, with the frame rule, compression and latent normalisation eac
 | AutoencoderKLHunyuanVideo | 1 + 4k | 4 x 8 x 8 | z x scaling_factor |
 | AutoencoderKLLTXVideo | 1 + 8k | 8 x 32 x 32 | (z - latents_mean) x scaling_factor / latents_std (saved buffers) |
 
-`tile` switches on the model's own spatial tiling (tiles of `tile` pixels, overlapping by a quarter, blended):
-unlike our CausalVAE's exact tiles it is an approximation, and `tokenizer.evaluate` reports how far from the
-whole-frame result it lands. `chunk` is accepted for the interface; the wrapped models already walk time their
+`tile` switches on the model's own tiling: "auto" with the model's default tiles, which it applies only to
+frames larger than a tile (and, for HunyuanVideo and LTX-Video, to clips longer than a temporal tile), the way
+to fit long or large clips; or tiles of `tile` pixels overlapping by a quarter. The tiles are blended: unlike
+our CausalVAE's exact tiles it is an approximation, and `tokenizer.evaluate` reports how far from the
+whole-clip result it lands. Batch slicing (one clip at a time, exact) is always on. `chunk` is accepted for the interface; the wrapped models already walk time their
 own way (Wan with a causal cache frame group by frame group, CogVideoX in frame batches, HunyuanVideo and
 LTX-Video whole clips unless tiled). Nothing is downloaded: a folder without config.json, or of a class not
 listed, is a one-line error.
@@ -38,6 +40,8 @@ from errors import InputError, MissingInputError
 
 from .model import CausalVAE, DiagonalGaussian, check_video_shape
 
+TILE_ATTRIBUTES = ("tile_sample_min_height", "tile_sample_min_width", "tile_sample_min_num_frames",
+                   "tile_sample_stride_height", "tile_sample_stride_width", "tile_sample_stride_num_frames")
 SUPPORTED = ("AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLHunyuanVideo", "AutoencoderKLLTXVideo")
 
 
@@ -83,7 +87,10 @@ class DiffusersVAE(nn.Module):
         self.register_buffer("latent_mean", mean, persistent=False)
         self.register_buffer("latent_std", std, persistent=False)
         self.scale = scale
-        self._tile: int | None = None
+        self._tile: int | str | None = None
+        # the model's own tile sizes, for tile="auto"; slicing (one batch element at a time) is exact, so it stays on
+        self._default_tiles = {k: getattr(model, k) for k in TILE_ATTRIBUTES if hasattr(model, k)}
+        model.enable_slicing()
 
     def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(mean, std, scale) with normalize(z) = (z - mean) * scale / std, as the model's pipeline does it."""
@@ -124,29 +131,33 @@ class DiffusersVAE(nn.Module):
 
     # ---- encode / decode ------------------------------------------------------------------------
 
-    def _set_tiling(self, tile: int | None) -> None:
-        """The model's own spatial tiling for tiles of `tile` pixels overlapping by a quarter, or none."""
+    def _set_tiling(self, tile: int | str | None) -> None:
+        """The model's own tiling: "auto" with its default tiles (it tiles only frames larger than a tile, and
+        HunyuanVideo and LTX-Video clips longer than a temporal tile), an int for tiles of that many pixels
+        overlapping by a quarter, None for none."""
         if tile == self._tile:
             return
+        accepted = inspect.signature(self.model.enable_tiling).parameters
         if tile is None:
             self.model.disable_tiling()
+        elif tile == "auto":
+            self.model.enable_tiling(**{k: v for k, v in self._default_tiles.items() if k in accepted})
         else:
             if tile % self.config.spatial_factor:
                 raise InputError(f"tile {tile} is not a multiple of the spatial factor {self.config.spatial_factor}")
             wanted = {"tile_sample_min_height": tile, "tile_sample_min_width": tile,
                       "tile_sample_stride_height": tile * 3 // 4, "tile_sample_stride_width": tile * 3 // 4}
-            accepted = inspect.signature(self.model.enable_tiling).parameters
             self.model.enable_tiling(**{k: v for k, v in wanted.items() if k in accepted})
         self._tile = tile
 
-    def encode(self, video: torch.Tensor, chunk: int | None = None, tile: int | None = None) -> DiagonalGaussian:
+    def encode(self, video: torch.Tensor, chunk: int | None = None, tile: int | str | None = None) -> DiagonalGaussian:
         """The posterior over latents (B, L, 1 + k, H/s, W/s) of video (B, 3, 1 + tk, H, W) in [-1, 1]."""
         self.check_video(video)
         self._set_tiling(tile)
         dist = self.model.encode(video.to(self.model.dtype)).latent_dist
         return DiagonalGaussian(dist.mean.float(), dist.logvar.float())
 
-    def decode(self, latents: torch.Tensor, chunk: int | None = None, tile: int | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, chunk: int | None = None, tile: int | str | None = None) -> torch.Tensor:
         """Video (B, 3, 1 + tk, H, W) from latents (B, L, 1 + k, h, w)."""
         if latents.ndim != 5 or latents.shape[1] != self.config.latent_channels:
             raise ValueError(f"expected latents (B, {self.config.latent_channels}, t, h, w), got shape {tuple(latents.shape)}")

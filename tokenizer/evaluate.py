@@ -142,6 +142,7 @@ def evaluate(tokenizers: list[Candidate] | CausalVAE | DiffusersVAE, videos: lis
         firsts = []
         for cand in tokenizers:
             tally, vae = tallies[cand.name], cand.model
+            tiles = None if tile == "auto" and isinstance(vae, CausalVAE) else tile  # ours runs whole, or exactly tiled
             latent_shape = vae.latent_shape(frames, height, width)
             sq_err = sq_err_base = 0.0
             count = 0
@@ -151,10 +152,10 @@ def evaluate(tokenizers: list[Candidate] | CausalVAE | DiffusersVAE, videos: lis
                 x = clip.to_tensor().unsqueeze(0).to(device)  # (1, 3, T, H, W)
                 _sync(device)
                 t0 = time.perf_counter()
-                z = vae.encode(x, chunk=chunk, tile=tile).mean
+                z = vae.encode(x, chunk=chunk, tile=tiles).mean
                 _sync(device)
                 t1 = time.perf_counter()
-                y = vae.decode(z, chunk=chunk, tile=tile).clamp(-1, 1)
+                y = vae.decode(z, chunk=chunk, tile=tiles).clamp(-1, 1)
                 _sync(device)
                 tally.enc, tally.dec = tally.enc + t1 - t0, tally.dec + time.perf_counter() - t1
                 tally.frames += frames
@@ -346,6 +347,15 @@ def markdown(report: dict, data: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tile(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tile takes a number of pixels or auto, not {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenizer.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, action="append",
@@ -362,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=4, help="evenly spaced windows per video (default 4)")
     parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode/decode step (bounded memory)")
-    parser.add_argument("--tile", type=int, default=None,
-                        help="spatial tiles of this many pixels (ours: exact; a diffusers model's own tiling: blended)")
+    parser.add_argument("--tile", type=_tile, default=None,
+                        help="spatial tiles of this many pixels (ours: exact; a diffusers model's own tiling: blended), "
+                             "or auto: each diffusers model's own default tiling for long or large clips, ours whole")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-videos", action="store_true", help="do not write the side-by-side videos")
     parser.add_argument("--lpips-vgg", help="local VGG16 ImageNet weights (torchvision's state dict) to report LPIPS")
