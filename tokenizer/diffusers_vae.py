@@ -120,6 +120,14 @@ class DiffusersVAE(nn.Module):
         model = getattr(diffusers, name).from_pretrained(directory, low_cpu_mem_usage=False).to(map_location)
         return cls(model, name)
 
+    def save_pretrained(self, directory: str | Path) -> None:
+        """The model's own save_pretrained folder, written beside `directory` and renamed into place whole."""
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        replace_folder(tmp, directory)
+
     # ---- shapes ---------------------------------------------------------------------------------
 
     def check_video(self, video: torch.Tensor) -> None:
@@ -181,18 +189,6 @@ class DiffusersVAE(nn.Module):
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1, 1)
         return z * self.latent_std.view(shape) / self.scale + self.latent_mean.view(shape)
-
-
-def _save(self, directory: str | Path) -> None:
-    """The model's own save_pretrained folder, written beside `directory` and renamed into place whole."""
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    self.model.save_pretrained(tmp)
-    replace_folder(tmp, directory)
-
-
-DiffusersVAE.save_pretrained = _save
 
 
 def is_diffusers_folder(directory: str | Path) -> bool:

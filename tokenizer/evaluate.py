@@ -112,13 +112,11 @@ class _Tally:
 
 
 @torch.no_grad()
-def evaluate(tokenizers: list[Candidate] | CausalVAE | DiffusersVAE, videos: list[VideoSource], frames: int, size: int,
+def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int, size: int,
              *, aspect: str = "square", fps: float | None = None, windows: int = 4, chunk: int | None = None,
              tile: int | None = None, device: torch.device | str = "cpu", video_dir: Path | None = None,
              plot: Path | None = None, lpips: LPIPS | None = None, fvd: FrechetVideoDistance | None = None) -> dict:
     """Every tokenizer on exactly the same windows: see the module's docstring for what is reported."""
-    if not isinstance(tokenizers, list):
-        tokenizers = [Candidate("tokenizer", "", tokenizers)]
     device = torch.device(device)
     for c in tokenizers:
         c.model.to(device).eval()
@@ -184,7 +182,7 @@ def evaluate(tokenizers: list[Candidate] | CausalVAE | DiffusersVAE, videos: lis
                 if i == 0:
                     firsts.append(y[0].cpu())
             mem.stop()
-            tally.peak_mb = max(tally.peak_mb, mem.peak_mb) if tally.peak_mb == tally.peak_mb else mem.peak_mb
+            tally.peak_mb = mem.peak_mb if math.isnan(tally.peak_mb) else max(tally.peak_mb, mem.peak_mb)
             tally.rows.append({
                 "video": v.name,
                 "windows": len(clips),
