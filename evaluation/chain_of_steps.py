@@ -109,9 +109,11 @@ class StepRecorder:
         self.width = 0
 
     def add(self, jobs: list[tuple[str, int]], trajectory: list[tuple[int, float, "object"]]) -> None:
+        from evaluation.generator import video_name  # the command imports this module when it samples
+
         captions = [c for c, _ in jobs]
         groups = [group_of(c, self.held, self.train) for c in captions]
-        names = [f"{c.replace(' ', '_')}_{s}" for c, s in jobs]
+        names = [video_name(c, s) for c, s in jobs]  # the names sample_run gives the videos
         per_step = []
         for _, _, x0 in trajectory:
             decoded = self.pipe.decode(x0)
