@@ -21,12 +21,17 @@ class DiTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width over the model width
     mlp: str = "gelu"  # gelu (tanh approximation) | swiglu
     patch_embed: str = "linear"  # linear | conv (Conv3d with kernel = stride = patch; the same map, another layout)
-    qk_norm: bool = True  # RMS norm of queries and keys per head, in self- and cross-attention
+    qk_norm: bool = True  # RMS norm of queries and keys, in self- and cross-attention
+    qk_norm_over: str = "head"  # head: each head's channels | width: all heads' at once, before the split (Wan)
     rope_theta: float = 10000.0  # base of the rotary frequencies
+    rope_pairs: str = "half"  # channels that rotate together: half (i, i + d/2) | adjacent (2i, 2i + 1), as Wan
     attention_backend: str = "sdpa"  # sdpa | xformers | reference; DIT3D_ATTENTION overrides
     norm_eps: float = 1e-6
     # one more input channel, 1 on latent frames given clean (image-to-video, extension, interpolation)
     frame_conditioning: bool = False
+    # the output layer's shift and scale: linear (SiLU + a linear map of the time embedding) | table (a learned
+    # (2, width) table plus the time embedding itself, as Wan)
+    out_modulation: str = "linear"
     # add absolute sine-cosine features of each token's (t, h, w) index to its embedding, besides rotary
     absolute_position: bool = False
 
@@ -40,6 +45,10 @@ class DiTConfig:
             raise InputError(f"the head dim {self.head_dim} must be even: rotary embeddings rotate pairs of channels")
         if self.mlp not in ("gelu", "swiglu"):
             raise InputError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        for name, allowed in (("qk_norm_over", ("head", "width")), ("rope_pairs", ("half", "adjacent")),
+                              ("out_modulation", ("linear", "table"))):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if self.patch_embed not in ("linear", "conv"):
             raise InputError(f"patch_embed must be 'linear' or 'conv', got {self.patch_embed!r}")
 
@@ -59,6 +68,9 @@ class DiTConfig:
         return config_from_dict(cls, d, "DiT")
 
 
+# what makes a DiTConfig Wan2.1's transformer, besides its sizes (see dit3d/wan.py)
+WAN = dict(patch_embed="conv", qk_norm_over="width", rope_pairs="adjacent", out_modulation="table")
+
 PRESETS: dict[str, DiTConfig] = {
     # tests and the CPU quickstart. absolute_position: with rotary alone, whether the quickstart learnt the
     # direction of motion depended on the initial weights (see the README's DiT section)
@@ -68,8 +80,10 @@ PRESETS: dict[str, DiTConfig] = {
     "B": DiTConfig(width=768, depth=12, heads=12, text_dim=512),
     "L": DiTConfig(width=1024, depth=24, heads=16, text_dim=1024),
     "XL": DiTConfig(width=1152, depth=28, heads=16, text_dim=1024),
-    # Wan2.1 1.3B's shape: width 1536, 30 layers, 12 heads, FFN 8960, UMT5 text (4096)
-    "1.3B": DiTConfig(width=1536, depth=30, heads=12, mlp_ratio=8960 / 1536, text_dim=4096),
+    # Wan2.1's text-to-video transformers, exactly (DiT3D.from_pretrained loads their weights): width 1536, 30
+    # layers, 12 heads, FFN 8960 (1.3B); width 5120, 40 layers, 40 heads, FFN 13824 (14B); UMT5 text (4096)
+    "1.3B": DiTConfig(width=1536, depth=30, heads=12, mlp_ratio=8960 / 1536, text_dim=4096, **WAN),
+    "14B": DiTConfig(width=5120, depth=40, heads=40, mlp_ratio=13824 / 5120, text_dim=4096, **WAN),
 }
 
 

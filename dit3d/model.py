@@ -89,21 +89,42 @@ class TokenLayout(nn.Module):
         return out
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMS norm of each head's channels, applied to (..., width) = (..., heads * head_dim) features."""
+
+    def __init__(self, heads: int, head_dim: int, eps: float):
+        super().__init__(head_dim, eps=eps)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.unflatten(-1, (self.heads, -1))).flatten(-2)
+
+
+def qk_norms(cfg: DiTConfig) -> tuple[nn.Module, nn.Module]:
+    """The query and key norms of an attention layer: per head (ours), over the whole width (Wan), or none."""
+    if not cfg.qk_norm:
+        return nn.Identity(), nn.Identity()
+    if cfg.qk_norm_over == "width":
+        return nn.RMSNorm(cfg.width, eps=cfg.norm_eps), nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+    return HeadRMSNorm(cfg.heads, cfg.head_dim, cfg.norm_eps), HeadRMSNorm(cfg.heads, cfg.head_dim, cfg.norm_eps)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: DiTConfig, backend: str):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.rope_pairs = cfg.heads, cfg.rope_pairs
         self.attend = Attend(backend)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = qk_norms(cfg)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         # tokens stay outermost in memory, (B, N, heads, D), and attention gets (B, heads, N, D) views: the
         # kernels then write their output in that layout too, and merging the heads back is free (no copy)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.heads)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, width) each
+        q, k = self.q_norm(q), self.k_norm(k)  # per head or over the width: see HeadRMSNorm
+        q, k, v = (rearrange(a, "b n (h d) -> b n h d", h=self.heads) for a in (q, k, v))
+        q, k = apply_rope(q, cos, sin, self.rope_pairs), apply_rope(k, cos, sin, self.rope_pairs)
         out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), token_mask)  # (B, heads, N, D)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -114,15 +135,15 @@ class CrossAttention(nn.Module):
         self.heads, self.backend = cfg.heads, backend  # queries are local: no sequence exchange
         self.q = nn.Linear(cfg.width, cfg.width)
         self.kv = nn.Linear(cfg.width, 2 * cfg.width)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.q_norm, self.k_norm = qk_norms(cfg)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        q = rearrange(self.q(x), "b n (h d) -> b n h d", h=self.heads)  # the layout SelfAttention keeps
-        k, v = rearrange(self.kv(text), "b l (two h d) -> two b l h d", two=2, h=self.heads)
-        q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
-        out = attention(q, k, v.transpose(1, 2), self.backend, key_mask=text_mask)  # (B, heads, N, D)
+        k, v = self.kv(text).chunk(2, dim=-1)  # (B, L, width) each
+        q, k = self.q_norm(self.q(x)), self.k_norm(k)
+        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)  # a view of the layout SelfAttention keeps
+        k, v = (rearrange(a, "b l (h d) -> b h l d", h=self.heads) for a in (k, v))
+        out = attention(q, k, v, self.backend, key_mask=text_mask)  # (B, heads, N, D)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -130,7 +151,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
-        hidden = int(cfg.width * cfg.mlp_ratio)
+        hidden = int(cfg.width * cfg.mlp_ratio + 1e-6)  # 1536 * (8960 / 1536) is 8960, not 8959
         if self.swiglu:  # two thirds of the width keeps the parameter count of a GELU MLP
             hidden = 8 * math.ceil(2 * hidden / 3 / 8)
         self.fc1 = nn.Linear(cfg.width, 2 * hidden if self.swiglu else hidden)
@@ -182,7 +203,10 @@ class DiT3D(nn.Module):
         self.attention_backend = resolve_backend(cfg.attention_backend)  # once, here: see attention.py
         self.blocks = nn.ModuleList(DiTBlock(cfg, self.attention_backend) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
-        self.out_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
+        if cfg.out_modulation == "table":  # shift and scale = a learned table + the time embedding (Wan)
+            self.out_table = nn.Parameter(torch.zeros(1, 2, cfg.width))
+        else:
+            self.out_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
         self.out = nn.Linear(cfg.width, cfg.output_channels * pt * ph * pw)
         self.layout = TokenLayout()
         self.initialize_weights()
@@ -202,7 +226,8 @@ class DiT3D(nn.Module):
             nn.init.zeros_(self.embed.bias)
         nn.init.normal_(self.time_embed[0].weight, std=0.02)
         nn.init.normal_(self.time_embed[2].weight, std=0.02)
-        for layer in (self.time_modulation[1], self.out_modulation[1], self.out):
+        out_modulation = [self.out_modulation[1]] if self.config.out_modulation == "linear" else []
+        for layer in (self.time_modulation[1], *out_modulation, self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -245,7 +270,7 @@ class DiT3D(nn.Module):
         cfg = self.config
         self._check_latents(x, batched=True)
         grid = self.token_grid(tuple(x.shape[2:]))
-        cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)  # (N, head_dim)
+        cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32, cfg.rope_pairs)  # (N, head_dim)
         h = self._run(self._embed(x, grid, given), cos, sin, t, text, text_mask, None)
         return unpatchify(h, grid, cfg.patch_size)
 
@@ -263,7 +288,7 @@ class DiT3D(nn.Module):
         for i, x in enumerate(xs):
             self._check_latents(x, batched=False)
             grid = self.token_grid(tuple(x.shape[1:]))
-            cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32)
+            cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32, cfg.rope_pairs)
             grids.append(grid)
             g = given[i] if given is not None else None
             tokens.append(self._embed(x[None], grid, None if g is None else g[None])[0])  # (N_i, width)
@@ -313,14 +338,38 @@ class DiT3D(nn.Module):
         txt = self.text_embed(text)  # (B, L, width)
         for block in self.blocks:
             h = block(h, shared, cos, sin, txt, text_mask, token_mask)
-        shift, scale = self.out_modulation(emb).chunk(2, dim=1)
+        if self.config.out_modulation == "table":
+            shift, scale = (self.out_table + emb[:, None]).unbind(1)  # (B, width) each
+        else:
+            shift, scale = self.out_modulation(emb).chunk(2, dim=1)
         return self.layout.gather(self.out(modulate(self.norm_out(h), shift, scale)))  # (B, N, C_out * patch)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def save_pretrained(self, directory) -> None:
-        save_model(self, directory, kind="dit")
+    def save_pretrained(self, directory, format: str = "ours") -> None:
+        """Our folder (config.json + model.safetensors), or with format="diffusers" a WanTransformer3DModel
+        folder (a Wan-compatible config only; see dit3d/wan.py)."""
+        if format == "diffusers":
+            from .wan import save_diffusers
+
+            save_diffusers(self, directory)
+        elif format == "ours":
+            save_model(self, directory, kind="dit")
+        else:
+            raise ValueError(f"format must be 'ours' or 'diffusers', got {format!r}")
 
     @classmethod
-    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "DiT3D":
-        return load_model(cls, DiTConfig, directory, kind="dit", map_location=map_location)
+    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = torch.float32) -> "DiT3D":
+        """Our checkpoint folder (or a train.py run folder), or Wan2.1's transformer in the diffusers or the
+        original layout (a diffusers Wan pipeline folder too: its transformer/), cast to `dtype`."""
+        from .wan import load_wan, wan_format
+
+        if not wan_format(directory):
+            return load_model(cls, DiTConfig, directory, kind="dit", map_location=map_location)
+        cfg, state = load_wan(directory, dtype)
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced (14B: 56 GB)
+            model = cls(cfg)
+        state["null_text"] = torch.zeros(1, cfg.text_dim, dtype=state["out_table"].dtype)  # Wan has none
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(map_location)

@@ -2,7 +2,9 @@
 
 The head dim d holds d / 2 rotating channel pairs, cut into three parts: height and width get d // 6
 pairs each and time the rest (as Wan splits it), and each part rotates its pairs by angles
-proportional to the token's index along its own axis. Rotary angles only tell attention how far apart two
+proportional to the token's index along its own axis. Which two channels form a pair is the model's choice:
+channel i with channel i + d / 2 ("half", ours), or 2i with 2i + 1 ("adjacent", Wan's); pair j turns by angle
+j either way. Rotary angles only tell attention how far apart two
 tokens are; `sincos_position` gives each token where it is (the same angles' sines and cosines over the
 model width), for models that add it to their tokens. Nothing is tied to a grid size, so any duration and
 resolution work at inference.
@@ -36,32 +38,41 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
     return torch.cat([at, ah, aw], dim=-1).reshape(t * h * w, head_dim // 2)
 
 
-def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (N, head_dim) of the angles, repeated for both halves of the head dim (see apply_rope).
+def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, theta: float, device, dtype,
+                 pairs: str = "half") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (N, head_dim) of the angles, laid out as `pairs` pairs the channels (see apply_rope): the
+    angles repeated for both halves of the head dim ("half"), or each angle twice in a row ("adjacent").
 
     Cached per (grid, head_dim, theta, device, dtype): every forward pass of a clip size reuses them, where
     building them (in float64) cost about 6% of a small model's training step. Treat them as read-only."""
-    return _cos_sin(tuple(int(n) for n in grid), int(head_dim), float(theta), torch.device(device), dtype)
+    return _cos_sin(tuple(int(n) for n in grid), int(head_dim), float(theta), torch.device(device), dtype, pairs)
 
 
 @functools.lru_cache(maxsize=64)
-def _cos_sin(grid, head_dim, theta, device, dtype):
+def _cos_sin(grid, head_dim, theta, device, dtype, pairs):
+    if pairs not in ("half", "adjacent"):
+        raise ValueError(f"rotary pairs must be 'half' or 'adjacent', got {pairs!r}")
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable by autograd later
-        angles = rope_angles(grid, head_dim, theta, device)
-        angles = torch.cat([angles, angles], dim=-1)
+        angles = rope_angles(grid, head_dim, theta, device)  # (N, head_dim / 2)
+        angles = torch.cat([angles, angles], dim=-1) if pairs == "half" else angles.repeat_interleave(2, dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + head_dim / 2) of x (B, N, heads, head_dim) by the angles behind cos/sin
-    (N, head_dim) or (B, N, head_dim), the same for every head.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str = "half") -> torch.Tensor:
+    """Rotate the channel pairs of x (B, N, heads, head_dim) by the angles behind cos/sin (N, head_dim) or
+    (B, N, head_dim), built for the same `pairs`, the same for every head: pair (a, b) becomes
+    (a cos - b sin, b cos + a sin).
 
-    Pairing each channel with the one half a head away (rather than its neighbour) needs two multiplies
-    and a concatenation; which channels pair up does not matter, as long as it never changes.
+    "half" pairs channel i with i + head_dim / 2 (two multiplies and a concatenation); "adjacent" pairs 2i with
+    2i + 1, as Wan2.1 was trained. Which channels pair up does not matter, as long as it never changes.
     """
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., N, 1, head_dim): broadcast over the heads
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    if pairs == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+    else:
+        a, b = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., head_dim / 2) each: channels 2i and 2i + 1
+        rotated = torch.stack([-b, a], dim=-1).flatten(-2)
     return (x * cos + rotated * sin).type_as(x)
 
 
