@@ -29,11 +29,17 @@ from checkpoint_io import checkpoint_step, save_checkpoint, write_json_atomic
 from dit3d import DiT3D
 from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
 from dit3d.flow import FlowConfig, sample
+from dit3d.lora import LoraSettings, load_adapter, merged, merged_state, save_adapter, updates
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
+from dit3d.wan import wan_format
 from errors import InputError, MissingInputError
 from tokenizer import CausalVAE, load_tokenizer
 
 PIPELINE_FILE = "pipeline.json"
+# the negative prompt Wan2.1's own sampler uses by default (its configs' sample_neg_prompt)
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+                       "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+                       "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
 def derived_seed(seed: int, *parts) -> int:
@@ -63,13 +69,22 @@ class TextToVideo(nn.Module):
 
 
 def save_pipeline(directory: Path, model: TextToVideo, state: dict[str, torch.Tensor], vae: CausalVAE, step: int,
-                  previous: Path | None, spec: dict) -> None:
+                  previous: Path | None, spec: dict, lora: LoraSettings | None = None, merge: bool = False) -> None:
     """Write a trained model folder: directory/{dit, text, tokenizer} from `model`'s full `state` (the EMA
     weights; `text` only with a built-in encoder) and pipeline.json = `spec` (the text encoder's kind or path,
     frames, size, fps, flow, sampler and condition settings) with `step`, last. The frozen tokenizer is
-    hard-linked from a `previous` export of the same run where there is one, not written again."""
+    hard-linked from a `previous` export of the same run where there is one, not written again.
+
+    With `lora`, the DiT is written as its adapter alone (lora/, in diffusers' format), with spec["base"] naming
+    the pretrained weights it adapts; `merge` writes dit/ too, the adapter merged into the base weights."""
     dit_state = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
-    save_checkpoint(directory / "dit", dataclasses.asdict(model.dit.config), dit_state, kind="dit", step=step)
+    if lora is not None:
+        adapter = updates(dit_state, lora.scale)
+        save_adapter(adapter, model.dit.config.width, directory / "lora", lora)
+        spec = spec | {"lora": "lora", "lora_step": step}
+        dit_state = merged_state(dit_state, adapter) if merge else None
+    if dit_state is not None:
+        save_checkpoint(directory / "dit", dataclasses.asdict(model.dit.config), dit_state, kind="dit", step=step)
     if model.text is not None:
         text_state = {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
         save_checkpoint(directory / "text", dataclasses.asdict(model.text.config), text_state, kind=model.text.KIND,
@@ -103,7 +118,7 @@ def generate_latents(forward: Callable[..., torch.Tensor], text_fn: Callable[[li
                      negative: str | None = None, seeds: list[int], solver: str = "euler", device=None,
                      autocast_dtype: torch.dtype | None = None,
                      on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                     given: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     given: tuple[torch.Tensor, torch.Tensor] | None = None, schedule: str = "uniform") -> torch.Tensor:
     """Normalised latents (B, C, t, h, w) for prompts, solving the flow ODE from seeded noise.
 
     forward(x, t, text, mask, drop, given) is the model (called as a whole, as FSDP needs). Guidance runs the
@@ -135,7 +150,7 @@ def generate_latents(forward: Callable[..., torch.Tensor], text_fn: Callable[[li
             cond, uncond = forward(torch.cat([x, x]), torch.cat([t, t]), text, mask, drop, both).float().chunk(2)
         return uncond + guidance * (cond - uncond)
 
-    return sample(velocity, noise, steps, shift, solver, on_step=on_step, given=given)
+    return sample(velocity, noise, steps, shift, solver, on_step=on_step, given=given, schedule=schedule)
 
 
 @dataclass
@@ -148,11 +163,15 @@ class Pipeline:
     device: torch.device
 
     @classmethod
-    def load(cls, path: str | Path, vae: str | Path | None = None, device: str | torch.device = "cpu") -> "Pipeline":
-        """From a train.py run folder or its `model/` folder; `vae` overrides the tokenizer."""
+    def load(cls, path: str | Path, vae: str | Path | None = None, device: str | torch.device = "cpu",
+             text_encoder: str | Path | None = None) -> "Pipeline":
+        """From a train.py run folder or its `model/` folder, or Wan2.1 (a diffusers Wan pipeline folder, or its
+        transformer in either layout with `vae` and `text_encoder` folders); `vae` overrides the tokenizer."""
         path = Path(path)
         if not path.is_dir():
             raise MissingInputError(f"no checkpoint at {path}: give a train.py run folder (or its model/ folder)")
+        if wan_format(path):
+            return cls.load_wan(path, vae, device, text_encoder)
         root = path / "model" if (path / "model" / PIPELINE_FILE).is_file() else path
         if not (root / PIPELINE_FILE).is_file():
             raise MissingInputError(f"{path} is not a trained DiT: no {PIPELINE_FILE} in it or in {path / 'model'} "
@@ -162,7 +181,9 @@ class Pipeline:
         except (ValueError, UnicodeDecodeError) as e:
             raise InputError(f"{root / PIPELINE_FILE} is not valid JSON ({e}): re-export the model or pick another "
                              f"checkpoint") from None
-        parts = {"pipeline.json": spec.get("step"), "dit": checkpoint_step(root / "dit")}
+        has_dit = (root / "dit" / "config.json").is_file()
+        parts = {"pipeline.json": spec.get("step"), "lora" if "lora" in spec else "dit":
+                 checkpoint_step(root / "dit") if has_dit else spec.get("lora_step")}
         if spec["text_encoder"] in BUILTIN_TEXT_ENCODERS:
             parts["text"] = checkpoint_step(root / "text")
         if len(set(parts.values())) > 1:
@@ -170,16 +191,56 @@ class Pipeline:
                              + ", ".join(f"{k}: step {v}" for k, v in parts.items())
                              + "): it was assembled by hand or half-copied; export it again, or copy a whole model/")
         device = torch.device(device)
-        dit = DiT3D.from_pretrained(root / "dit")
+        if has_dit:  # our own weights, or an adapter merged into them at export
+            dit = DiT3D.from_pretrained(root / "dit")
+        elif "lora" in spec:  # an adapter on pretrained weights: merged once here, so sampling runs at full speed
+            base = Path(spec["base"])
+            if not base.exists():
+                raise MissingInputError(f"{root} is a LoRA of the DiT at {base}, which is not there: give the base "
+                                        f"weights back that path, or export the run with --lora-merge")
+            dit = merged(load_adapter(DiT3D.from_pretrained(base), root / spec["lora"]))
+        else:
+            raise MissingInputError(f"{root} has no dit/ folder (and no LoRA adapter): export the model again")
         frozen, text = None, None
         if spec["text_encoder"] in BUILTIN_TEXT_ENCODERS:
             text = BUILTIN_TEXT_ENCODERS[spec["text_encoder"]].from_pretrained(root / "text")
         else:
-            frozen = HFTextEncoder(spec["text_encoder"], device=device)
-        tokenizer = load_tokenizer(vae or root / "tokenizer")
+            frozen = HFTextEncoder(text_encoder or spec["text_encoder"], device=device,
+                                   padding=spec.get("text_padding", "masked"))
+        return cls.assemble(dit, text, frozen, vae or root / "tokenizer", spec, device)
+
+    @classmethod
+    def load_wan(cls, path: Path, vae: str | Path | None, device, text_encoder: str | Path | None) -> "Pipeline":
+        """Wan2.1 with its defaults (81 frames at 480x832 and 16 fps, 50 Euler steps on diffusers' schedule,
+        guidance 5, the flow shift of the folder's scheduler config or 5, Wan's negative prompt), its UMT5 tokens
+        padded as Wan was trained."""
+        whole = (path / "model_index.json").is_file()
+        vae = vae or (path / "vae" if whole else None)
+        text_encoder = text_encoder or (path if whole else None)
+        if vae is None or text_encoder is None:
+            raise InputError(f"{path} is a Wan transformer alone: give its VAE (--vae, a diffusers AutoencoderKLWan "
+                             f"folder) and UMT5 text encoder (--text-encoder) too, or a whole diffusers Wan pipeline folder")
+        shift = 5.0
+        scheduler = path / "scheduler" / "scheduler_config.json"
+        if whole and scheduler.is_file():
+            config = json.loads(scheduler.read_text())
+            shift = float(config.get("flow_shift") or config.get("shift") or shift)
+        device = torch.device(device)
+        spec = {"text_encoder": str(Path(text_encoder).resolve()), "frames": 81, "size": [480, 832], "fps": 16.0,
+                "flow": {"shift": shift}, "text_padding": "wan", "negative_prompt": WAN_NEGATIVE_PROMPT,
+                "sampler": {"steps": 50, "guidance": 5.0, "solver": "euler", "schedule": "diffusers"}}
+        frozen = HFTextEncoder(text_encoder, device=device, padding="wan")
+        return cls.assemble(DiT3D.from_pretrained(path), None, frozen, vae, spec, device)
+
+    @classmethod
+    def assemble(cls, dit: DiT3D, text, frozen, vae: str | Path, spec: dict, device) -> "Pipeline":
+        tokenizer = load_tokenizer(vae)
         if tokenizer.config.latent_channels != dit.config.in_channels:
-            raise InputError(f"the tokenizer at {vae or root / 'tokenizer'} has {tokenizer.config.latent_channels} latent "
+            raise InputError(f"the tokenizer at {vae} has {tokenizer.config.latent_channels} latent "
                              f"channels but the DiT takes {dit.config.in_channels}: use the tokenizer it was trained with")
+        if frozen is not None and frozen.dim != dit.config.text_dim:
+            raise InputError(f"the text encoder at {spec['text_encoder']} gives {frozen.dim}-wide tokens but the DiT "
+                             f"takes {dit.config.text_dim}: use the one it was trained with")
         model = TextToVideo(dit, text).to(device).eval().requires_grad_(False)
         return cls(model, frozen, tokenizer.to(device).eval().requires_grad_(False), FlowConfig(**spec["flow"]),
                    spec, device)
@@ -245,8 +306,10 @@ class Pipeline:
         """`generate` for a latent shape (C, t, h, w). Given frames need a model trained with frame conditioning
         (DiT3D says so with an InputError otherwise)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        negative = self.defaults.get("negative_prompt") if negative is None else negative
         return generate_latents(self.model, lambda c: text_inputs(self.model, self.frozen_text, c, self.device), prompts,
                                 shape, steps=steps, guidance=guidance, negative=negative, seeds=seeds, solver=solver,
+                                schedule=self.defaults["sampler"].get("schedule", "uniform"),
                                 shift=self.flow.shift_for(self.tokens(shape)) if shift is None else shift,
                                 device=self.device, autocast_dtype=dtype, on_step=on_step, given=given)
 

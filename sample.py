@@ -10,6 +10,7 @@
     python sample.py --ckpt RUN --prompt "..." --video clip.mp4 --extend 32 --out longer.mp4  # continue a clip
     python sample.py --ckpt RUN --prompt "..." --keyframes a.png b.png --out between.mp4    # interpolate
     torchrun --nproc_per_node 8 sample.py --ckpt RUN --prompts p.txt --sp-size 4 --frames 121 --out samples/
+    python sample.py --ckpt Wan2.1-T2V-1.3B-Diffusers --prompt "..." --out clip.mp4       # Wan2.1, with its defaults
 
 The run folder supplies the DiT (EMA weights), its text encoder and the tokenizer (--vae overrides the
 tokenizer); frames, size, fps, steps, guidance and the timestep shift default to the training run's.
@@ -55,8 +56,11 @@ from pipeline import Pipeline
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a train.py DiT run folder (or its model/ folder)")
-    p.add_argument("--vae", help="tokenizer folder overriding the run's")
+    p.add_argument("--ckpt", required=True, help="a train.py DiT run folder (or its model/ folder), or Wan2.1: a diffusers "
+                                                 "Wan pipeline folder, or its transformer (either layout) with --vae and "
+                                                 "--text-encoder")
+    p.add_argument("--vae", help="tokenizer folder overriding the run's (a Wan transformer's: its AutoencoderKLWan folder)")
+    p.add_argument("--text-encoder", help="text encoder folder overriding the run's (a Wan transformer's: its UMT5)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     what.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
@@ -261,10 +265,11 @@ def run(args) -> list[Path]:
         check_writable(out_dir)
     env = setup_distributed(args.device, 1 if args.dry_run else args.sp_size)
     device = env.device
-    pipe = Pipeline.load(args.ckpt, vae=args.vae, device=device)
+    pipe = Pipeline.load(args.ckpt, vae=args.vae, device=device, text_encoder=args.text_encoder)
     d = pipe.defaults
     frames = d["frames"] if args.frames is None else args.frames
-    height, width = (d["size"] if v is None else v for v in (args.height, args.width))
+    size = d["size"] if isinstance(d["size"], list) else [d["size"], d["size"]]  # [height, width], or a square's side
+    height, width = (s if v is None else v for s, v in zip(size, (args.height, args.width)))
     steps = d["sampler"]["steps"] if args.steps is None else args.steps
     guidance = d["sampler"]["guidance"] if args.cfg is None else args.cfg
     fps = d["fps"] if args.fps is None else args.fps

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, ...), t (B,)) -> v (B, ...)
@@ -69,6 +70,22 @@ def sampling_timesteps(steps: int, shift: float, device=None) -> torch.Tensor:
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift).float()
 
 
+def diffusers_euler_timesteps(steps: int, shift: float, train_steps: int = 1000) -> torch.Tensor:
+    """steps + 1 times from 1 to 0 as diffusers' FlowMatchEulerDiscreteScheduler(shift=shift) places them (the
+    scheduler WanPipeline runs with it): `steps` points uniform from 1 to the shifted 1 / train_steps, each then
+    shifted (again), in its float32 and float64 arithmetic, so that the same model gives the same video."""
+    if steps < 1:
+        raise ValueError(f"the sampler needs at least 1 step, got {steps}")
+    table = torch.linspace(train_steps, 1, train_steps, dtype=torch.float32) / train_steps
+    table = shift * table / (1 + (shift - 1) * table)  # the scheduler's training sigmas, float32
+    sigmas = np.linspace(table[0].item() * train_steps, table[-1].item() * train_steps, steps) / train_steps
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)  # float64
+    return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
+
+
+SCHEDULES = ("uniform", "diffusers")
+
+
 def per_frame(mask: torch.Tensor, ndim: int) -> torch.Tensor:
     """A (B, T) per-latent-frame mask viewed as (B, 1, T, 1, ...), broadcastable to (B, C, T, ...) of `ndim` dims."""
     return mask.view(mask.shape[0], 1, mask.shape[1], *([1] * (ndim - 3)))
@@ -98,17 +115,22 @@ def flow_loss(v: torch.Tensor, target: torch.Tensor, generate: torch.Tensor | No
 @torch.no_grad()
 def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.0, solver: str = "euler",
            on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-           given: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           given: tuple[torch.Tensor, torch.Tensor] | None = None, schedule: str = "uniform") -> torch.Tensor:
     """Integrate from `noise` (t = 1) to data (t = 0) in `steps` steps; returns x0 in noise's shape.
 
     solver: "euler" (one model call per step) or "heun" (two per step, except the last, second order).
     on_step(i, t, x0_prediction) is called after every step, e.g. to save the denoising trajectory.
     given = (known, mask): latent frames known clean (mask (B, T) True), kept exactly at every model call and
     in the result; only the others are integrated.
+    schedule: "uniform" (our times: uniform, then shifted) or "diffusers" (diffusers' FlowMatchEulerDiscreteScheduler's,
+    see diffusers_euler_timesteps: how Wan2.1 pipelines sample with Euler).
     """
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
-    ts = sampling_timesteps(steps, shift, noise.device)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    ts = (sampling_timesteps(steps, shift, noise.device) if schedule == "uniform"
+          else diffusers_euler_timesteps(steps, shift).to(noise.device))
     x = keep_given(noise, given)
     batch = noise.shape[0]
     for i in range(steps):

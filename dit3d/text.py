@@ -132,15 +132,29 @@ class WordTextEncoder(_LearnedTextEncoder):
 BUILTIN_TEXT_ENCODERS = {"bytes": ByteTextEncoder, "words": WordTextEncoder}
 
 
+PADDINGS = ("masked", "wan")
+
+
 class HFTextEncoder:
-    """A frozen Hugging Face text encoder from a local folder (config, weights and tokenizer files)."""
+    """A frozen Hugging Face text encoder from a local folder (config, weights and tokenizer files), or from a
+    diffusers pipeline folder (its text_encoder/ and tokenizer/).
+
+    padding="masked" (ours): a batch is padded to its longest caption and the mask hides the padding.
+    padding="wan" (Wan2.1's convention): every caption's tokens are followed by zero vectors up to `max_length`
+    (512), and the mask is all True: cross-attention sees the zeros (as projected by the DiT), as Wan was
+    trained. The encoder itself still masks its padding in both."""
 
     def __init__(self, path: str | os.PathLike, max_length: int = 512, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, padding: str = "masked"):
         try:
             import transformers
         except ImportError as e:
             raise ImportError("HFTextEncoder needs transformers: pip install '.[text]'") from e
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        tokenizer_path = path
+        if os.path.isfile(os.path.join(path, "model_index.json")):  # a diffusers pipeline folder
+            path, tokenizer_path = os.path.join(path, "text_encoder"), os.path.join(path, "tokenizer")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no text encoder at {path}: give a local folder holding a Hugging Face T5, UMT5 "
                                     f"or CLIP text model and its tokenizer (nothing is downloaded), or a built-in "
@@ -153,8 +167,8 @@ class HFTextEncoder:
         with torch.random.fork_rng(devices=[]):  # loading leaves torch's global random state as it was
             self.model = classes[config.model_type].from_pretrained(path, local_files_only=True, torch_dtype=dtype)
         self.model.to(device).eval().requires_grad_(False)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.max_length = max_length
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+        self.max_length, self.padding = max_length, padding
         text_config = getattr(config, "text_config", config)
         self.dim = getattr(text_config, "d_model", None) or text_config.hidden_size
         self.device = torch.device(device)
@@ -165,4 +179,8 @@ class HFTextEncoder:
                                return_tensors="pt").to(self.device)
         mask = batch["attention_mask"].bool()
         tokens = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return tokens * mask[..., None], mask
+        tokens = tokens * mask[..., None]  # (B, L, dim), zero on the padding
+        if self.padding == "wan":  # zeros up to max_length, all seen by cross-attention
+            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, self.max_length - tokens.shape[1]))
+            return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return tokens, mask

@@ -99,3 +99,48 @@ def i3d_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("i3d") / "tiny_i3d.pt"
     torch.jit.script(TinyI3D()).save(str(path))
     return path
+
+
+def write_word_tokenizer(path: Path, words: list[str]):
+    """A word-level fast tokenizer (no download, no sentencepiece model) for tiny T5 / UMT5 encoders."""
+    import tokenizers
+    import transformers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast, len(vocab)
+
+
+WAN_WORDS = ["a", "red", "green", "blue", "circle", "square", "triangle", "moving", "left", "right", "up", "down",
+             "blurry", "static"]
+
+
+@pytest.fixture(scope="session")
+def wan_pipeline(tmp_path_factory) -> Path:
+    """A whole diffusers Wan pipeline folder of tiny random models: transformer (latent 4, text 24), AutoencoderKLWan
+    (8x in space, 4x in time, 4 latent channels), UMT5 and its tokenizer, FlowMatchEulerDiscreteScheduler(shift 3)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-tiny"
+    tokenizer, vocab = write_word_tokenizer(tmp_path_factory.mktemp("wan_tok"), WAN_WORDS)
+    torch.manual_seed(0)
+    text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=vocab, d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)).eval()
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=24,
+        freq_dim=256, ffn_dim=40, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+        rope_max_seq_len=64).eval()
+    with torch.no_grad():  # away from the initial values, so that no part of it is the identity or zero
+        for p in transformer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                     latents_std=[1.5, 0.5, 2.0, 1.0]).eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                          scheduler=scheduler).save_pretrained(root)
+    return root

@@ -17,7 +17,9 @@ from dit3d import DiT3D
 from dit3d import preset as dit_preset
 from dit3d.condition import ConditionConfig, FrameSelection
 from dit3d.flow import FlowConfig, flow_loss, interpolate, keep_given, training_timesteps, velocity_target
+from dit3d.lora import LoraSettings, add_lora
 from dit3d.model import DiTBlock
+from dit3d.wan import wan_format
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
 from errors import InputError
 from evaluation.motion_score import preview_scores
@@ -29,6 +31,15 @@ from .options import parse_overrides
 from .stage import autocast, image_step, sample_generator
 
 log = logging.getLogger("train")
+
+
+def init_folder(path: str | Path) -> Path:
+    """The DiT folder of --init: a run's model/dit/, a model folder's dit/, or the folder itself (ours or Wan's)."""
+    path = Path(path)
+    for folder in (path / "model" / "dit", path / "dit"):
+        if (folder / "config.json").is_file():
+            return folder
+    return path
 
 
 class DiTStage:
@@ -48,24 +59,57 @@ class DiTStage:
             raise InputError(f"--condition: {e}") from None
         self.frames = FrameSelection(condition, args.latent_stride, args.latent_window)
         overrides = parse_overrides(args.override)
+        pretrained = self.pretrained_dit(args, overrides) if args.init else None
+        self.text_padding = args.text_padding if args.text_padding != "auto" else (
+            "wan" if args.init and wan_format(args.init) else "masked")
         if args.text_encoder in BUILTIN_TEXT_ENCODERS:
-            cfg = dit_preset(args.preset, in_channels=self.vae.config.latent_channels, **overrides)
+            if self.text_padding == "wan":
+                raise InputError("--text-padding wan is Wan2.1's convention for a T5 / UMT5 encoder; give its folder as "
+                                 "--text-encoder (the built-in encoders mask their padding)")
+            cfg = pretrained.config if pretrained else dit_preset(args.preset, in_channels=self.vae.config.latent_channels,
+                                                                  **overrides)
             builtin = BUILTIN_TEXT_ENCODERS[args.text_encoder]
             text = builtin(builtin.CONFIG(dim=cfg.text_dim))
         else:
-            self.frozen_text = HFTextEncoder(args.text_encoder, device=env.device)
-            cfg = dit_preset(args.preset, in_channels=self.vae.config.latent_channels, text_dim=self.frozen_text.dim,
-                             **overrides)
+            self.frozen_text = HFTextEncoder(args.text_encoder, device=env.device, padding=self.text_padding)
+            cfg = pretrained.config if pretrained else dit_preset(args.preset, in_channels=self.vae.config.latent_channels,
+                                                                  text_dim=self.frozen_text.dim, **overrides)
+            if cfg.text_dim != self.frozen_text.dim:
+                raise InputError(f"the text encoder at {args.text_encoder} gives {self.frozen_text.dim}-wide tokens but the "
+                                 f"DiT at {args.init} takes {cfg.text_dim}: use the encoder it was trained with (Wan2.1: "
+                                 f"UMT5-XXL, 4096)")
             text = None
+        if pretrained is not None and pretrained.config.in_channels != self.vae.config.latent_channels:
+            raise InputError(f"the DiT at {args.init} takes {pretrained.config.in_channels} latent channels but the "
+                             f"tokenizer at {args.vae} makes {self.vae.config.latent_channels}: use the tokenizer it was "
+                             f"trained with")
         if condition.active and not cfg.frame_conditioning:
+            if pretrained is not None:
+                raise InputError(f"--condition needs a DiT with frame conditioning, and the one at {args.init} has none")
             cfg = dataclasses.replace(cfg, frame_conditioning=True)
-        self.model = TextToVideo(DiT3D(cfg), text).to(env.device)
+        self.model = TextToVideo(pretrained or DiT3D(cfg), text).to(env.device)
+        self.lora = None
+        if args.lora_rank:
+            self.lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_dropout,
+                                     tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+            if self.model.text is not None:
+                self.model.text.requires_grad_(False)
+            add_lora(self.model.dit, self.lora)
         self.block_types = (DiTBlock,)
         self.flow = FlowConfig(logit_mean=args.logit_mean, logit_std=args.logit_std, shift=args.shift,
                                shift_base_tokens=args.shift_base_tokens)
 
+    @staticmethod
+    def pretrained_dit(args, overrides: dict) -> DiT3D:
+        """The DiT of --init: Wan2.1's transformer (either layout) or ours (a dit/ folder, a run or its model/)."""
+        if overrides:
+            raise InputError(f"--override {', '.join(sorted(overrides))}: with --init the DiT is the pretrained one as it "
+                             f"is (set DIT3D_ATTENTION to choose its attention backend)")
+        return DiT3D.from_pretrained(init_folder(args.init))
+
     def config_dict(self) -> dict:
-        return dataclasses.asdict(self.model.dit.config)
+        cfg = dataclasses.asdict(self.model.dit.config)
+        return cfg | ({"lora": dataclasses.asdict(self.lora)} if self.lora else {})
 
     def initialize(self) -> None:
         pass
@@ -104,9 +148,12 @@ class DiTStage:
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
         t = training_timesteps(self.flow, normals, math.prod(unwrap(model).dit.token_grid(tuple(x0.shape[2:])))).to(device)
         x_t = keep_given(interpolate(x0, noise, t), None if given is None else (x0, given))
-        text, mask = self.encode_text(unwrap(model), batch["caption"])
+        captions = batch["caption"]
+        if self.text_padding == "wan":  # Wan's caption dropout: the empty caption, not a learned null token
+            captions, drop = ["" if d else c for c, d in zip(captions, drop.tolist())], None
+        text, mask = self.encode_text(unwrap(model), captions)
         with autocast(device):
-            v = model(x_t, t, text, mask, drop.to(device), given)
+            v = model(x_t, t, text, mask, None if drop is None else drop.to(device), given)
         loss = flow_loss(v, velocity_target(x0, noise), None if given is None else ~given)
         logs = {} if given is None else {"given_frames": given.float().mean().item()}
         return loss, logs
@@ -138,6 +185,7 @@ class DiTStage:
         FSDP2 needs: it gathers the root's parameters in the root's forward)."""
         shape = self.vae.latent_shape(frames, size, size)
         z = generate_latents(ema, lambda c: self.encode_text(ema, c), prompts, shape, steps=steps, guidance=guidance,
+                             negative="" if self.text_padding == "wan" else None,
                              shift=self.flow.shift_for(math.prod(ema.dit.token_grid(shape[1:]))),
                              seeds=[seed + i for i in range(len(prompts))], device=self.env.device,
                              autocast_dtype=torch.bfloat16 if self.env.device.type == "cuda" else None)
@@ -163,5 +211,6 @@ class DiTStage:
             "frames": self.args.frames, "size": self.args.size, "fps": self.args.fps or 8.0,
             "flow": dataclasses.asdict(self.flow),
             "sampler": {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"},
-            "condition": dataclasses.asdict(self.frames.condition),
-        })
+            "condition": dataclasses.asdict(self.frames.condition), "text_padding": self.text_padding,
+        } | ({"base": str(init_folder(self.args.init).resolve())} if self.args.init else {}),
+            lora=self.lora, merge=self.args.lora_merge)

@@ -90,16 +90,24 @@ def train(args) -> Path:
                          fps=args.fps, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
                          rank=env.dp_rank, world_size=env.dp_world)
 
+    # with frozen weights (LoRA), checkpoints hold the trained ones alone: the rest comes from --init on resume
+    trainable = {name for name, p in plain.named_parameters() if p.requires_grad}
+    partial = len(trainable) < sum(1 for _ in plain.parameters())
+    options = StateDictOptions(ignore_frozen_params=True, strict=False) if partial else None
+
     def tensor_state() -> dict:
-        model_sd, optim_sd = get_state_dict(model, opt)
-        return {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(ema), "stage": stage.state_dict()}
+        model_sd, optim_sd = get_state_dict(model, opt, options=options)
+        ema_sd = get_model_state_dict(ema)
+        if partial:
+            ema_sd = {k: v for k, v in ema_sd.items() if k.removeprefix("module.") in trainable or k == "n_averaged"}
+        return {"model": model_sd, "optim": optim_sd, "ema": ema_sd, "stage": stage.state_dict()}
 
     step, samples_seen = 0, 0
     loaded = ckpts.load_newest(tensor_state) if latest is not None else None
     if loaded is not None:
         latest, state, trainer_state, rank_state = loaded
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        set_model_state_dict(ema, state["ema"])
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+        set_model_state_dict(ema, state["ema"], options=options)
         stage.load_state_dict(state["stage"])
         sched.load_state_dict(trainer_state["scheduler"])
         step, samples_seen = trainer_state["step"], trainer_state["samples_seen"]

@@ -35,6 +35,27 @@ def ema_model(model: nn.Module, decay: float) -> AveragedModel:
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
         n = float(num_averaged)
-        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + n) / (10 + n)))
+        pairs = [(a, c) for a, c in zip(averaged, current) if _address(a) != _address(c)]  # frozen: shared, skip
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], 1 - min(decay, (1 + n) / (10 + n)))
 
-    return AveragedModel(model, multi_avg_fn=update).requires_grad_(False)
+    ema = AveragedModel(model, multi_avg_fn=update).requires_grad_(False)
+    share_frozen(ema.module, model)
+    return ema
+
+
+def _address(t: torch.Tensor) -> int:
+    """Where a tensor's data lives (a sharded DTensor's: its local shard's; DTensor.data_ptr() is not that)."""
+    return (t.to_local() if hasattr(t, "to_local") else t).data_ptr()
+
+
+def share_frozen(copy: nn.Module, model: nn.Module) -> None:
+    """Point `copy`'s parameters at `model`'s wherever the model's are frozen (LoRA's base weights): frozen
+    weights never change, so their average is themselves, and a second copy of a 1.3B or 14B model would
+    only take memory."""
+    originals = dict(model.named_parameters())
+    for module_name, module in copy.named_modules():
+        for name, param in list(module._parameters.items()):
+            original = originals.get(f"{module_name}.{name}" if module_name else name)
+            if param is not None and original is not None and not original.requires_grad:
+                module._parameters[name] = original

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", default="bytes",
                    help="bytes or words (built in, trained with the DiT; see dit3d/text.py) or a local folder with a "
                         "T5 / UMT5 / CLIP text model")
+    g.add_argument("--text-padding", choices=["auto", "masked", "wan"], default="auto",
+                   help="a T5 / UMT5 encoder's padding: masked (cross-attention ignores it) or wan (zeros to 512 tokens "
+                        "that cross-attention sees, and caption dropout to the empty caption, as Wan2.1 was trained); "
+                        "auto: wan when --init is a Wan model")
     g.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance")
     g.add_argument("--logit-mean", type=float, default=0.0, help="logit-normal timestep location")
     g.add_argument("--logit-std", type=float, default=1.0, help="logit-normal timestep scale")
@@ -85,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "window's first frame is given); 0: all")
     g.add_argument("--latent-stride", type=int, default=1,
                    help="take every K-th latent frame first (a keyframe model, as in bench/cascade.py)")
+    g = p.add_argument_group("fine-tuning (dit stage)")
+    g.add_argument("--init", help="start from pretrained DiT weights: Wan2.1's transformer (a diffusers folder, a diffusers "
+                                  "Wan pipeline folder, or the original release's folder) or a DiT of ours (a dit/ folder "
+                                  "or a train.py run); --preset is then ignored")
+    g.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (peft) instead of all "
+                                                            "weights; 0: full fine-tuning")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default="qkv,proj,q,kv",
+                   help="comma-separated DiT layers to adapt: qkv, proj, q, kv (attention), fc1, fc2 (MLP)")
+    g.add_argument("--lora-merge", action="store_true",
+                   help="export the DiT with the adapters merged into its weights too (model/dit/), beside the adapter")
     g = p.add_argument_group("tokenizer stage")
     g.add_argument("--kl-weight", type=float, default=1e-6)
     g.add_argument("--lpips-weight", type=float, default=0.0, help="perceptual loss weight (needs the two paths below)")
@@ -114,6 +130,10 @@ def check_args(args) -> None:
         raise InputError("--latent-stride must be at least 1 and --latent-window at least 0")
     if args.sp_size > 1 and args.stage != "dit":
         raise InputError(f"--sp-size splits the DiT's token sequence; the {args.stage} stage has none (use 1)")
+    if (args.init or args.lora_rank) and args.stage != "dit":
+        raise InputError("--init and --lora-rank fine-tune the DiT: use them with --stage dit")
+    if args.lora_rank < 0:
+        raise InputError(f"--lora-rank must be at least 1 (0: full fine-tuning), got {args.lora_rank}")
     if args.latents and args.stage != "dit":
         raise InputError("--latents is for the dit stage (latent shards have no pixels to reconstruct)")
 
