@@ -70,7 +70,7 @@ def worker(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    cfg = preset(spec["preset"])
+    cfg = preset(spec["preset"], **({"depth": spec["depth"]} if spec.get("depth") else {}))
     with torch.device(device):
         model = DiT3D(cfg)
     total = sum(p.numel() for p in model.parameters())
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="1.3B")
+    p.add_argument("--depth", type=int, default=None, help="fewer blocks than the preset's (a machine too small for "
+                                                            "full fine-tuning of all of them)")
     p.add_argument("--tokens", type=int, default=None, help="video tokens (default: 256 on the CPU, 8192 on CUDA)")
     p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     p.add_argument("--rank", type=int, default=16)
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     cuda = args.device.startswith("cuda")
-    spec = {"device": args.device, "preset": args.preset, "tokens": args.tokens or (8192 if cuda else 256),
+    spec = {"device": args.device, "preset": args.preset, "depth": args.depth, "tokens": args.tokens or (8192 if cuda else 256),
             "frame_side": 32 if cuda else 16, "rank": args.rank, "targets": args.targets.split(","),
             "warmup": args.warmup or (3 if cuda else 1), "repeats": args.repeats or (10 if cuda else 2),
             "checkpoint_activations": args.checkpoint_activations}
@@ -152,13 +154,14 @@ def main(argv=None) -> int:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec | {"mode": mode})],
                               capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
-            killed = proc.returncode < 0 or "out of memory" in proc.stderr.lower()
-            results.append({"mode": mode, "failed": "out of memory" if killed else proc.stderr.strip().splitlines()[-1]})
+            last = (proc.stderr.strip().splitlines() or [f"killed by signal {-proc.returncode}"])[-1]
+            oom = proc.returncode < 0 or "out of memory" in proc.stderr.lower()
+            results.append({"mode": mode, "failed": "out of memory" if oom else "failed", "error": last[:500]})
             print(f"{mode}: failed ({results[-1]['failed']}, exit {proc.returncode})", file=sys.stderr)
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"{mode}: {results[-1]['seconds_per_step']:.3f} s/step", file=sys.stderr)
-    headers = ["mode", "trainable params", "s / step", "tokens / s", "held GB", "peak GB"] + (["TFLOP/s", "MFU"] if cuda else [])
+    headers = ["mode", "trainable params", "s / step", "tokens / s", "held GiB", "peak GiB"] + (["TFLOP/s", "MFU"] if cuda else [])
     rows = []
     for r in results:
         if "failed" in r:
@@ -175,7 +178,7 @@ def main(argv=None) -> int:
                   "held_memory": lo["held_gb"] / fu["held_gb"], "trainable": lo["trainable_params"] / fu["trainable_params"]}
         rows.append(["LoRA / full", f"{ratios['trainable']:.2%}", f"{ratios['time']:.2f}x", f"{1 / ratios['time']:.2f}x",
                      f"{ratios['held_memory']:.2f}x", f"{ratios['peak_memory']:.2f}x"] + (["", ""] if cuda else []))
-    print(f"\n{args.preset} preset, {spec['tokens']} video tokens + {TEXT_TOKENS} text tokens, batch 1, LoRA rank "
+    print(f"\n{args.preset} preset{f' cut to {args.depth} blocks' if args.depth else ''}, {spec['tokens']} video tokens + {TEXT_TOKENS} text tokens, batch 1, LoRA rank "
           f"{args.rank} on {args.targets}{', activation checkpointing' if args.checkpoint_activations else ''}, "
           f"{args.device} ({platform.processor() or platform.machine()})\n")
     print(markdown_table(headers, rows))

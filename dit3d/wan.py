@@ -2,6 +2,7 @@
 
     cfg, state = load_wan(folder)             # a DiTConfig and our state dict, from either layout
     save_diffusers(model, folder)             # a Wan-compatible DiT3D as a WanTransformer3DModel folder
+    python -m dit3d.wan RUN OUT [--dtype bfloat16]   # a fine-tuned run's DiT for diffusers (and ComfyUI, ...)
 
 The two models compute the same function once the config says what Wan does differently from our defaults
 (`config.WAN`): a Conv3d patch embedding, RMS norm of queries and keys over the whole width, rotary pairs of
@@ -138,6 +139,14 @@ def diffusers_config(cfg: DiTConfig) -> dict:
 
 # ---- weights ----------------------------------------------------------------------------------------
 
+# our embedding layers -> diffusers' (the same linear maps, renamed)
+_EMBEDDINGS = (("time_embed.0", "condition_embedder.time_embedder.linear_1"),
+               ("time_embed.2", "condition_embedder.time_embedder.linear_2"),
+               ("time_modulation.1", "condition_embedder.time_proj"),
+               ("text_embed.0", "condition_embedder.text_embedder.linear_1"),
+               ("text_embed.2", "condition_embedder.text_embedder.linear_2"))
+
+
 def _out_rows(cfg: DiTConfig, to_ours: bool):
     """Reorders the output layer's rows between Wan's (pt, ph, pw, c) and our (c, pt, ph, pw)."""
     pt, ph, pw = cfg.patch_size
@@ -150,11 +159,7 @@ def diffusers_to_ours(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[st
     """A WanTransformer3DModel state dict as DiT3D's (pops what it converts; what is left over stays in `state`)."""
     take = state.pop
     out = {"embed.weight": take("patch_embedding.weight"), "embed.bias": take("patch_embedding.bias")}
-    for ours, theirs in (("time_embed.0", "condition_embedder.time_embedder.linear_1"),
-                         ("time_embed.2", "condition_embedder.time_embedder.linear_2"),
-                         ("time_modulation.1", "condition_embedder.time_proj"),
-                         ("text_embed.0", "condition_embedder.text_embedder.linear_1"),
-                         ("text_embed.2", "condition_embedder.text_embedder.linear_2")):
+    for ours, theirs in _EMBEDDINGS:
         for p in ("weight", "bias"):
             out[f"{ours}.{p}"] = take(f"{theirs}.{p}")
     for i in range(cfg.depth):
@@ -182,11 +187,7 @@ def ours_to_diffusers(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[st
     """DiT3D's state dict (Wan-compatible config) as a WanTransformer3DModel's."""
     s, w = state, cfg.width
     out = {"patch_embedding.weight": s["embed.weight"], "patch_embedding.bias": s["embed.bias"]}
-    for ours, theirs in (("time_embed.0", "condition_embedder.time_embedder.linear_1"),
-                         ("time_embed.2", "condition_embedder.time_embedder.linear_2"),
-                         ("time_modulation.1", "condition_embedder.time_proj"),
-                         ("text_embed.0", "condition_embedder.text_embedder.linear_1"),
-                         ("text_embed.2", "condition_embedder.text_embedder.linear_2")):
+    for ours, theirs in _EMBEDDINGS:
         for p in ("weight", "bias"):
             out[f"{theirs}.{p}"] = s[f"{ours}.{p}"]
     for i in range(cfg.depth):
@@ -326,3 +327,38 @@ def save_diffusers(model, directory: str | Path, dtype: torch.dtype | None = Non
     write_json_atomic(directory / CONFIG_NAME, config)
     return directory
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m dit3d.wan", description="Export a Wan-compatible DiT (a train.py run "
+                                "that fine-tuned Wan2.1, its model/ or dit/ folder) as a diffusers WanTransformer3DModel "
+                                "folder.")
+    p.add_argument("src", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    args = p.parse_args(argv)
+    try:
+        from .model import DiT3D
+
+        src = args.src
+        for folder in (src / "model" / "dit", src / "dit"):
+            if (folder / CONFIG_NAME).is_file():
+                src = folder
+                break
+        lora = [f for f in (args.src / "model" / "lora", args.src / "lora") if f.is_dir()]
+        if not (src / CONFIG_NAME).is_file() and lora:
+            raise InputError(f"{args.src} holds a LoRA adapter, not a whole DiT: diffusers loads the adapter itself "
+                             f"(load_lora_weights on its lora/ folder), or train with --lora-merge to export merged weights")
+        save_diffusers(DiT3D.from_pretrained(src), args.out, getattr(torch, args.dtype))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} (WanTransformer3DModel.from_pretrained loads it)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

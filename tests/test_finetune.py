@@ -92,8 +92,9 @@ def test_lora_adapter_loads_into_diffusers_and_gives_our_output(lora_run, wan_pi
     run, _ = lora_run
     adapter = run / "model" / "lora" / ADAPTER_FILE
     assert adapter.is_file() and all(k.startswith("transformer.blocks.") for k in load_file(adapter))
-    theirs = diffusers.WanTransformer3DModel.from_pretrained(wan_pipeline / "transformer").eval()
-    theirs.load_lora_adapter(str(adapter), prefix="transformer")
+    pipe = diffusers.WanPipeline.from_pretrained(wan_pipeline)
+    pipe.load_lora_weights(str(adapter.parent))  # the pipeline's own LoRA loader, on the folder as exported
+    theirs = pipe.transformer.eval()
     base = DiT3D.from_pretrained(wan_pipeline).eval()
     ours = load_adapter(DiT3D.from_pretrained(wan_pipeline), run / "model" / "lora").eval()
     merged = DiT3D.from_pretrained(run / "model" / "dit").eval()  # --lora-merge
@@ -125,7 +126,8 @@ def test_a_resumed_lora_run_continues_the_uninterrupted_loss_curve(lora_run, wan
     whole, common = lora_run
     split = tmp_path / "split"
     assert train.main(lora_args(wan_pipeline, synthetic_shards, split, *common, "--exit-after", "2")) == 0
-    run_cli(lora_args(wan_pipeline, synthetic_shards, split, *common))
+    assert train.main(lora_args(wan_pipeline, synthetic_shards, split, *common)) == 0  # a fresh trainer resumes
+    assert "resuming" in capsys.readouterr().err
     a, b = losses(whole), losses(split)
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     assert [b[k] for k in (3, 4)] == pytest.approx([a[k] for k in (3, 4)], rel=1e-5)
@@ -167,3 +169,31 @@ def test_a_text_encoder_of_another_width_is_refused(wan_pipeline, synthetic_shar
     args[args.index("--text-encoder") + 1] = str(folder)
     assert train.main(args) == 2
     assert one_line_error(capsys, "gives 32-wide tokens but the DiT at .* takes 24")
+
+
+@pytest.mark.slow
+def test_wan_fine_tuning_under_fsdp2_and_sequence_parallelism_equals_one_process(wan_pipeline, synthetic_shards,
+                                                                                  tmp_path):
+    """LoRA sharded by FSDP2 over 2 ranks x 2 clips, and full fine-tuning with each clip's tokens split over 2
+    ranks (Ulysses), each against one process with the same global batch."""
+    lora = ["--steps", "3", "--batch-size", "2", "--checkpoint-every", "0", "--lora-rank", "4", "--lora-targets",
+            "qkv,proj,q,kv,fc1,fc2"]
+    assert train.main(lora_args(wan_pipeline, synthetic_shards, tmp_path / "one", *lora, "--grad-accum", "2",
+                                "--num-workers", "2")) == 0
+    run_cli(lora_args(wan_pipeline, synthetic_shards, tmp_path / "fsdp", *lora, "--parallel", "fsdp"), nproc=2)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert a.keys() == b.keys() == {1, 2, 3} and [b[k] for k in a] == pytest.approx([a[k] for k in a], rel=1e-5)
+    ta, tb = (load_file(tmp_path / r / "model" / "lora" / ADAPTER_FILE) for r in ("one", "fsdp"))
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    full = ["--steps", "3", "--batch-size", "2", "--checkpoint-every", "0", "--lr", "1e-3"]
+    assert train.main(lora_args(wan_pipeline, synthetic_shards, tmp_path / "whole", *full)) == 0
+    run_cli(lora_args(wan_pipeline, synthetic_shards, tmp_path / "sp", *full, "--sp-size", "2"), nproc=2)
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "sp")
+    assert a.keys() == b.keys() == {1, 2, 3} and [b[k] for k in a] == pytest.approx([a[k] for k in a], rel=1e-5)
+    da, db = (load_file(tmp_path / r / "model" / "dit" / "model.safetensors") for r in ("whole", "sp"))
+    for k in da:
+        torch.testing.assert_close(da[k], db[k], rtol=1e-4, atol=1e-5, msg=k)
+    start = DiT3D.from_pretrained(wan_pipeline).state_dict()
+    assert any(not torch.equal(start[k], da[k]) for k in da if k != "null_text")  # full fine-tuning moved the weights

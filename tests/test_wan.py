@@ -170,3 +170,18 @@ def test_bad_folders_are_one_line_errors(wan, tmp_path):
     # export of a DiT that is not Wan-shaped
     with pytest.raises(InputError, match="cannot be exported as a Wan transformer.*rope_pairs"):
         DiT3D.from_preset("tiny").save_pretrained(tmp_path / "x", format="diffusers")
+
+
+def test_the_export_command(wan, tmp_path, capsys):
+    from dit3d.wan import main
+
+    model, folder = wan
+    run = tmp_path / "run" / "model"
+    DiT3D.from_pretrained(folder).save_pretrained(run / "dit")
+    assert main([str(tmp_path / "run"), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    again = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "out")
+    exported = {k: v.to(torch.bfloat16) for k, v in again.state_dict().items()}
+    assert all(torch.equal(exported[k], v.to(torch.bfloat16)) for k, v in model.state_dict().items())
+    (tmp_path / "lora_run" / "model" / "lora").mkdir(parents=True)
+    assert main([str(tmp_path / "lora_run"), str(tmp_path / "out2")]) == 2
+    assert "holds a LoRA adapter, not a whole DiT" in capsys.readouterr().err

@@ -88,6 +88,8 @@ class DiTStage:
                 raise InputError(f"--condition needs a DiT with frame conditioning, and the one at {args.init} has none")
             cfg = dataclasses.replace(cfg, frame_conditioning=True)
         self.model = TextToVideo(pretrained or DiT3D(cfg), text).to(env.device)
+        if self.text_padding == "wan":  # dropout is the empty caption: the learned null token is never used
+            self.model.dit.null_text.requires_grad_(False)
         self.lora = None
         if args.lora_rank:
             self.lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_dropout,
