@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import os
-import random
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from errors import InputError, MissingInputError
 
 from .shards import LATENT_EXT
+from .stream import ReaderStream, StaleState
 from .video_io import MEDIA_EXTENSIONS, ClipTooShortError, VideoInfo, VideoReadError, check_frame_count, read_clip
 
 log = logging.getLogger(__name__)
@@ -263,33 +263,25 @@ class ShardStream(IterableDataset):
 
     Each yielded batch carries `__skips__`, the SkipRecords met since the previous batch, and the
     stream ends with a batch-less item holding the rest, so that no skip goes uncounted. It also carries
-    `__reader__` and `__position__`: the number of raw samples (used or skipped) this reader had drawn
-    after the batch. The shard order, the shuffle buffer and each sample's window and crop depend only on
-    (seed, reader, position), so a reader restarted with `start_positions[reader] = position` skips that
-    many raw samples without decoding them and then yields exactly the batches it would have yielded next.
+    `__reader__` and `__state__`: where this reader is after the batch, {"position": raw samples drawn (used
+    or skipped), "stream": its ReaderStream's state (train)}. Each sample's window and crop depend only on
+    (seed, reader, position), and the stream resumes from its state (see data/stream.py), so a reader
+    restarted with `start_states[reader] = state` yields exactly the batches it would have yielded next,
+    after reading about one shard and its shuffle buffer again, whatever the step.
     """
 
     def __init__(self, urls: list[str], spec: ClipSpec, batch_size: int, mode: str, seed: int,
                  rank: int, world_size: int, shuffle_buffer: int):
         self.urls, self.spec, self.batch_size, self.mode, self.seed = urls, spec, batch_size, mode, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
-        self.start_positions: dict[int, int] = {}  # reader -> raw samples already consumed (resume)
+        self.start_states: dict[int, dict] = {}  # reader -> its ReaderStream state when the run stopped (resume)
+        self.start_positions: dict[int, int] = {}  # reader -> raw samples consumed (a checkpoint from before states)
 
     def _reader(self) -> tuple[int, int]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.rank * num_workers + worker, self.world_size * num_workers
 
-    def _shard_source(self, reader: int, readers: int) -> Iterator[dict]:
-        if self.mode == "eval":
-            yield from ({"url": u} for u in self.urls[reader::readers])
-            return
-        mine = self.urls[reader::readers] if len(self.urls) >= readers else list(self.urls)
-        rng = random.Random(f"shards-{self.seed}-{reader}")
-        while True:  # infinite: a fresh order each pass over this reader's shards
-            order = list(mine)
-            rng.shuffle(order)
-            yield from ({"url": u} for u in order)
 
     def __iter__(self):
         reader, readers = self._reader()
@@ -309,14 +301,27 @@ class ShardStream(IterableDataset):
             reason, detail = shard_problem(exn, read)
             skip(SkipRecord(reason, "", url, detail))
 
-        samples = shard_samples(self._shard_source(reader, readers), on_shard_error)
-        if self.mode == "train":
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4,
-                                  rng=random.Random(f"samples-{self.seed}-{reader}"))(samples)
-        position = self.start_positions.get(reader, 0) if self.mode == "train" else 0
-        samples = iter(samples)
-        for _ in range(position):  # resume: the raw samples of batches consumed before, read but not decoded
-            next(samples)
+        stream, position = None, 0
+        if self.mode == "eval":
+            samples = shard_samples(({"url": u} for u in self.urls[reader::readers]), on_shard_error)
+        else:  # infinite: each pass over this reader's shards in a fresh order, samples shuffled in a buffer
+            mine = self.urls[reader::readers] if len(self.urls) >= readers else list(self.urls)
+            saved = self.start_states.get(reader)
+            try:
+                stream = ReaderStream(mine, self.seed, reader, self.shuffle_buffer, on_shard_error,
+                                      None if saved is None else saved["stream"])
+            except StaleState as e:  # the shards were rewritten since the checkpoint: their stream starts afresh
+                log.warning("reader %d cannot continue where it stopped (%s); its stream starts afresh", reader, e)
+                stream = ReaderStream(mine, self.seed, reader, self.shuffle_buffer, on_shard_error)
+                saved = {"position": 0}
+            position = saved["position"] if saved is not None else self.start_positions.get(reader, 0)
+            samples = iter(stream)
+            if saved is None and position:  # a checkpoint from before reader states: replay the samples drawn since step 0
+                for _ in range(position):
+                    next(samples)
+
+        def state() -> dict:  # where this reader is, after the samples drawn so far
+            return {"position": position} | ({} if stream is None else {"stream": stream.state()})
         batch: list[dict] = []
         shorts: list[SkipRecord] = []  # samples used from files that decode fewer frames than they claim
         for sample in samples:
@@ -337,16 +342,16 @@ class ShardStream(IterableDataset):
             run[0] = 0
             if len(batch) == self.batch_size:
                 out = collate(batch) | {"__skips__": skips[:], "__shorts__": shorts[:], "__reader__": reader,
-                                        "__position__": position}
+                                        "__state__": state()}
                 batch, skips[:], shorts[:] = [], [], []
                 yield out
         if batch and self.mode == "eval":
             yield collate(batch) | {"__skips__": skips[:], "__shorts__": shorts[:], "__reader__": reader,
-                                    "__position__": position}
+                                    "__state__": state()}
             skips.clear()
             shorts.clear()
         yield {"__skips__": skips[:], "__shorts__": shorts[:], "__end__": True, "__reader__": reader,
-               "__position__": position}
+               "__state__": state()}
 
 
 class ShardLoader:
@@ -368,7 +373,7 @@ class ShardLoader:
         self.skip_log: list[SkipRecord] = []  # every skipped sample, in the order met
         self.unique_skips: set[tuple[str, str, str]] = set()  # (reason, url, key) of each bad sample or shard
         self.short_files: dict[tuple[str, str], str] = {}  # (url, key) -> what a file claims and what decodes
-        self._positions: dict[int, int] = {}  # reader -> raw samples consumed by the caller
+        self._states: dict[int, dict] = {}  # reader -> its state after the last batch the caller took
         self._next_worker = 0  # the worker whose batch the caller takes next (train mode)
 
     def _count_skips(self, item: dict) -> None:
@@ -393,7 +398,7 @@ class ShardLoader:
     def _take(self, item: dict) -> dict | None:
         """Account for an item the caller is about to receive; None for an end-of-stream marker."""
         self._count_skips(item)
-        self._positions[item.pop("__reader__")] = item.pop("__position__")
+        self._states[item.pop("__reader__")] = item.pop("__state__")
         return None if item.pop("__end__", False) else item
 
     def __iter__(self) -> Iterator[dict]:
@@ -419,7 +424,7 @@ class ShardLoader:
         """Where the caller is in the stream (plain JSON-able values), and the skip counts so far."""
         d = self.dataset
         return {"seed": d.seed, "rank": d.rank, "world_size": d.world_size, "num_workers": self.num_workers,
-                "urls": len(d.urls), "batch_size": d.batch_size, "positions": {str(k): v for k, v in self._positions.items()},
+                "urls": len(d.urls), "batch_size": d.batch_size, "readers": {str(k): v for k, v in self._states.items()},
                 "next_worker": self._next_worker, "skipped": dict(self.skipped),
                 "unique_skips": sorted(self.unique_skips)}
 
@@ -437,8 +442,12 @@ class ShardLoader:
         saved = tuple(state.get(k) for k in ("seed", "rank", "world_size", "num_workers", "urls", "batch_size"))
         if layout != saved or d.mode != "train":
             return False
-        self._positions = {int(k): v for k, v in state["positions"].items()}
-        d.start_positions = dict(self._positions)
+        if "readers" in state:
+            self._states = {int(k): v for k, v in state["readers"].items()}
+            d.start_states = dict(self._states)
+        else:  # a checkpoint from before reader states: raw samples drawn per reader, replayed on resume
+            d.start_positions = {int(k): v for k, v in state["positions"].items()}
+            self._states = {k: {"position": v} for k, v in d.start_positions.items()}
         self._next_worker = state["next_worker"]
         return True
 

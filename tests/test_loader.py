@@ -3,6 +3,7 @@ train streams infinite and seeded; eval splits every sample exactly once across 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -299,3 +300,84 @@ def test_files_whose_headers_lie_train_on_the_frames_that_decode_and_are_counted
     assert all(b["video"].shape == (2, 3, 17, 32, 32) for b in batches) and loader.samples_skipped == 0
     assert sorted(key for _, key in loader.short_files) == ["broken_end", "short"]
     assert "2 files decode fewer frames than they claim" in loader.report()
+
+
+def _legacy_stream(urls, seed, reader, buffer):
+    """The train reader's raw samples as the loader drew them before data/stream.py: the shards in a fresh
+    seeded order each pass, through webdataset's shuffle. ReaderStream must draw the very same samples."""
+    import random
+
+    import webdataset as wds
+
+    from data.loader import shard_samples
+
+    def source():
+        rng = random.Random(f"shards-{seed}-{reader}")
+        while True:
+            order = list(urls)
+            rng.shuffle(order)
+            yield from ({"url": u} for u in order)
+
+    samples = shard_samples(source(), lambda *_: None)
+    return iter(wds.shuffle(buffer, initial=buffer // 4, rng=random.Random(f"samples-{seed}-{reader}"))(samples))
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """60 tiny shards of 5 samples each (raw bytes only: the stream tests decode nothing)."""
+    import tarfile
+
+    root = tmp_path_factory.mktemp("many")
+    urls = []
+    for s in range(60):
+        path = root / f"{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(5):
+                for ext, data in (("mp4", os.urandom(64)), ("txt", f"clip {s}-{i}".encode())):
+                    info = tarfile.TarInfo(f"s{s:03d}_{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        urls.append(str(path))
+    return urls
+
+
+def test_the_reader_stream_draws_what_webdataset_shuffle_drew(many_shards):
+    from data.stream import ReaderStream
+
+    legacy = _legacy_stream(many_shards[:12], 3, 1, 16)
+    ours = iter(ReaderStream(many_shards[:12], 3, 1, 16, lambda *_: None))
+    assert [next(legacy)["__key__"] for _ in range(300)] == [next(ours)["__key__"] for _ in range(300)]
+
+
+@pytest.mark.parametrize("drawn", [10, 2000])
+def test_a_resumed_reader_stream_continues_exactly_and_reads_about_one_shard_and_its_buffer(many_shards, drawn,
+                                                                                            monkeypatch):
+    """Resumed after 10 or after 2,000 samples (7 passes over the shards), the stream continues with the
+    uninterrupted one's samples, and reading them back costs about a shard and the buffer, not the 2,000."""
+    import data.loader
+    from data.stream import ReaderStream
+
+    buffer = 16
+    whole = iter(ReaderStream(many_shards, 0, 0, buffer, lambda *_: None))
+    head = [next(whole)["__key__"] for _ in range(drawn)]
+    first = ReaderStream(many_shards, 0, 0, buffer, lambda *_: None)
+    it = iter(first)
+    assert [next(it)["__key__"] for _ in range(drawn)] == head
+    state = json.loads(json.dumps(first.state()))
+    read = [0]
+    original = data.loader.shard_samples
+
+    def counting(sources, on_error):
+        for sample in original(sources, on_error):
+            read[0] += 1
+            yield sample
+
+    monkeypatch.setattr(data.loader, "shard_samples", counting)
+    resumed = iter(ReaderStream(many_shards, 0, 0, buffer, lambda *_: None, state=state))
+    nxt = next(resumed)
+    cost = read[0]  # samples read to give the first one
+    later = [nxt["__key__"]] + [next(resumed)["__key__"] for _ in range(49)]
+    assert later == [next(whole)["__key__"] for _ in range(50)]
+    shard, spread = 5, len({u for u, _ in state["buffer"]})
+    assert cost <= shard * (spread + 1) + 2, (cost, spread)  # the buffer's shards and the current one, at most
+    assert cost <= shard * (buffer + 1) + 2  # a bound that does not depend on the step: never the thousands drawn
