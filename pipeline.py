@@ -245,6 +245,12 @@ class Pipeline:
         return cls(model, frozen, tokenizer.to(device).eval().requires_grad_(False), FlowConfig(**spec["flow"]),
                    spec, device)
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """The (height, width) the model was trained at (pipeline.json's "size": [height, width], or one side)."""
+        size = self.defaults["size"]
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, t, h, w), with one-line errors for a frame count or size the tokenizer or the patch cannot take."""
         self.vae.check_video(torch.empty(1, 3, frames, height, width, device="meta"))

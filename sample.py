@@ -268,8 +268,7 @@ def run(args) -> list[Path]:
     pipe = Pipeline.load(args.ckpt, vae=args.vae, device=device, text_encoder=args.text_encoder)
     d = pipe.defaults
     frames = d["frames"] if args.frames is None else args.frames
-    size = d["size"] if isinstance(d["size"], list) else [d["size"], d["size"]]  # [height, width], or a square's side
-    height, width = (s if v is None else v for s, v in zip(size, (args.height, args.width)))
+    height, width = (s if v is None else v for s, v in zip(pipe.size, (args.height, args.width)))
     steps = d["sampler"]["steps"] if args.steps is None else args.steps
     guidance = d["sampler"]["guidance"] if args.cfg is None else args.cfg
     fps = d["fps"] if args.fps is None else args.fps

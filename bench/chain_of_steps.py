@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         captions = held + seen[::max(1, len(seen) // args.seen)][:args.seen]
     pipe = Pipeline.load(args.run, device=args.device)
     d = pipe.defaults
-    base_shift = pipe.flow.shift_for(pipe.tokens(pipe.latent_shape(d["frames"], d["size"], d["size"])))
+    base_shift = pipe.flow.shift_for(pipe.tokens(pipe.latent_shape(d["frames"], *pipe.size)))
     base = dict(steps=d["sampler"]["steps"], guidance=d["sampler"]["guidance"], shift=base_shift, solver="euler")
     settings = {"base": base}
     for factor, key in (("steps", "steps"), ("cfg", "guidance"), ("shift", "shift")):
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         held = captions_for("holdout", args.cascade / "shards" / "manifest.json")
         cascade_manifest = str(args.cascade / "shards" / "manifest.json")
         whole, keys = (Pipeline.load(args.cascade / name, device=args.device) for name in ("whole", "keyframes"))
-        size = whole.defaults["size"]
-        shape = whole.latent_shape(TRAIN_FRAMES, size, size)
+        shape = whole.latent_shape(TRAIN_FRAMES, *whole.size)
         sampler = dict(steps=30, guidance=5.0, shift=3.0, solver="euler")
         c, _, h, w = shape
         pair = {"whole clip (17 frames)": latent_study(whole, held, args.seeds, shape, sampler, cascade_manifest, args.batch),

@@ -18,13 +18,15 @@ from collections import Counter
 from errors import InputError
 
 from .loader import make_loader
+from .video_io import size_pair
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.check_shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", help="a folder of shards, a glob, a brace pattern or a pipe: command")
     parser.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
-    parser.add_argument("--size", type=int, default=64, help="square crop side (default 64)")
+    parser.add_argument("--size", type=int, nargs="+", default=[64], metavar="PX",
+                        help="crop size: one side (a square) or HEIGHT WIDTH (default 64)")
     parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     try:
-        loader = make_loader(args.shards, args.batch_size, args.frames, args.size, mode="eval",
+        loader = make_loader(args.shards, args.batch_size, args.frames, size_pair(args.size), mode="eval",
                              num_workers=args.workers, fps=args.fps)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

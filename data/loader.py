@@ -46,7 +46,8 @@ from errors import InputError, MissingInputError
 
 from .shards import LATENT_EXT
 from .stream import ReaderStream, StaleState
-from .video_io import MEDIA_EXTENSIONS, ClipTooShortError, VideoInfo, VideoReadError, check_frame_count, read_clip
+from .video_io import (MEDIA_EXTENSIONS, ClipTooShortError, VideoInfo, VideoReadError, check_frame_count, read_clip,
+                       size_pair)
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +521,7 @@ def make_loader(
     train = mode == "train"
     spec = ClipSpec(
         frames=frames,
-        size=(size, size) if isinstance(size, int) else (tuple(size) if size is not None else None),
+        size=None if size is None else size_pair(size, "size"),
         fps=fps,
         window=window or ("random" if train else "start"),
         crop=crop or ("random" if train else "center"),

@@ -48,6 +48,16 @@ def nearest_valid_frame_counts(n: int) -> tuple[int, int]:
     return lower, lower if lower == n else lower + 4
 
 
+def size_pair(size, what: str = "--size") -> tuple[int, int]:
+    """(height, width) from a size option: one side (a square) or two (height, width), each positive."""
+    values = [size] if isinstance(size, numbers.Integral) else list(size)
+    if len(values) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
+                                        for v in values):
+        raise InputError(f"{what} takes one side (a square) or two, HEIGHT WIDTH, in positive pixels; got "
+                         f"{' '.join(map(str, values)) or 'nothing'}")
+    return (int(values[0]), int(values[-1]))
+
+
 def check_frame_count(n: int, what: str = "frames") -> None:
     """Raise an InputError naming the nearest valid counts unless n = 1 + 4k (k >= 0)."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:

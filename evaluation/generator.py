@@ -156,7 +156,7 @@ def sample_run(pipe, captions: list[str], k: int, out: Path, sampler: dict, batc
     for start in range(0, len(jobs), batch):
         group = jobs[start:start + batch]
         trajectory = []
-        z = pipe.generate([c for c, _ in group], d["frames"], d["size"], d["size"], seeds=[s for _, s in group],
+        z = pipe.generate([c for c, _ in group], d["frames"], *pipe.size, seeds=[s for _, s in group],
                           on_step=lambda i, t, x0: trajectory.append((i, float(t), x0.detach().clone())), **sampler)
         for (caption, seed), video in zip(group, pipe.decode(z)):
             name = video_name(caption, seed)
@@ -327,7 +327,7 @@ def run(args) -> dict:
                    on_batch=recorder.add if recorder else None)
         if recorder is not None:
             study = recorder.summary() | {"run": str(args.run), "sampler": sampler | {
-                "shift": pipe.flow.shift_for(pipe.tokens(pipe.latent_shape(d["frames"], d["size"], d["size"])))
+                "shift": pipe.flow.shift_for(pipe.tokens(pipe.latent_shape(d["frames"], *pipe.size)))
                 if args.shift is None else args.shift}}
     videos = find_generated(folder)
     report = evaluate(videos, reference=args.reference, fvd=fvd, clip=clip, manifest=args.manifest, fps=args.fps,

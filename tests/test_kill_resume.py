@@ -45,6 +45,25 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
+def kill_run(proc: subprocess.Popen, run: Path) -> None:
+    """SIGKILL to torchrun's process group and to every process training into `run`: torchrun starts each rank in
+    a session of its own, so killing its group alone left the ranks running on, orphaned."""
+    ranks = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--out" in args and args.index(b"--out") + 1 < len(args) and args[args.index(b"--out") + 1] == bytes(run):
+            ranks.append(int(cmdline.parent.name))
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.slow
 def test_a_run_killed_twenty_times_ends_as_the_uninterrupted_one(tmp_path):
     shards = tmp_path / "shards"
@@ -71,7 +90,7 @@ def test_a_run_killed_twenty_times_ends_as_the_uninterrupted_one(tmp_path):
                 proc.wait(timeout=rng.uniform(0.25 * duration, 0.8 * duration))
                 break  # finished before the kill
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
+                kill_run(proc, run)  # torchrun and both ranks at once
                 proc.wait()
             kills += 1
             done = sorted((run / "checkpoints").glob("step_*")) if (run / "checkpoints").is_dir() else []

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from data import ShardWriter, latent_sample, make_loader
-from data.video_io import check_frame_count
+from data.video_io import check_frame_count, size_pair
 from errors import InputError
 
 from .diffusers_vae import DiffusersVAE, load_tokenizer
@@ -29,10 +29,12 @@ from .model import CausalVAE
 
 
 @torch.no_grad()
-def export_latents(vae: CausalVAE | DiffusersVAE, data, out: Path, frames: int, size: int, *, fps: float | None = None,
+def export_latents(vae: CausalVAE | DiffusersVAE, data, out: Path, frames: int, size: int | tuple[int, int], *,
+                   fps: float | None = None,
                    batch_size: int = 8, chunk: int | None = None, shard_size: int = 100, num_workers: int = 2,
                    device: str | torch.device = "cpu", ckpt: str = "", overwrite: bool = False) -> dict:
     device = torch.device(device)
+    height, width = size_pair(size)
     vae = vae.to(device).eval()
     loader = make_loader(data, batch_size, frames, size, mode="eval", num_workers=num_workers, fps=fps,
                          rank=0, world_size=1)
@@ -41,7 +43,7 @@ def export_latents(vae: CausalVAE | DiffusersVAE, data, out: Path, frames: int, 
         for batch in loader:
             z = vae.encode(batch["video"].to(device), chunk=chunk).mean.cpu().numpy().astype(np.float16)
             for key, caption, latents, clip_fps in zip(batch["key"], batch["caption"], z, batch["fps"].tolist()):
-                meta = {"frames": frames, "height": size, "width": size, "fps": clip_fps, "tokenizer": ckpt} | stats
+                meta = {"frames": frames, "height": height, "width": width, "fps": clip_fps, "tokenizer": ckpt} | stats
                 writer.write(latent_sample(key, latents, caption, meta))
     return {"samples": writer.count, "shards": [p.name for p in writer.shards], "skipped": dict(loader.skipped),
             "skip_log": [f"{r.key or r.url}: {r.reason}: {r.detail}" for r in loader.skip_log]}
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="video shards: a folder, a glob or a brace pattern")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the latent shards")
     parser.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
-    parser.add_argument("--size", type=int, default=256, help="square crop side (default 256)")
+    parser.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX",
+                        help="crop size: one side (a square) or HEIGHT WIDTH (default 256)")
     parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode step (bounded memory)")
@@ -65,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         check_frame_count(args.frames)
+        args.size = size_pair(args.size)
         vae = load_tokenizer(args.ckpt)
-        vae.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
+        vae.check_video(torch.empty(1, 3, args.frames, *args.size, device="meta"))
         result = export_latents(vae, args.data, args.out, args.frames, args.size, fps=args.fps,
                                 batch_size=args.batch_size, chunk=args.chunk, shard_size=args.shard_size,
                                 num_workers=args.workers, device=args.device, ckpt=str(args.ckpt),

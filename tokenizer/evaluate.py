@@ -1,6 +1,6 @@
 """How faithfully tokenizers reconstruct real video: ours and the field's, side by side on the same windows.
 
-    python -m tokenizer.evaluate --ckpt DIR [--ckpt DIR ...] --data PATH --frames 17 --size 256 --out DIR
+    python -m tokenizer.evaluate --ckpt DIR [--ckpt DIR ...] --data PATH --frames 17 --size 256 [192 320] --out DIR
                                  [--aspect square|native] [--windows 4] [--fps F] [--chunk N] [--tile PX]
                                  [--lpips-vgg W --lpips-heads H] [--i3d I3D] [--device cuda] [--no-videos]
 
@@ -39,6 +39,7 @@ from checkpoint_io import atomic_path, write_json_atomic, write_text_atomic
 from data import ClipTooShortError, VideoInfo, VideoReadError, read_clip, write_video
 from data.shards import sanitize_key
 from data.sources import VideoSource, find_videos, window_starts
+from data.video_io import size_pair
 from errors import InputError
 from evaluation.fvd import FrechetVideoDistance, fvd_from_features
 from evaluation.lpips import LPIPS
@@ -72,9 +73,11 @@ def candidate_names(paths: list[str]) -> list[str]:
     return names
 
 
-def clip_size(info: VideoInfo, size: int, multiple: int, aspect: str) -> tuple[int, int]:
-    """(height, width) a window is read at: `size` square, or the video's own aspect ratio with the short side
-    `size` and the long side the nearest multiple of `multiple`."""
+def clip_size(info: VideoInfo, size: int | tuple[int, int], multiple: int, aspect: str) -> tuple[int, int]:
+    """(height, width) a window is read at: (height, width) when given as two, `size` square, or the video's own
+    aspect ratio with the short side `size` and the long side the nearest multiple of `multiple`."""
+    if not isinstance(size, int):
+        return tuple(size)
     if aspect == "square" or not info.width or not info.height:
         return size, size
     long_side = max(multiple, round(size * max(info.width, info.height) / min(info.width, info.height) / multiple) * multiple)
@@ -112,7 +115,7 @@ class _Tally:
 
 
 @torch.no_grad()
-def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int, size: int,
+def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int, size: int | tuple[int, int],
              *, aspect: str = "square", fps: float | None = None, windows: int = 4, chunk: int | None = None,
              tile: int | None = None, device: torch.device | str = "cpu", video_dir: Path | None = None,
              plot: Path | None = None, lpips: LPIPS | None = None, fvd: FrechetVideoDistance | None = None) -> dict:
@@ -207,9 +210,9 @@ def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int
         "skipped": [{"video": n, "reason": r} for n, r in skipped],
         "shortfalls": shortfalls,
         "device": str(device),
-        "settings": {"frames": frames, "size": size, "aspect": aspect, "fps": fps, "windows": windows, "chunk": chunk,
+        "settings": {"frames": frames, "size": size if isinstance(size, int) else list(size), "aspect": aspect, "fps": fps, "windows": windows, "chunk": chunk,
                      "tile": tile, "sizes": shapes,
-                     "latent_shape": list(first.latent_shape(frames, size, size)) if len(tokenizers) == 1 else None},
+                     "latent_shape": list(first.latent_shape(frames, *size_pair(size))) if len(tokenizers) == 1 else None},
         "conventions": CONVENTIONS,
     }
 
@@ -362,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="a folder of videos, a video file, or shards")
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md and videos/")
     parser.add_argument("--frames", type=int, default=17, help="frames per window, one every tokenizer takes (default 17)")
-    parser.add_argument("--size", type=int, default=256,
-                        help="square side, or the short side with --aspect native; a multiple of every spatial factor")
+    parser.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX",
+                        help="square side, or the short side with --aspect native, or HEIGHT WIDTH; multiples of every "
+                             "spatial factor")
     parser.add_argument("--aspect", choices=["square", "native"], default="square",
                         help="square centre crops, or each video's own aspect ratio (the long side rounded to a "
                              "multiple of every tokenizer's spatial factor)")
@@ -381,11 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        height, width = size_pair(args.size)
+        if len(args.size) == 2 and args.aspect == "native":
+            raise InputError("--aspect native sizes each video by its short side: give --size one side, or drop "
+                             "--aspect native to crop every window to HEIGHT x WIDTH")
+        args.size = args.size[0] if len(args.size) == 1 else (height, width)
         tokenizers = []
         for name, ckpt in zip(candidate_names(args.ckpt), args.ckpt):
             model = load_tokenizer(ckpt)
             try:
-                model.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
+                model.check_video(torch.empty(1, 3, args.frames, height, width, device="meta"))
             except InputError as e:
                 raise InputError(f"{name}: {e}") from None
             tokenizers.append(Candidate(name, ckpt, model))

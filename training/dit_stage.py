@@ -21,6 +21,7 @@ from dit3d.lora import LoraSettings, add_lora
 from dit3d.model import DiTBlock
 from dit3d.wan import wan_format
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
+from data.video_io import size_pair
 from errors import InputError
 from evaluation.motion_score import preview_scores
 from parallel import Env, unwrap
@@ -181,11 +182,11 @@ class DiTStage:
         return []
 
     @torch.no_grad()
-    def generate(self, ema: TextToVideo, prompts: list[str], frames: int, size: int, steps: int, guidance: float,
+    def generate(self, ema: TextToVideo, prompts: list[str], frames: int, size: int | tuple[int, int], steps: int, guidance: float,
                  seed: int = 0) -> torch.Tensor:
         """Videos (B, 3, frames, size, size) in [-1, 1] for prompts, by the EMA model (called as a whole, as
         FSDP2 needs: it gathers the root's parameters in the root's forward)."""
-        shape = self.vae.latent_shape(frames, size, size)
+        shape = self.vae.latent_shape(frames, *size_pair(size))
         z = generate_latents(ema, lambda c: self.encode_text(ema, c), prompts, shape, steps=steps, guidance=guidance,
                              negative="" if self.text_padding == "wan" else None,
                              shift=self.flow.shift_for(math.prod(ema.dit.token_grid(shape[1:]))),
@@ -210,7 +211,7 @@ class DiTStage:
         linked from the `previous` export where there is one)."""
         save_pipeline(directory, ema, state, self.vae, step, previous, {
             "text_encoder": self.args.text_encoder if ema.text is not None else str(Path(self.args.text_encoder).resolve()),
-            "frames": self.args.frames, "size": self.args.size, "fps": self.args.fps or 8.0,
+            "frames": self.args.frames, "size": list(size_pair(self.args.size)), "fps": self.args.fps or 8.0,
             "flow": dataclasses.asdict(self.flow),
             "sampler": {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"},
             "condition": dataclasses.asdict(self.frames.condition), "text_padding": self.text_padding,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from data.video_io import check_frame_count
+from data.video_io import check_frame_count, size_pair
 from errors import InputError
 
 
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data")
     g.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k")
-    g.add_argument("--size", type=int, default=64, help="square crop side, in pixels")
+    g.add_argument("--size", type=int, nargs="+", default=[64], metavar="PX",
+                   help="crop size in pixels: one side (a square) or HEIGHT WIDTH, e.g. --size 48 80")
     g.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
     g.add_argument("--batch-size", type=int, default=8, help="clips per process per micro-batch")
     g.add_argument("--num-workers", type=int, default=2, help="decoding worker processes per rank")
@@ -126,6 +127,7 @@ def check_args(args) -> None:
         check_frame_count(args.frames)
     except InputError as e:
         raise InputError(f"--frames: {e}") from None
+    args.size = size_pair(args.size)  # (height, width) from here on
     if args.latent_stride < 1 or args.latent_window < 0:
         raise InputError("--latent-stride must be at least 1 and --latent-window at least 0")
     if args.sp_size > 1 and args.stage != "dit":

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from checkpoint_io import save_checkpoint
 from data import make_loader
+from data.video_io import size_pair
 from errors import InputError
 from evaluation.lpips import LPIPS
 from evaluation.metrics import psnr
@@ -40,7 +41,7 @@ class TokenizerStage:
     def __init__(self, args, env: Env):
         self.args, self.env = args, env
         self.model = CausalVAE(vae_preset(args.preset, **parse_overrides(args.override))).to(env.device)
-        self.model.check_video(torch.empty(1, 3, args.frames, args.size, args.size, device="meta"))
+        self.model.check_video(torch.empty(1, 3, args.frames, *size_pair(args.size), device="meta"))
         self.block_types = (ResBlock,)
         self.loss_cfg = LossConfig(kl_weight=args.kl_weight, lpips_weight=args.lpips_weight, disc_weight=args.disc_weight,
                                    disc_start=args.disc_start)
