@@ -1,0 +1,41 @@
+"""bench/tokenizer_diagnosis.py's measurements: the spectrum bands, the edge masks, and the linear path alone."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.tokenizer_diagnosis import BANDS, band_energy, diagnose, edge_masks, linear_only
+from tokenizer import CausalVAE
+
+
+def test_a_sinusoid_lands_in_its_band_and_parseval_holds():
+    h = w = 64
+    for cycles_per_pixel in (1 / 64 * 1, 3 / 64, 6 / 64, 12 / 64, 24 / 64):
+        x = torch.cos(2 * math.pi * cycles_per_pixel * torch.arange(w)).expand(1, 1, 1, h, w)
+        energy = band_energy(x)
+        band = next(i for i, (lo, hi) in enumerate(zip(BANDS[:-1], BANDS[1:])) if lo <= cycles_per_pixel < hi)
+        assert energy.argmax().item() == band and energy[band] / energy.sum() > 0.999
+    x = torch.randn(2, 3, 2, 16, 16)
+    assert torch.isclose(band_energy(x).sum(), x.double().pow(2).sum() * 16 * 16, rtol=1e-9)  # unnormalised FFT
+
+
+def test_edges_are_where_the_gradient_is():
+    video = torch.zeros(1, 3, 2, 32, 32)
+    video[..., 16:] = 1.0  # one vertical edge
+    edges, flat = edge_masks(video)
+    assert edges[..., 15:17].all() and not edges[..., :12].any() and flat[..., :12].all()
+
+
+def test_a_fresh_linear_codec_is_its_linear_path_alone():
+    torch.manual_seed(0)
+    model = CausalVAE.from_preset("tiny").eval()
+    clips = torch.rand(4, 3, 9, 32, 32) * 2 - 1
+    model.init_linear_codec(clips)  # the network's output layers are zeroed: the model is its linear codec
+    with torch.no_grad():
+        whole = model.decode(model.encode(clips[:1]).mean)
+        assert torch.allclose(linear_only(model, clips[:1]), whole, atol=1e-5)
+        report = diagnose({"a": lambda v: model.decode(model.encode(v).mean), "same": lambda v: v}, [clips[:1]], 4)
+    assert report["same"]["psnr"] >= 99 and report["a"]["psnr"] < 40
+    assert all(v < 0 for v in report["a"]["band_error_db"][:2])  # the low bands are kept
