@@ -27,7 +27,7 @@ pytest.importorskip("peft")
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
 FAST = ["--frames", "5", "--size", "32", "--wandb", "disabled", "--no-progress", "--warmup", "2", "--log-every", "1",
-        "--preview-steps", "2", "--num-workers", "1"]
+        "--preview-steps", "2", "--num-workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,8 @@ def test_wan_fine_tuning_under_fsdp2_and_sequence_parallelism_equals_one_process
             "qkv,proj,q,kv,fc1,fc2"]
     assert train.main(lora_args(wan_pipeline, synthetic_shards, tmp_path / "one", *lora, "--grad-accum", "2",
                                 "--num-workers", "2")) == 0
-    run_cli(lora_args(wan_pipeline, synthetic_shards, tmp_path / "fsdp", *lora, "--parallel", "fsdp"), nproc=2)
+    run_cli(lora_args(wan_pipeline, synthetic_shards, tmp_path / "fsdp", *lora, "--parallel", "fsdp", "--num-workers",
+                      "1"), nproc=2)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     assert a.keys() == b.keys() == {1, 2, 3} and [b[k] for k in a] == pytest.approx([a[k] for k in a], rel=1e-5)
     ta, tb = (load_file(tmp_path / r / "model" / "lora" / ADAPTER_FILE) for r in ("one", "fsdp"))
@@ -197,3 +198,30 @@ def test_wan_fine_tuning_under_fsdp2_and_sequence_parallelism_equals_one_process
         torch.testing.assert_close(da[k], db[k], rtol=1e-4, atol=1e-5, msg=k)
     start = DiT3D.from_pretrained(wan_pipeline).state_dict()
     assert any(not torch.equal(start[k], da[k]) for k in da if k != "null_text")  # full fine-tuning moved the weights
+
+
+def test_fine_tuning_a_run_of_ours_starts_from_its_dit_and_its_text_encoder(tmp_path):
+    """--init a train.py run (built-in text encoder): LoRA starts from the run's DiT and keeps its trained text
+    encoder frozen; the tuned model samples (base + adapter)."""
+    from tests.test_train import dit_args
+
+    from data.synthetic import SyntheticSpec, generate
+
+    shards = tmp_path / "shards"
+    generate(shards, 8, SyntheticSpec(frames=9, size=48), seed=0, shard_size=4)
+    torch.manual_seed(0)
+    vae = tmp_path / "vae"
+    from tokenizer import CausalVAE
+
+    CausalVAE.from_preset("tiny").save_pretrained(vae)
+    common = ["--batch-size", "2", "--checkpoint-every", "0", "--num-workers", "0", "--preview-steps", "1"]
+    assert train.main(dit_args(shards, vae, tmp_path / "base", "--steps", "2", *common)) == 0
+    assert train.main(dit_args(shards, vae, tmp_path / "tuned", "--steps", "2", "--init", str(tmp_path / "base"),
+                               "--lora-rank", "2", *common)) == 0
+    a, b = (load_file(tmp_path / r / "model" / "text" / "model.safetensors") for r in ("base", "tuned"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pipe = Pipeline.load(tmp_path / "tuned")
+    base = DiT3D.from_pretrained(tmp_path / "base" / "model" / "dit")
+    assert pipe.model.dit.config == base.config
+    moved = [k for k, v in base.state_dict().items() if not torch.equal(v, pipe.model.dit.state_dict()[k])]
+    assert moved and all(k.endswith(("qkv.weight", "proj.weight", ".q.weight", "kv.weight")) for k in moved)

@@ -71,6 +71,16 @@ class DiTStage:
                                                                   **overrides)
             builtin = BUILTIN_TEXT_ENCODERS[args.text_encoder]
             text = builtin(builtin.CONFIG(dim=cfg.text_dim))
+            trained_text = init_folder(args.init).parent / "text" if pretrained is not None else None
+            if trained_text is not None and (trained_text / "config.json").is_file():
+                text = builtin.from_pretrained(trained_text)  # the encoder the DiT was trained with
+                if text.dim != cfg.text_dim:
+                    raise InputError(f"the text encoder at {trained_text} gives {text.dim}-wide tokens but the DiT "
+                                     f"takes {cfg.text_dim}: the folder was assembled from two models")
+            elif pretrained is not None and args.lora_rank:
+                raise InputError(f"--lora-rank freezes the text encoder, and {args.init} has no trained {args.text_encoder} "
+                                 f"encoder beside its DiT (a text/ folder): give the run's model/ folder, or a frozen "
+                                 f"T5 / UMT5 as --text-encoder")
         else:
             self.frozen_text = HFTextEncoder(args.text_encoder, device=env.device, padding=self.text_padding)
             cfg = pretrained.config if pretrained else dit_preset(args.preset, in_channels=self.vae.config.latent_channels,
