@@ -39,3 +39,17 @@ def test_a_fresh_linear_codec_is_its_linear_path_alone():
         report = diagnose({"a": lambda v: model.decode(model.encode(v).mean), "same": lambda v: v}, [clips[:1]], 4)
     assert report["same"]["psnr"] >= 99 and report["a"]["psnr"] < 40
     assert all(v < 0 for v in report["a"]["band_error_db"][:2])  # the low bands are kept
+
+
+def test_the_reconstruction_term_is_l1_or_squared_error():
+    from tokenizer.losses import LossConfig, reconstruction_loss
+    from tokenizer.model import DiagonalGaussian
+    from training.options import build_parser
+
+    video, recon = torch.zeros(1, 3, 1, 4, 4), torch.full((1, 3, 1, 4, 4), 0.5)
+    posterior = DiagonalGaussian(torch.zeros(1, 4, 1, 1, 1), torch.zeros(1, 4, 1, 1, 1))
+    l1, _, logs = reconstruction_loss(video, recon, posterior, LossConfig())
+    mse, _, _ = reconstruction_loss(video, recon, posterior, LossConfig(recon="mse"))
+    assert l1.item() == 0.5 and mse.item() == 0.25 and logs["mse"] == 0.25
+    args = build_parser().parse_args(["--stage", "tokenizer", "--data", "d", "--out", "o", "--recon-loss", "mse"])
+    assert args.recon_loss == "mse"

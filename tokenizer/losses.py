@@ -23,6 +23,8 @@ from .model import DiagonalGaussian
 @dataclass(frozen=True)
 class LossConfig:
     kl_weight: float = 1e-6  # on the KL summed over a clip's latents, against the L1 summed over its pixels
+    # the pixel term: l1 (LDM's) or mse (squared error, what PSNR measures; see bench/tokenizer_diagnosis.py)
+    recon: str = "l1"
     lpips_weight: float = 0.0  # 0: no perceptual term (it needs local LPIPS weights)
     disc_weight: float = 0.0  # 0: no discriminator
     disc_start: int = 2000  # optimiser steps before the adversarial term is switched on
@@ -69,8 +71,11 @@ def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, posterior: Dia
                         lpips: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """(reconstruction term, reconstruction + KL, logged values) for video and recon (B, 3, T, H, W)."""
     l1 = (video - recon).abs().mean()
-    rec = l1
-    logs = {"l1": l1.item()}
+    mse = (video - recon).pow(2).mean()
+    if cfg.recon not in ("l1", "mse"):
+        raise ValueError(f"the reconstruction loss must be 'l1' or 'mse', got {cfg.recon!r}")
+    rec = l1 if cfg.recon == "l1" else mse
+    logs = {"l1": l1.item(), "mse": mse.item()}
     if lpips is not None and cfg.lpips_weight > 0:
         p = lpips.video(recon, video).mean()
         rec = rec + cfg.lpips_weight * p
