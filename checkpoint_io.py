@@ -133,6 +133,15 @@ def model_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+def dit_folder(path: str | os.PathLike) -> Path:
+    """The DiT folder of a trained model: a train.py run's model/dit/, a model folder's dit/, or `path` itself."""
+    path = Path(path)
+    for folder in (path / "model" / "dit", path / "dit"):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    return path
+
+
 def checkpoint_step(directory: str | os.PathLike) -> int | None:
     """The training step recorded with a checkpoint (None where none was)."""
     try:

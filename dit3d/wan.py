@@ -36,7 +36,7 @@ from einops import rearrange
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from checkpoint_io import CONFIG_NAME, atomic_path, write_json_atomic
+from checkpoint_io import CONFIG_NAME, atomic_path, dit_folder, write_json_atomic
 from errors import InputError, MissingInputError
 
 from .config import WAN, DiTConfig
@@ -343,11 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .model import DiT3D
 
-        src = args.src
-        for folder in (src / "model" / "dit", src / "dit"):
-            if (folder / CONFIG_NAME).is_file():
-                src = folder
-                break
+        src = dit_folder(args.src)
         lora = [f for f in (args.src / "model" / "lora", args.src / "lora") if f.is_dir()]
         if not (src / CONFIG_NAME).is_file() and lora:
             raise InputError(f"{args.src} holds a LoRA adapter, not a whole DiT: diffusers loads the adapter itself "

@@ -21,6 +21,7 @@ from dit3d.lora import LoraSettings, add_lora
 from dit3d.model import DiTBlock
 from dit3d.wan import wan_format
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
+from checkpoint_io import dit_folder
 from data.video_io import size_pair
 from errors import InputError
 from evaluation.motion_score import preview_scores
@@ -32,15 +33,6 @@ from .options import parse_overrides
 from .stage import autocast, image_step, sample_generator
 
 log = logging.getLogger("train")
-
-
-def init_folder(path: str | Path) -> Path:
-    """The DiT folder of --init: a run's model/dit/, a model folder's dit/, or the folder itself (ours or Wan's)."""
-    path = Path(path)
-    for folder in (path / "model" / "dit", path / "dit"):
-        if (folder / "config.json").is_file():
-            return folder
-    return path
 
 
 class DiTStage:
@@ -71,7 +63,7 @@ class DiTStage:
                                                                   **overrides)
             builtin = BUILTIN_TEXT_ENCODERS[args.text_encoder]
             text = builtin(builtin.CONFIG(dim=cfg.text_dim))
-            trained_text = init_folder(args.init).parent / "text" if pretrained is not None else None
+            trained_text = dit_folder(args.init).parent / "text" if pretrained is not None else None
             if trained_text is not None and (trained_text / "config.json").is_file():
                 text = builtin.from_pretrained(trained_text)  # the encoder the DiT was trained with
                 if text.dim != cfg.text_dim:
@@ -118,7 +110,7 @@ class DiTStage:
         if overrides:
             raise InputError(f"--override {', '.join(sorted(overrides))}: with --init the DiT is the pretrained one as it "
                              f"is (set DIT3D_ATTENTION to choose its attention backend)")
-        return DiT3D.from_pretrained(init_folder(args.init))
+        return DiT3D.from_pretrained(dit_folder(args.init))
 
     def config_dict(self) -> dict:
         cfg = dataclasses.asdict(self.model.dit.config)
@@ -225,5 +217,5 @@ class DiTStage:
             "flow": dataclasses.asdict(self.flow),
             "sampler": {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"},
             "condition": dataclasses.asdict(self.frames.condition), "text_padding": self.text_padding,
-        } | ({"base": str(init_folder(self.args.init).resolve())} if self.args.init else {}),
+        } | ({"base": str(dit_folder(self.args.init).resolve())} if self.args.init else {}),
             lora=self.lora, merge=self.args.lora_merge)
