@@ -35,6 +35,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
+import dataclasses
+from collections import deque
+
 import braceexpand
 import numpy as np
 import torch
@@ -44,10 +47,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from errors import InputError, MissingInputError
 
+from .buckets import Bucket, BucketSchedule, bucket_order, describe, latent_bucket
 from .shards import LATENT_EXT
 from .stream import ReaderStream, StaleState
-from .video_io import (MEDIA_EXTENSIONS, ClipTooShortError, VideoInfo, VideoReadError, check_frame_count, read_clip,
-                       size_pair)
+from .video_io import (MEDIA_EXTENSIONS, ClipTooShortError, VideoInfo, VideoReadError, check_frame_count, probe,
+                       read_clip, size_pair)
 
 log = logging.getLogger(__name__)
 
@@ -195,24 +199,51 @@ def media_member(sample: dict) -> str | None:
     return next((e for e in MEDIA_EXTENSIONS if e in sample), None)
 
 
+def sample_meta(sample: dict) -> dict:
+    """The sample's KEY.json ({} without one); SkipSample when it does not parse."""
+    if "json" not in sample:
+        return {}
+    try:
+        return json.loads(sample["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SkipSample("corrupt", f"KEY.json does not parse: {e}") from e
+
+
+def require_media(sample: dict) -> str:
+    """The extension of the sample's video or image member; SkipSample when it has none."""
+    ext = media_member(sample)
+    if ext is None:
+        found = ", ".join(k for k in sample if not k.startswith("__"))
+        raise SkipSample("no_video", f"no video or image member (found: {found})")
+    return ext
+
+
+def sample_info(sample: dict) -> tuple[VideoInfo | None, dict]:
+    """(what the sample's video is, its KEY.json) without decoding frames: from KEY.json where it records the
+    video, else from a probe of the file; (None, meta) for a latent sample. Raises SkipSample."""
+    meta = sample_meta(sample)
+    if LATENT_EXT in sample:
+        return None, meta
+    ext = require_media(sample)
+    info = VideoInfo.from_meta(meta)
+    if info is None:
+        try:
+            info = probe(sample[ext])
+        except VideoReadError as e:
+            raise SkipSample("corrupt", str(e)) from e
+    return info, meta
+
+
 def _decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> dict:
     key = sample.get("__key__", "?")
     caption = sample.get("txt")
     caption = caption.decode("utf-8", errors="replace").strip() if isinstance(caption, bytes) else None
     if not caption:
         raise SkipSample("no_caption", "the sample has no KEY.txt caption, or it is empty")
-    meta = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SkipSample("corrupt", f"KEY.json does not parse: {e}") from e
+    meta = sample_meta(sample)
     if LATENT_EXT in sample:
         return _decode_latents(sample[LATENT_EXT], caption, key, meta, spec)
-    ext = media_member(sample)
-    if ext is None:
-        found = ", ".join(k for k in sample if not k.startswith("__"))
-        raise SkipSample("no_video", f"no video or image member (found: {found})")
+    ext = require_media(sample)
     info = VideoInfo.from_meta(meta)
     try:
         clip = read_clip(sample[ext], spec.frames, fps=spec.fps, size=spec.size, start=spec.window,
@@ -269,40 +300,52 @@ class ShardStream(IterableDataset):
     (seed, reader, position), and the stream resumes from its state (see data/stream.py), so a reader
     restarted with `start_states[reader] = state` yields exactly the batches it would have yielded next,
     after reading about one shard and its shuffle buffer again, whatever the step.
+
+    With buckets (train mode), batch n of this rank (reader w of W on it yields batches w, w + W, ...) holds
+    `schedule(n)`'s bucket, the same on every rank. Samples drawn for another bucket wait in that bucket's
+    backlog (raw bytes, at most `backlog` samples or two batches of it; a sample whose buckets' backlogs are
+    all full goes to its next bucket, or is skipped as bucket_full) and are decoded when their bucket's turn
+    comes. The state then also holds the batches
+    yielded and the backlog as (shard, index, position) triples, fetched again on resume.
     """
 
     def __init__(self, urls: list[str], spec: ClipSpec, batch_size: int, mode: str, seed: int,
-                 rank: int, world_size: int, shuffle_buffer: int):
+                 rank: int, world_size: int, shuffle_buffer: int, schedule: BucketSchedule | None = None,
+                 backlog: int = 64):
         self.urls, self.spec, self.batch_size, self.mode, self.seed = urls, spec, batch_size, mode, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.schedule, self.backlog = schedule, backlog
         self.start_states: dict[int, dict] = {}  # reader -> its ReaderStream state when the run stopped (resume)
         self.start_positions: dict[int, int] = {}  # reader -> raw samples consumed (a checkpoint from before states)
 
-    def _reader(self) -> tuple[int, int]:
+    def _reader(self) -> tuple[int, int, int, int]:
+        """(reader, readers, this worker, workers on this rank)."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * num_workers + worker, self.world_size * num_workers
-
+        return self.rank * num_workers + worker, self.world_size * num_workers, worker, num_workers
 
     def __iter__(self):
-        reader, readers = self._reader()
+        reader, readers, worker, workers = self._reader()
         skips: list[SkipRecord] = []
+        shorts: list[SkipRecord] = []  # samples used from files that decode fewer frames than they claim
         run = [0]  # skips since the last good sample
 
         def skip(rec: SkipRecord) -> None:
             skips.append(rec)
             run[0] += 1
             if run[0] >= MAX_CONSECUTIVE_SKIPS:
-                raise RuntimeError(
-                    f"reader {reader} skipped {run[0]} samples in a row, the last for {rec.reason}: {rec.detail} "
-                    f"({rec.url}); check the shards and the requested frames, size and fps"
-                )
+                hint = ("its shards hold no sample for the bucket of this step, or too few: write the footage's "
+                        "aspect ratios and durations across all shards, or drop the bucket"
+                        if rec.reason == "bucket_full" else
+                        "check the shards and the requested frames, size and fps")
+                raise RuntimeError(f"reader {reader} skipped {run[0]} samples in a row, the last for {rec.reason}: "
+                                   f"{rec.detail} ({rec.url}); {hint}")
 
         def on_shard_error(url: str, exn: Exception, read: int) -> None:
             reason, detail = shard_problem(exn, read)
             skip(SkipRecord(reason, "", url, detail))
 
-        stream, position = None, 0
+        stream, position, saved = None, 0, None
         if self.mode == "eval":
             samples = shard_samples(({"url": u} for u in self.urls[reader::readers]), on_shard_error)
         else:  # infinite: each pass over this reader's shards in a fresh order, samples shuffled in a buffer
@@ -321,38 +364,126 @@ class ShardStream(IterableDataset):
                 for _ in range(position):
                     next(samples)
 
+        def decode(sample: dict, at: int, spec: ClipSpec) -> dict | None:
+            """The sample decoded with its own window and crop (from its draw position), or None: skipped."""
+            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+            rng = np.random.default_rng([self.seed, reader, at])
+            try:
+                decoded = _decode_sample(sample, spec, rng)
+            except SkipSample as s:
+                skip(SkipRecord(s.reason, key, url, s.detail))
+                return None
+            except Exception as e:  # decoding untrusted media can fail in any way; one sample never stops a run
+                skip(SkipRecord("corrupt", key, url, f"{type(e).__name__}: {e}"))
+                return None
+            if "__short__" in decoded:  # used, and counted: a file whose header claims more than decodes
+                shorts.append(SkipRecord("short_file", key, url, decoded.pop("__short__")))
+            run[0] = 0
+            return decoded
+
+        def emit(batch: list[dict], state: dict, extra: dict | None = None) -> dict:
+            out = ({} if not batch else collate(batch)) | (extra or {}) | {
+                "__skips__": skips[:], "__shorts__": shorts[:], "__reader__": reader, "__state__": state}
+            skips.clear()
+            shorts.clear()
+            return out
+
+        if self.schedule is not None:
+            yield from self._bucketed(samples, stream, saved or {}, position, reader, worker, workers, decode, skip, emit)
+            return
+
         def state() -> dict:  # where this reader is, after the samples drawn so far
             return {"position": position} | ({} if stream is None else {"stream": stream.state()})
         batch: list[dict] = []
-        shorts: list[SkipRecord] = []  # samples used from files that decode fewer frames than they claim
         for sample in samples:
-            key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-            rng = np.random.default_rng([self.seed, reader, position])  # this sample's window and crop
-            position += 1
-            try:
-                decoded = _decode_sample(sample, self.spec, rng)
-                if "__short__" in decoded:  # used, and counted: a file whose header claims more than decodes
-                    shorts.append(SkipRecord("short_file", key, url, decoded.pop("__short__")))
-                batch.append(decoded)
-            except SkipSample as s:
-                skip(SkipRecord(s.reason, key, url, s.detail))
+            at, position = position, position + 1
+            decoded = decode(sample, at, self.spec)
+            if decoded is None:
                 continue
-            except Exception as e:  # decoding untrusted media can fail in any way; one sample never stops a run
-                skip(SkipRecord("corrupt", key, url, f"{type(e).__name__}: {e}"))
-                continue
-            run[0] = 0
+            batch.append(decoded)
             if len(batch) == self.batch_size:
-                out = collate(batch) | {"__skips__": skips[:], "__shorts__": shorts[:], "__reader__": reader,
-                                        "__state__": state()}
-                batch, skips[:], shorts[:] = [], [], []
-                yield out
+                yield emit(batch, state())
+                batch = []
         if batch and self.mode == "eval":
-            yield collate(batch) | {"__skips__": skips[:], "__shorts__": shorts[:], "__reader__": reader,
-                                    "__state__": state()}
-            skips.clear()
-            shorts.clear()
-        yield {"__skips__": skips[:], "__shorts__": shorts[:], "__end__": True, "__reader__": reader,
-               "__state__": state()}
+            yield emit(batch, state())
+        yield emit([], state(), {"__end__": True})
+
+    def _bucketed(self, samples, stream: ReaderStream, saved: dict, position: int, reader: int, worker: int,
+                  workers: int, decode, skip, emit):
+        """Batches of one bucket each, the bucket of this rank's batch n being schedule(n) (see the class)."""
+        buckets = self.schedule.buckets
+        waiting: list[deque] = [deque() for _ in buckets]  # per bucket: (raw sample, draw position)
+        for i, entries in saved.get("backlog", {}).items():
+            try:
+                raw = stream.fetch([(url, index) for url, index, _ in entries])
+            except StaleState as e:
+                log.warning("reader %d: its backlog of bucket %s is gone (%s); those samples are dropped", reader,
+                            buckets[int(i)].name, e)
+                continue
+            waiting[int(i)].extend((r, at) for r, (_, _, at) in zip(raw, entries))
+        batches = saved.get("batches", 0)
+
+        def state() -> dict:
+            backlog = {str(i): [[s["__url__"], s["__index__"], at] for s, at in q] for i, q in enumerate(waiting) if q}
+            return {"position": position, "stream": stream.state(), "batches": batches, "backlog": backlog}
+
+        while True:
+            b = self.schedule(batches * workers + worker)
+            bucket = buckets[b]
+            spec = dataclasses.replace(self.spec, frames=bucket.frames, size=(bucket.height, bucket.width))
+            batch: list[dict] = []
+            while len(batch) < bucket.batch_size:
+                if waiting[b]:
+                    sample, at = waiting[b].popleft()
+                else:
+                    sample, at = next(samples), position
+                    position += 1
+                    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+                    try:
+                        order = buckets_for(sample, buckets, self.spec.fps)
+                    except SkipSample as s:
+                        skip(SkipRecord(s.reason, key, url, s.detail))
+                        continue
+                    if not order:
+                        skip(no_bucket(sample, buckets, key, url))
+                        continue
+                    home = next((i for i in order if i == b or len(waiting[i]) < max(self.backlog, 2 * buckets[i].batch_size)),
+                                None)
+                    if home is None:
+                        skip(SkipRecord("bucket_full", key, url, f"the backlogs of its buckets "
+                                        f"({', '.join(buckets[i].name for i in order)}) are full"))
+                        continue
+                    if home != b:
+                        waiting[home].append((sample, at))
+                        continue
+                decoded = decode(sample, at, spec)
+                if decoded is not None:
+                    batch.append(decoded)
+            batches += 1
+            yield emit(batch, state(), {"bucket": bucket.name})
+
+
+def buckets_for(sample: dict, buckets: Sequence[Bucket], fps: float | None) -> list[int]:
+    """The buckets a raw sample may go to, best first (data/buckets.py); latents: the one they were encoded at.
+    Raises SkipSample for a sample that cannot be measured."""
+    info, meta = sample_info(sample)
+    if info is None:
+        i = latent_bucket(buckets, meta)
+        return [] if i is None else [i]
+    return bucket_order(buckets, info, fps)
+
+
+def no_bucket(sample: dict, buckets: Sequence[Bucket], key: str = "", url: str = "") -> SkipRecord:
+    """Why a sample fits none of the buckets: too_short (a video shorter than every bucket) or no_bucket."""
+    info, meta = sample_info(sample)
+    if info is None:
+        return SkipRecord("no_bucket", key, url, f"latents of {meta.get('frames')}x{meta.get('height')}x"
+                                                 f"{meta.get('width')} match no bucket")
+    if info.fps <= 0 or info.frames <= 1:
+        return SkipRecord("no_bucket", key, url, "an image, and no bucket has one frame")
+    shortest = min((b.frames for b in buckets if b.frames > 1), default=None)
+    return SkipRecord("too_short", key, url, f"{info.frames} frames at {info.fps:g} fps fill no bucket "
+                                             f"(the shortest takes {shortest} frames)")
 
 
 class ShardLoader:
@@ -376,6 +507,7 @@ class ShardLoader:
         self.short_files: dict[tuple[str, str], str] = {}  # (url, key) -> what a file claims and what decodes
         self._states: dict[int, dict] = {}  # reader -> its state after the last batch the caller took
         self._next_worker = 0  # the worker whose batch the caller takes next (train mode)
+        self.bucket_samples: Counter = Counter()  # bucket name -> samples this rank took from it (with buckets)
 
     def _count_skips(self, item: dict) -> None:
         """Every pass over a bad sample counts in `skipped`; each bad sample (or shard) once in `unique_skips`,
@@ -400,6 +532,8 @@ class ShardLoader:
         """Account for an item the caller is about to receive; None for an end-of-stream marker."""
         self._count_skips(item)
         self._states[item.pop("__reader__")] = item.pop("__state__")
+        if "bucket" in item:
+            self.bucket_samples[item["bucket"]] += len(item["key"])
         return None if item.pop("__end__", False) else item
 
     def __iter__(self) -> Iterator[dict]:
@@ -427,20 +561,26 @@ class ShardLoader:
         return {"seed": d.seed, "rank": d.rank, "world_size": d.world_size, "num_workers": self.num_workers,
                 "urls": len(d.urls), "batch_size": d.batch_size, "readers": {str(k): v for k, v in self._states.items()},
                 "next_worker": self._next_worker, "skipped": dict(self.skipped),
-                "unique_skips": sorted(self.unique_skips)}
+                "unique_skips": sorted(self.unique_skips), "buckets": self._bucket_layout(),
+                "bucket_samples": dict(self.bucket_samples)}
+
+    def _bucket_layout(self) -> list | None:
+        schedule = self.dataset.schedule
+        return None if schedule is None else schedule.to_json()
 
     def load_state_dict(self, state: dict) -> bool:
         """Continue from `state` (taken by `state_dict()` of a loader over the same shards and layout).
 
         Returns False, and leaves the stream at its start, when the layout changed (another number of
-        ranks, workers, shards or another batch size or seed): positions would then name other streams.
+        ranks, workers, shards, buckets or another batch size or seed): positions would then name other streams.
         The skip counts carry over either way.
         """
         self.skipped.update(state["skipped"])
         self.unique_skips.update(tuple(u) for u in state["unique_skips"])
+        self.bucket_samples.update(state.get("bucket_samples", {}))
         d = self.dataset
-        layout = (d.seed, d.rank, d.world_size, self.num_workers, len(d.urls), d.batch_size)
-        saved = tuple(state.get(k) for k in ("seed", "rank", "world_size", "num_workers", "urls", "batch_size"))
+        layout = (d.seed, d.rank, d.world_size, self.num_workers, len(d.urls), d.batch_size, self._bucket_layout())
+        saved = tuple(state.get(k) for k in ("seed", "rank", "world_size", "num_workers", "urls", "batch_size", "buckets"))
         if layout != saved or d.mode != "train":
             return False
         if "readers" in state:
@@ -486,6 +626,9 @@ def make_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = 2,
     decode_threads: int | None = None,
+    buckets: Sequence[Bucket] | None = None,
+    backlog: int = 64,
+    scan: int = 512,
 ) -> ShardLoader:
     """Batches of `video` (B, 3, frames, H, W) in [-1, 1] (or `latents`), `caption`, `key`, `fps`, `meta`.
 
@@ -499,6 +642,11 @@ def make_loader(
     rank / world_size: default to torch.distributed's, or torchrun's RANK / WORLD_SIZE.
     decode_threads: threads per video decoder. Default: the node's cores shared among all its readers
       (LOCAL_WORLD_SIZE ranks x num_workers), so that many readers do not oversubscribe the CPU.
+    buckets: train in these buckets (data/buckets.py) instead of one frames x size: each batch holds one
+      bucket, its batch size, and every rank takes the same bucket at each batch. The first `scan` samples
+      of the shards (in a fixed order, alike on every rank) are measured to weight the buckets; the table
+      is logged, and buckets that no scanned sample fits are named. backlog: samples (raw bytes) each
+      bucket may hold while waiting for its turn (at least two batches).
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -527,5 +675,40 @@ def make_loader(
         crop=crop or ("random" if train else "center"),
         decode_threads=decode_threads,
     )
-    dataset = ShardStream(url_list, spec, batch_size, mode, seed, rank, world_size, shuffle_buffer)
+    schedule = None
+    if buckets:
+        if not train:
+            raise ValueError("buckets are for training streams (mode='train')")
+        counts, scanned, problems = scan_buckets(url_list, buckets, fps, scan)
+        empty = [b.name for b, c in zip(buckets, counts) if c == 0]
+        if rank == 0:  # every rank scans alike; one reports
+            log.info("%s", describe(buckets, counts, scanned) + (f"\n  unusable: {dict(problems)}" if problems else ""))
+        if empty and rank == 0:
+            log.warning("no scanned sample fits the buckets %s: they are never trained (of %d samples scanned)",
+                        ", ".join(empty), scanned)
+        schedule = BucketSchedule(buckets, counts, seed)
+    dataset = ShardStream(url_list, spec, batch_size, mode, seed, rank, world_size, shuffle_buffer, schedule, backlog)
     return ShardLoader(dataset, num_workers, pin_memory, prefetch_factor)
+
+
+def scan_buckets(urls: list[str], buckets: Sequence[Bucket], fps: float | None, limit: int) -> tuple[list[int], int, Counter]:
+    """(samples whose best bucket is each bucket, samples scanned, unusable samples by reason) over the first
+    `limit` samples of the shards taken in a fixed spread order (the same on every rank): KEY.json where it
+    records the video, else a probe of the file."""
+    order = list(urls)
+    np.random.default_rng(0).shuffle(order)
+    counts, problems, scanned = [0] * len(buckets), Counter(), 0
+    for sample in shard_samples(({"url": u} for u in order), lambda url, e, read: problems.update([shard_problem(e, read)[0]])):
+        if scanned >= limit:
+            break
+        scanned += 1
+        try:
+            fit = buckets_for(sample, buckets, fps)
+        except SkipSample as s:
+            problems[s.reason] += 1
+            continue
+        if fit:
+            counts[fit[0]] += 1
+        else:
+            problems[no_bucket(sample, buckets).reason] += 1
+    return counts, scanned, problems

@@ -103,9 +103,9 @@ class ReaderStream:
         self._new_pass()  # this pass's order again
         self.index, self.taken = state["index"], state["taken"]
         _set_rng_state(self.pick_rng, state["pick_state"])
-        self.buffer[:] = self._fetch([tuple(e) for e in state["buffer"]])
+        self.buffer[:] = self.fetch([tuple(e) for e in state["buffer"]])
 
-    def _fetch(self, wanted: list[tuple[str, int]]) -> list[dict]:
+    def fetch(self, wanted: list[tuple[str, int]]) -> list[dict]:
         """The samples (url, index in shard), in that order: each shard that holds some is read up to the last."""
         found: dict[tuple[str, int], dict] = {}
         for url in dict.fromkeys(u for u, _ in wanted):
