@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from checkpoint_io import atomic_path, check_writable, write_text_atomic
 from data import read_image, read_last_frames, tensor_to_frames, write_video
+from data.buckets import nearest_bucket
 from data.video_io import check_frame_count
 from dit3d.model import DiTBlock
 from errors import InputError, MissingInputError
@@ -288,6 +289,11 @@ def run(args) -> list[Path]:
     if single and len(jobs) != 1:
         raise InputError(f"--out {args.out} is one file but {len(jobs)} videos were asked for: give a folder")
     known = KnownFrames(args, pipe, frames, height, width, fps)
+    trained = d.get("buckets") or [[d["frames"], *pipe.size]]
+    if [frames, height, width] not in [list(s) for s in trained] and env.main:
+        near = nearest_bucket(trained, frames, height, width)
+        print(f"note: {frames}x{height}x{width} is a shape this model never trained on; the nearest it did is "
+              f"{near[0]}x{near[1]}x{near[2]} (--frames {near[0]} --height {near[1]} --width {near[2]})", file=sys.stderr)
     writer = env.rank % env.sp == 0  # the first rank of each sequence group
     starts = list(range(0, len(jobs), batch))[env.dp_rank :: env.dp_world]  # sequence groups share out the batches
     written = []

@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory) -> Path:
     return root / "dit"
 
 
-def test_videos_have_the_requested_shape_and_their_prompts_beside_them(run_dir, tmp_path):
+def test_videos_have_the_requested_shape_and_their_prompts_beside_them(run_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert sample.main(["--ckpt", str(run_dir), "--prompt", "a red circle moving right", "--prompt", "a blue square",
                         "--frames", "13", "--height", "32", "--width", "48", "--steps", "3", "--videos-per-prompt", "2",
@@ -45,6 +45,7 @@ def test_videos_have_the_requested_shape_and_their_prompts_beside_them(run_dir, 
         assert read_frames(v).shape == (13, 32, 48, 3)
         assert v.with_suffix(".png").is_file() and v.with_suffix(".gif").is_file()
     assert (out / "a_blue_square_1.txt").read_text().strip() == "a blue square"
+    assert "13x32x48 is a shape this model never trained on; the nearest it did is 9x32x32" in capsys.readouterr().err
     # the training run's defaults: 9 frames at 32x32
     assert sample.main(["--ckpt", str(run_dir / "model"), "--prompt", "x", "--out", str(tmp_path / "one.mp4"),
                         "--no-progress"]) == 0

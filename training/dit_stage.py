@@ -103,6 +103,7 @@ class DiTStage:
         self.block_types = (DiTBlock,)
         self.flow = FlowConfig(logit_mean=args.logit_mean, logit_std=args.logit_std, shift=args.shift,
                                shift_base_tokens=args.shift_base_tokens)
+        self.schedule = None  # the loader's buckets (set by the loop), or None
 
     @staticmethod
     def pretrained_dit(args, overrides: dict) -> DiT3D:
@@ -115,6 +116,27 @@ class DiTStage:
     def config_dict(self) -> dict:
         cfg = dataclasses.asdict(self.model.dit.config)
         return cfg | ({"lora": dataclasses.asdict(self.lora)} if self.lora else {})
+
+    def shape_multiple(self) -> tuple[int, int]:
+        """What a bucket's height and width must be multiples of: the tokenizer's factor times the patch."""
+        _, ph, pw = self.model.dit.config.patch_size
+        sf = self.vae.config.spatial_factor
+        return sf * ph, sf * pw
+
+    def check_frames(self, frames: int) -> None:
+        """An InputError unless the tokenizer takes `frames` and its latent frames divide into the patch."""
+        self.vae.check_video(torch.empty(1, 3, frames, *self.shape_multiple(), device="meta"))
+        t = self.frames.frames(self.vae.latent_shape(frames, *self.shape_multiple())[1])
+        self.model.dit.token_grid((t, self.model.dit.config.patch_size[1], self.model.dit.config.patch_size[2]))
+
+    def preview_shape(self) -> tuple[int, tuple[int, int]]:
+        """(frames, (height, width)) of the previews and pipeline.json's default: --frames x --size, or with
+        buckets the video bucket that holds the most of the data."""
+        if self.schedule is None:
+            return self.args.frames, size_pair(self.args.size)
+        ranked = sorted(zip(self.schedule.counts, self.schedule.buckets), key=lambda cb: (cb[1].frames > 1, cb[0]))
+        best = ranked[-1][1]
+        return best.frames, (best.height, best.width)
 
     def initialize(self) -> None:
         pass
@@ -199,8 +221,8 @@ class DiTStage:
     def preview(self, ema: nn.Module, batch: dict) -> tuple[list[tuple[str, torch.Tensor, str | None]], dict]:
         """Samples of the preview prompts by the EMA weights: (name, video, prompt) items and their motion scores."""
         prompts = self.preview_prompts() or list(dict.fromkeys(batch["caption"]))[:4]
-        videos = self.generate(ema, prompts, self.args.frames, self.args.size, self.args.preview_steps, self.args.guidance,
-                               seed=self.args.seed)
+        frames, size = self.preview_shape()
+        videos = self.generate(ema, prompts, frames, size, self.args.preview_steps, self.args.guidance, seed=self.args.seed)
         items = [(f"{i:02d}_{prompt.replace(' ', '_')[:60]}", video, prompt) for i, (prompt, video) in enumerate(zip(prompts, videos))]
         return items, preview_scores(prompts, videos)
 
@@ -211,11 +233,15 @@ class DiTStage:
                previous: Path | None = None) -> None:
         """directory/{dit, text, tokenizer} and pipeline.json: all that sample.py needs (the frozen tokenizer
         linked from the `previous` export where there is one)."""
+        frames, size = self.preview_shape()
+        trained = [] if self.schedule is None else [
+            list(b.shape) for b, c in zip(self.schedule.buckets, self.schedule.counts) if c > 0]
         save_pipeline(directory, ema, state, self.vae, step, previous, {
             "text_encoder": self.args.text_encoder if ema.text is not None else str(Path(self.args.text_encoder).resolve()),
-            "frames": self.args.frames, "size": list(size_pair(self.args.size)), "fps": self.args.fps or 8.0,
+            "frames": frames, "size": list(size), "fps": self.args.fps or 8.0,
             "flow": dataclasses.asdict(self.flow),
             "sampler": {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"},
             "condition": dataclasses.asdict(self.frames.condition), "text_padding": self.text_padding,
-        } | ({"base": str(dit_folder(self.args.init).resolve())} if self.args.init else {}),
+        } | ({"base": str(dit_folder(self.args.init).resolve())} if self.args.init else {})
+          | ({"buckets": trained} if trained else {}),
             lora=self.lora, merge=self.args.lora_merge)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from checkpoint_io import recover_folder, replace_folder, write_json_atomic, write_text_atomic
 from data import make_loader, write_video
+from data.buckets import check_divisible, parse_buckets
 from errors import InputError
 from evaluation.peak_memory import PeakMemory
 from parallel import Env, ParallelOptions, all_reduce_sum, parallelize, setup_distributed
@@ -69,6 +70,11 @@ def train(args) -> Path:
     logging.basicConfig(level=logging.INFO if env.main else logging.WARNING, format="%(message)s", force=True)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     stage = STAGES[args.stage](args, env)
+    buckets = None
+    if args.buckets:
+        buckets = parse_buckets(args.buckets, args.batch_size)
+        check_divisible(buckets, stage.shape_multiple(), stage.check_frames)
+        stage.crop = fixed_crop(buckets)
     resolved, out = resolve_run(args, stage, env)
     plain = stage.model
     n_params = sum(p.numel() for p in plain.parameters() if p.requires_grad)
@@ -88,7 +94,9 @@ def train(args) -> Path:
     loader = make_loader(args.data, args.batch_size, None if args.latents else args.frames,
                          None if args.latents else args.size, mode="train", num_workers=args.num_workers,
                          fps=args.fps, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
-                         rank=env.dp_rank, world_size=env.dp_world)
+                         rank=env.dp_rank, world_size=env.dp_world, buckets=buckets, backlog=args.bucket_backlog)
+    stage.schedule = loader.dataset.schedule  # the buckets and how much of the data each holds (None: one shape)
+    bucket_index = {b.name: i for i, b in enumerate(buckets or [])}
 
     # with frozen weights (LoRA), checkpoints hold the trained ones alone: the rest comes from --init on resume
     trainable = {name for name, p in plain.named_parameters() if p.requires_grad}
@@ -149,7 +157,7 @@ def train(args) -> Path:
             t0 = time.perf_counter()
             model.train()
             logs: dict = {}
-            loss_sum = 0.0
+            loss_sum, shape_code, step_samples = 0.0, 0.0, 0
             for micro in range(args.grad_accum):
                 batch = next(data)
                 last_batch = batch
@@ -164,15 +172,20 @@ def train(args) -> Path:
                     (loss / args.grad_accum).backward()
                 logs |= micro_logs | stage.after_backward(step, last, args.grad_accum)
                 loss_sum += loss.item()
+                shape_code += (micro + 1) * (1 + bucket_index.get(batch.get("bucket"), -1))
+                step_samples += len(batch["key"])
                 window.samples += len(batch["key"]) * env.dp_world
                 window.tokens += stage.tokens(batch) * len(batch["key"]) * env.dp_world
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             time_up = bool(args.max_minutes) and time.perf_counter() - started > 60 * args.max_minutes
-            total, nonfinite, stopping, time_up = all_reduce_sum(  # one collective: every rank decides alike
-                [loss_sum / args.grad_accum, float(not math.isfinite(loss_sum)), float(stop["signal"] != 0), float(time_up)],
-                env.device)
+            total, nonfinite, stopping, time_up, codes, codes_sq = all_reduce_sum(  # one collective: every rank decides alike
+                [loss_sum / args.grad_accum, float(not math.isfinite(loss_sum)), float(stop["signal"] != 0), float(time_up),
+                 shape_code, shape_code ** 2], env.device)
+            if codes * codes != env.world * codes_sq:  # equal on every rank exactly when the sum of squares says so
+                raise RuntimeError(f"step {step + 1}: the ranks trained different buckets (this rank's last: "
+                                   f"{last_batch.get('bucket')}); the bucket schedule must be the same on every rank")
             mean_loss = total / env.world
             if nonfinite or not math.isfinite(float(grad_norm)):
                 kept = ckpts.latest()
@@ -185,7 +198,7 @@ def train(args) -> Path:
             opt.zero_grad(set_to_none=True)
             ema.update_parameters(plain)
             step += 1
-            samples_seen += args.batch_size * args.grad_accum * env.dp_world
+            samples_seen += step_samples * env.dp_world
             window.add(time.perf_counter() - t0, mean_loss, float(grad_norm))
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
@@ -193,6 +206,7 @@ def train(args) -> Path:
                     [loader.samples_skipped, len(loader.unique_skips), len(loader.short_files)], env.device)
                 record = {"step": step, "lr": sched.get_last_lr()[0], "skipped_samples": int(skipped),
                           "skipped_distinct": int(distinct), "short_files": int(short)} | window.record() | logs
+                record |= {f"bucket_samples/{name}": n * env.dp_world for name, n in sorted(loader.bucket_samples.items())}
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 window = Window(env.device)
@@ -228,6 +242,14 @@ def train(args) -> Path:
             log.info("done: %d steps, %s. EMA weights for sampling: %s", step, loader.report(), out / "model")
     metrics.close()
     return out
+
+
+def fixed_crop(buckets) -> tuple[int, tuple[int, int]]:
+    """With buckets, the one shape of what reads clips outside the stream (the tokenizer's linear start and latent
+    statistics): the shortest, smallest video bucket, which the most clips fill."""
+    videos = [b for b in buckets if b.frames > 1] or list(buckets)
+    b = min(videos, key=lambda b: (b.frames, b.height * b.width))
+    return b.frames, (b.height, b.width)
 
 
 class Window:

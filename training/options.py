@@ -28,7 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, nargs="+", default=[64], metavar="PX",
                    help="crop size in pixels: one side (a square) or HEIGHT WIDTH, e.g. --size 48 80")
     g.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
-    g.add_argument("--batch-size", type=int, default=8, help="clips per process per micro-batch")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="clips per process per micro-batch (with --buckets: the largest bucket's; smaller ones take "
+                        "more, so that tokens per batch stay about even)")
+    g.add_argument("--buckets", default=None, metavar="PRESET|FILE",
+                   help="train in buckets of (frames, height, width) instead of one --frames x --size: a preset "
+                        "(64p, 256p, 480p) or a file of 'frames height width [batch]' lines. Each clip goes to the "
+                        "bucket nearest its aspect ratio whose duration it fills; images to one-frame buckets")
+    g.add_argument("--bucket-backlog", type=int, default=64,
+                   help="with --buckets: samples each bucket may hold (raw bytes) while waiting for its turn")
     g.add_argument("--num-workers", type=int, default=2, help="decoding worker processes per rank")
     g.add_argument("--shuffle-buffer", type=int, default=64)
     g.add_argument("--image-prob", type=float, default=0.0, help="fraction of steps that train on images (first frames)")
@@ -139,6 +147,9 @@ def check_args(args) -> None:
         raise InputError("--init and --lora-rank fine-tune the DiT: use them with --stage dit")
     if args.lora_rank < 0:
         raise InputError(f"--lora-rank must be at least 1 (0: full fine-tuning), got {args.lora_rank}")
+    if args.buckets and args.image_prob > 0:
+        raise InputError("--image-prob takes the first frame of a step's clips; with --buckets, images train in "
+                         "one-frame buckets instead (put images in the shards, or a 1-frame bucket in the list)")
     if args.latents and args.stage != "dit":
         raise InputError("--latents is for the dit stage (latent shards have no pixels to reconstruct)")
 

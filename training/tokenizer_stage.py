@@ -41,7 +41,9 @@ class TokenizerStage:
     def __init__(self, args, env: Env):
         self.args, self.env = args, env
         self.model = CausalVAE(vae_preset(args.preset, **parse_overrides(args.override))).to(env.device)
-        self.model.check_video(torch.empty(1, 3, args.frames, *size_pair(args.size), device="meta"))
+        self.crop = (args.frames, size_pair(args.size))  # what initialize() and finish() read (the loop sets it with buckets)
+        if not args.buckets:
+            self.model.check_video(torch.empty(1, 3, args.frames, *size_pair(args.size), device="meta"))
         self.block_types = (ResBlock,)
         self.loss_cfg = LossConfig(kl_weight=args.kl_weight, lpips_weight=args.lpips_weight, disc_weight=args.disc_weight,
                                    disc_start=args.disc_start, recon=args.recon_loss)
@@ -58,9 +60,17 @@ class TokenizerStage:
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
                                               fused=env.device.type == "cuda")
         self._recon: torch.Tensor | None = None
+        self.schedule = None  # the loader's buckets (set by the loop), or None
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.model.config)
+
+    def shape_multiple(self) -> tuple[int, int]:
+        """What a bucket's height and width must be multiples of."""
+        return self.model.config.spatial_factor, self.model.config.spatial_factor
+
+    def check_frames(self, frames: int) -> None:
+        self.model.check_video(torch.empty(1, 3, frames, *self.shape_multiple(), device="meta"))
 
     @torch.no_grad()
     def initialize(self) -> None:
@@ -70,7 +80,7 @@ class TokenizerStage:
         if n <= 0 or not self.model.config.linear_codec:
             return
         # a shuffled stream with random windows and crops, seeded and read in full by every rank
-        loader = make_loader(self.args.data, min(n, 16), self.args.frames, self.args.size, mode="train",
+        loader = make_loader(self.args.data, min(n, 16), *self.crop, mode="train",
                              num_workers=0, fps=self.args.fps, seed=self.args.seed + 1, rank=0, world_size=1)
         clips = []
         for batch in loader:
@@ -147,7 +157,7 @@ class TokenizerStage:
     @torch.no_grad()
     def finish(self, ema: nn.Module) -> dict:
         """Measure the latent statistics on the training data (all ranks) and store them in the model."""
-        loader = make_loader(self.args.data, self.args.batch_size, self.args.frames, self.args.size, mode="eval",
+        loader = make_loader(self.args.data, self.args.batch_size, *self.crop, mode="eval",
                              num_workers=self.args.num_workers, fps=self.args.fps)
         moments = torch.zeros(3, ema.config.latent_channels, dtype=torch.float64, device=self.env.device)
         with unsharded(ema):
