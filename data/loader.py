@@ -315,6 +315,7 @@ class ShardStream(IterableDataset):
         self.urls, self.spec, self.batch_size, self.mode, self.seed = urls, spec, batch_size, mode, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.schedule, self.backlog = schedule, backlog
+        self.buckets = None  # eval in buckets (each sample at its best bucket's shape); training uses the schedule's
         self.start_states: dict[int, dict] = {}  # reader -> its ReaderStream state when the run stopped (resume)
         self.start_positions: dict[int, int] = {}  # reader -> raw samples consumed (a checkpoint from before states)
 
@@ -394,18 +395,32 @@ class ShardStream(IterableDataset):
 
         def state() -> dict:  # where this reader is, after the samples drawn so far
             return {"position": position} | ({} if stream is None else {"stream": stream.state()})
-        batch: list[dict] = []
+        buckets = self.buckets or [None]  # eval in buckets: a batch per bucket as it fills, the rest at the end
+        batches: list[list[dict]] = [[] for _ in buckets]
         for sample in samples:
             at, position = position, position + 1
-            decoded = decode(sample, at, self.spec)
+            b, spec = 0, self.spec
+            if self.buckets:
+                try:
+                    order = buckets_for(sample, self.buckets, self.spec.fps)
+                except SkipSample as s:
+                    skip(SkipRecord(s.reason, sample.get("__key__", "?"), sample.get("__url__", "?"), s.detail))
+                    continue
+                if not order:
+                    skip(no_bucket(sample, self.buckets, sample.get("__key__", "?"), sample.get("__url__", "?")))
+                    continue
+                b, bucket = order[0], self.buckets[order[0]]
+                spec = dataclasses.replace(spec, frames=bucket.frames, size=(bucket.height, bucket.width))
+            decoded = decode(sample, at, spec)
             if decoded is None:
                 continue
-            batch.append(decoded)
-            if len(batch) == self.batch_size:
-                yield emit(batch, state())
-                batch = []
-        if batch and self.mode == "eval":
-            yield emit(batch, state())
+            batches[b].append(decoded)
+            if len(batches[b]) == (self.batch_size if buckets[b] is None else buckets[b].batch_size):
+                yield emit(batches[b], state(), None if buckets[b] is None else {"bucket": buckets[b].name})
+                batches[b] = []
+        for b, batch in enumerate(batches):
+            if batch and self.mode == "eval":
+                yield emit(batch, state(), None if buckets[b] is None else {"bucket": buckets[b].name})
         yield emit([], state(), {"__end__": True})
 
     def _bucketed(self, samples, stream: ReaderStream, saved: dict, position: int, reader: int, worker: int,
@@ -642,8 +657,9 @@ def make_loader(
     rank / world_size: default to torch.distributed's, or torchrun's RANK / WORLD_SIZE.
     decode_threads: threads per video decoder. Default: the node's cores shared among all its readers
       (LOCAL_WORLD_SIZE ranks x num_workers), so that many readers do not oversubscribe the CPU.
-    buckets: train in these buckets (data/buckets.py) instead of one frames x size: each batch holds one
-      bucket, its batch size, and every rank takes the same bucket at each batch. The first `scan` samples
+    buckets: batches in these buckets (data/buckets.py) instead of one frames x size. Train: each batch holds one
+      bucket, its batch size, and every rank takes the same bucket at each batch. Eval: each sample is read
+      once at its bucket's shape, and a bucket's batch comes when it fills (the rest at the end). The first `scan` samples
       of the shards (in a fixed order, alike on every rank) are measured to weight the buckets; the table
       is logged, and buckets that no scanned sample fits are named. backlog: samples (raw bytes) each
       bucket may hold while waiting for its turn (at least two batches).
@@ -676,9 +692,7 @@ def make_loader(
         decode_threads=decode_threads,
     )
     schedule = None
-    if buckets:
-        if not train:
-            raise ValueError("buckets are for training streams (mode='train')")
+    if buckets and train:
         counts, scanned, problems = scan_buckets(url_list, buckets, fps, scan)
         empty = [b.name for b, c in zip(buckets, counts) if c == 0]
         if rank == 0:  # every rank scans alike; one reports
@@ -688,6 +702,8 @@ def make_loader(
                         ", ".join(empty), scanned)
         schedule = BucketSchedule(buckets, counts, seed)
     dataset = ShardStream(url_list, spec, batch_size, mode, seed, rank, world_size, shuffle_buffer, schedule, backlog)
+    if buckets and not train:
+        dataset.buckets = list(buckets)
     return ShardLoader(dataset, num_workers, pin_memory, prefetch_factor)
 
 

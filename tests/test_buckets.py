@@ -4,12 +4,14 @@ durations, PNG images, and the real test clips), their exact resume, and train.p
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -222,3 +224,37 @@ def test_bad_bucket_options_are_one_line_errors(mixed, tmp_path, capsys):
     bad.write_text("9 32 32 2\n17 32 thirty-two\n")
     assert train.main(common + ["--out", str(tmp_path / "b"), "--buckets", str(bad)]) == 2
     assert "bad.txt:2: width must be a whole number, got 'thirty-two'" in capsys.readouterr().err
+
+
+def test_latent_shards_at_mixed_shapes_train_in_the_same_buckets(mixed, tmp_path):
+    """tokenizer.encode --buckets writes each clip at its bucket's shape; the DiT trains on those latents in the
+    same buckets."""
+    import train
+    from tokenizer import CausalVAE
+    from tokenizer.encode import main as encode_main
+
+    urls, bucket_file = mixed
+    torch.manual_seed(0)
+    vae = CausalVAE.from_preset("tiny")
+    vae.set_latent_stats(torch.zeros(16), torch.ones(16))
+    vae.save_pretrained(tmp_path / "vae")
+    assert encode_main(["--ckpt", str(tmp_path / "vae"), "--data", urls[0], "--out", str(tmp_path / "latents"),
+                        "--buckets", str(bucket_file), "--workers", "0", "--device", "cpu"]) == 0
+    from data import iter_shard_samples
+    shapes = Counter()
+    for s in iter_shard_samples(tmp_path / "latents"):
+        meta = json.loads(s["json"])
+        z = np.load(io.BytesIO(s["latents.npy"]))
+        assert z.shape[1:] == (1 + (meta["frames"] - 1) // 4, meta["height"] // 8, meta["width"] // 8)
+        shapes[(meta["frames"], meta["height"], meta["width"])] += 1
+    assert {(9, 32, 48), (9, 48, 32), (9, 32, 32), (1, 32, 32)} <= set(shapes)
+    loader = make_loader(tmp_path / "latents", 2, None, None, num_workers=0, buckets=parse_buckets(str(bucket_file)))
+    for batch in take(loader, 8):
+        f, h, w = (int(v) for v in batch["bucket"].split("x"))
+        assert batch["latents"].shape[2:] == (1 + (f - 1) // 4, h // 8, w // 8)
+    out = tmp_path / "dit"
+    assert train.main(["--stage", "dit", "--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "latents"), "--latents",
+                       "--buckets", str(bucket_file), "--out", str(out), "--steps", "4", "--num-workers", "0",
+                       "--preview-steps", "1", "--wandb", "disabled", "--no-progress", "--log-every", "4"]) == 0
+    spec = json.loads((out / "model" / "pipeline.json").read_text())
+    assert [1, 32, 32] in spec["buckets"] and [9, 48, 32] in spec["buckets"]

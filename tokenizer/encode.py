@@ -1,13 +1,16 @@
 """Export latent shards: encode every clip of a video dataset once, so that DiT training skips decoding.
 
     python -m tokenizer.encode --ckpt DIR --data SHARDS --out DIR [--frames 17 --size 256 --fps F]
-                               [--batch-size 8 --chunk N --shard-size 100 --device cuda]
+                               [--buckets 256p|FILE] [--batch-size 8 --chunk N --shard-size 100 --device cuda]
 
 Reads the shards in eval order (each sample once: the first window of `--frames` frames at `--fps`,
 centre-cropped to `--size`), encodes with the tokenizer and writes `KEY.latents.npy` (the posterior
 mean, (C, t, h, w), unnormalised float16), `KEY.txt` (the caption) and `KEY.json` (what the latents
 encode: frames, size, fps, the tokenizer checkpoint and its latent statistics). Samples the loader
 cannot use are skipped and reported, as in training. `make_loader` reads the result directly.
+
+With --buckets, each clip is encoded at the shape of its bucket (the nearest aspect ratio whose duration it
+fills, as training takes it), so `train.py --latents --buckets` (the same list) trains on mixed shapes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from data import ShardWriter, latent_sample, make_loader
+from data.buckets import Bucket, check_divisible, parse_buckets
 from data.video_io import check_frame_count, size_pair
 from errors import InputError
 
@@ -32,20 +36,24 @@ from .model import CausalVAE
 def export_latents(vae: CausalVAE | DiffusersVAE, data, out: Path, frames: int, size: int | tuple[int, int], *,
                    fps: float | None = None,
                    batch_size: int = 8, chunk: int | None = None, shard_size: int = 100, num_workers: int = 2,
-                   device: str | torch.device = "cpu", ckpt: str = "", overwrite: bool = False) -> dict:
+                   device: str | torch.device = "cpu", ckpt: str = "", overwrite: bool = False,
+                   buckets: list[Bucket] | None = None) -> dict:
+    """Encode every clip of `data` into latent shards at `out` (with buckets: each at its bucket's shape);
+    returns the samples and shards written, per-bucket counts and the skipped samples."""
     device = torch.device(device)
-    height, width = size_pair(size)
     vae = vae.to(device).eval()
     loader = make_loader(data, batch_size, frames, size, mode="eval", num_workers=num_workers, fps=fps,
-                         rank=0, world_size=1)
+                         rank=0, world_size=1, buckets=buckets)
     stats = {"latent_mean": vae.latent_mean.tolist(), "latent_std": vae.latent_std.tolist()}
     with ShardWriter(out, shard_size, overwrite) as writer:
         for batch in loader:
+            t, height, width = batch["video"].shape[2:]
             z = vae.encode(batch["video"].to(device), chunk=chunk).mean.cpu().numpy().astype(np.float16)
             for key, caption, latents, clip_fps in zip(batch["key"], batch["caption"], z, batch["fps"].tolist()):
-                meta = {"frames": frames, "height": height, "width": width, "fps": clip_fps, "tokenizer": ckpt} | stats
+                meta = {"frames": t, "height": height, "width": width, "fps": clip_fps, "tokenizer": ckpt} | stats
                 writer.write(latent_sample(key, latents, caption, meta))
     return {"samples": writer.count, "shards": [p.name for p in writer.shards], "skipped": dict(loader.skipped),
+            "buckets": dict(loader.bucket_samples),
             "skip_log": [f"{r.key or r.url}: {r.reason}: {r.detail}" for r in loader.skip_log]}
 
 
@@ -58,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX",
                         help="crop size: one side (a square) or HEIGHT WIDTH (default 256)")
     parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
+    parser.add_argument("--buckets", default=None, metavar="PRESET|FILE",
+                        help="encode each clip at its bucket's shape (train.py --buckets takes the same); --frames and "
+                             "--size are then unused")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode step (bounded memory)")
     parser.add_argument("--shard-size", type=int, default=100)
@@ -70,15 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         check_frame_count(args.frames)
         args.size = size_pair(args.size)
         vae = load_tokenizer(args.ckpt)
-        vae.check_video(torch.empty(1, 3, args.frames, *args.size, device="meta"))
+        buckets = parse_buckets(args.buckets, args.batch_size) if args.buckets else None
+        if buckets:
+            sf = vae.config.spatial_factor
+            check_divisible(buckets, (sf, sf), lambda f: vae.check_video(torch.empty(1, 3, f, sf, sf, device="meta")))
+        else:
+            vae.check_video(torch.empty(1, 3, args.frames, *args.size, device="meta"))
         result = export_latents(vae, args.data, args.out, args.frames, args.size, fps=args.fps,
                                 batch_size=args.batch_size, chunk=args.chunk, shard_size=args.shard_size,
                                 num_workers=args.workers, device=args.device, ckpt=str(args.ckpt),
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, buckets=buckets)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {result['samples']} latent samples in {len(result['shards'])} shards to {args.out}")
+    print(f"wrote {result['samples']} latent samples in {len(result['shards'])} shards to {args.out}"
+          + (f" ({', '.join(f'{n} at {b}' for b, n in sorted(result['buckets'].items()))})" if result["buckets"] else ""))
     if result["skip_log"]:
         print(f"skipped {len(result['skip_log'])} samples:")
         for line in result["skip_log"]:
