@@ -56,15 +56,18 @@ class TextToVideo(nn.Module):
         super().__init__()
         self.dit, self.text = dit, text
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                drop: torch.Tensor | None = None, given: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor], t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                drop: torch.Tensor | None = None, given: torch.Tensor | list | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Velocity for latents x (B, C, T, H, W) at times t (B,). text: token ids (B, L) with a built-in encoder,
         else encoded tokens (B, L, D); rows where `drop` (B,) is True get the null condition instead; `given`
-        (B, T) flags latent frames known clean in x."""
+        (B, T) flags latent frames known clean in x. A packed batch: x a list of (C, T_i, H_i, W_i) latents of mixed
+        shapes (and `given` a list of (T_i,) flags or None), run together by `DiT3D.forward_varlen`."""
         if self.text is not None:
             text = self.text(text, text_mask)
         if drop is not None:
             text, text_mask = self.dit.drop_captions(text, text_mask, drop)
+        if isinstance(x, (list, tuple)):
+            return self.dit.forward_varlen(list(x), t, text, text_mask, given)
         return self.dit(x, t, text, text_mask, given)
 
 

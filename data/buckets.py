@@ -208,6 +208,30 @@ class BucketSchedule:
         return {"buckets": [[b.frames, b.height, b.width, b.batch_size] for b in self.buckets], "counts": self.counts}
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Batches filled to a token budget with clips of mixed shapes (each at its best bucket's shape), for
+    `DiT3D.forward_varlen`: `budget` tokens per batch, a clip of (frames, height, width) costing
+    (1 + (frames - 1) // temporal) / pt x height / ph x width / pw tokens (cell = (pt, ph, pw) in latent
+    frames and pixels). The readers choose each batch from a pool of `pool` samples."""
+
+    budget: int
+    temporal: int
+    cell: tuple[int, int, int]
+    pool: int = 32
+
+    def tokens(self, shape: Sequence[int]) -> int:
+        f, h, w = shape
+        pt, ph, pw = self.cell
+        return (1 + (f - 1) // self.temporal) // pt * (h // ph) * (w // pw)
+
+    def check(self, buckets: Sequence[Bucket]) -> None:
+        largest = max(buckets, key=lambda b: self.tokens(b.shape))
+        if self.tokens(largest.shape) > self.budget:
+            raise InputError(f"--pack {self.budget}: the bucket {largest.name} alone is {self.tokens(largest.shape)} "
+                             f"tokens; give a budget of at least that, or drop the bucket")
+
+
 def describe(buckets: Sequence[Bucket], counts: Sequence[int], scanned: int) -> str:
     lines = [f"buckets ({scanned} samples scanned):"]
     for b, c in zip(buckets, counts):

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from errors import InputError, MissingInputError
 
-from .buckets import Bucket, BucketSchedule, bucket_order, describe, latent_bucket
+from .buckets import Bucket, BucketSchedule, Packing, bucket_order, describe, latent_bucket
 from .shards import LATENT_EXT
 from .stream import ReaderStream, StaleState
 from .video_io import (MEDIA_EXTENSIONS, ClipTooShortError, VideoInfo, VideoReadError, check_frame_count, probe,
@@ -290,6 +290,14 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
+def collate_packed(samples: list[dict]) -> dict:
+    """A packed batch: `video` (or `latents`) is a list of (C, T_i, H_i, W_i) tensors of mixed shapes."""
+    tensor_key = "latents" if "latents" in samples[0] else "video"
+    return {tensor_key: [s[tensor_key] for s in samples], "packed": True, "caption": [s["caption"] for s in samples],
+            "key": [s["key"] for s in samples], "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
+            "meta": [s["meta"] for s in samples]}
+
+
 class ShardStream(IterableDataset):
     """The per-reader pipeline: shards -> WebDataset samples -> (shuffle) -> decode -> batches.
 
@@ -307,6 +315,9 @@ class ShardStream(IterableDataset):
     all full goes to its next bucket, or is skipped as bucket_full) and are decoded when their bucket's turn
     comes. The state then also holds the batches
     yielded and the backlog as (shard, index, position) triples, fetched again on resume.
+
+    With packing (train mode), each batch is filled up to a token budget from a pool of samples (the oldest
+    first, then the largest that still fit), each at its best bucket's shape; the pool is in the state too.
     """
 
     def __init__(self, urls: list[str], spec: ClipSpec, batch_size: int, mode: str, seed: int,
@@ -315,7 +326,8 @@ class ShardStream(IterableDataset):
         self.urls, self.spec, self.batch_size, self.mode, self.seed = urls, spec, batch_size, mode, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.schedule, self.backlog = schedule, backlog
-        self.buckets = None  # eval in buckets (each sample at its best bucket's shape); training uses the schedule's
+        self.buckets = None  # eval in buckets or packing: each sample at its best bucket's shape
+        self.packing: Packing | None = None
         self.start_states: dict[int, dict] = {}  # reader -> its ReaderStream state when the run stopped (resume)
         self.start_positions: dict[int, int] = {}  # reader -> raw samples consumed (a checkpoint from before states)
 
@@ -383,7 +395,7 @@ class ShardStream(IterableDataset):
             return decoded
 
         def emit(batch: list[dict], state: dict, extra: dict | None = None) -> dict:
-            out = ({} if not batch else collate(batch)) | (extra or {}) | {
+            out = ({} if not batch else collate_packed(batch) if self.packing else collate(batch)) | (extra or {}) | {
                 "__skips__": skips[:], "__shorts__": shorts[:], "__reader__": reader, "__state__": state}
             skips.clear()
             shorts.clear()
@@ -391,6 +403,9 @@ class ShardStream(IterableDataset):
 
         if self.schedule is not None:
             yield from self._bucketed(samples, stream, saved or {}, position, reader, worker, workers, decode, skip, emit)
+            return
+        if self.packing is not None and self.mode == "train":
+            yield from self._packed(samples, stream, saved or {}, position, reader, decode, skip, emit)
             return
 
         def state() -> dict:  # where this reader is, after the samples drawn so far
@@ -401,13 +416,8 @@ class ShardStream(IterableDataset):
             at, position = position, position + 1
             b, spec = 0, self.spec
             if self.buckets:
-                try:
-                    order = buckets_for(sample, self.buckets, self.spec.fps)
-                except SkipSample as s:
-                    skip(SkipRecord(s.reason, sample.get("__key__", "?"), sample.get("__url__", "?"), s.detail))
-                    continue
+                order = self._places(sample, self.buckets, skip)
                 if not order:
-                    skip(no_bucket(sample, self.buckets, sample.get("__key__", "?"), sample.get("__url__", "?")))
                     continue
                 b, bucket = order[0], self.buckets[order[0]]
                 spec = dataclasses.replace(spec, frames=bucket.frames, size=(bucket.height, bucket.width))
@@ -422,6 +432,62 @@ class ShardStream(IterableDataset):
             if batch and self.mode == "eval":
                 yield emit(batch, state(), None if buckets[b] is None else {"bucket": buckets[b].name})
         yield emit([], state(), {"__end__": True})
+
+    def _places(self, sample: dict, buckets: Sequence[Bucket], skip) -> list[int]:
+        """The buckets the sample may go to, best first; [] when none (the skip is recorded)."""
+        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+        try:
+            order = buckets_for(sample, buckets, self.spec.fps)
+        except SkipSample as s:
+            skip(SkipRecord(s.reason, key, url, s.detail))
+            return []
+        if not order:
+            skip(no_bucket(sample, buckets, key, url))
+        return order
+
+    def _packed(self, samples, stream: ReaderStream, saved: dict, position: int, reader: int, decode, skip, emit):
+        """Batches of mixed shapes filled to the token budget (see the class)."""
+        buckets, packing = self.buckets, self.packing
+        pool: list[tuple[dict, int, int]] = []  # (raw sample, draw position, bucket), oldest first
+        entries = saved.get("pool", [])
+        if entries:
+            try:
+                raw = stream.fetch([(url, index) for url, index, _, _ in entries])
+                pool = [(r, at, b) for r, (_, _, at, b) in zip(raw, entries)]
+            except StaleState as e:
+                log.warning("reader %d: its packing pool is gone (%s); those samples are dropped", reader, e)
+        batches = saved.get("batches", 0)
+
+        def state() -> dict:
+            return {"position": position, "stream": stream.state(), "batches": batches,
+                    "pool": [[s["__url__"], s["__index__"], at, b] for s, at, b in pool]}
+
+        while True:
+            while len(pool) < packing.pool:
+                sample, at = next(samples), position
+                position += 1
+                order = self._places(sample, buckets, skip)
+                if order:
+                    pool.append((sample, at, order[0]))
+            cost = [packing.tokens(buckets[b].shape) for _, _, b in pool]
+            chosen, room = [0], packing.budget - cost[0]  # the oldest always goes: none waits for ever
+            for i in sorted(range(1, len(pool)), key=lambda i: -cost[i]):
+                if cost[i] <= room:
+                    chosen.append(i)
+                    room -= cost[i]
+            picked = [pool[i] for i in sorted(chosen)]
+            pool = [p for i, p in enumerate(pool) if i not in set(chosen)]
+            batch, tokens = [], []
+            for sample, at, b in picked:
+                bucket = buckets[b]
+                decoded = decode(sample, at, dataclasses.replace(self.spec, frames=bucket.frames,
+                                                                 size=(bucket.height, bucket.width)))
+                if decoded is not None:
+                    batch.append(decoded)
+                    tokens.append(packing.tokens(bucket.shape))
+            if batch:  # when every pick failed to decode, choose again (the skips go with the next batch)
+                batches += 1
+                yield emit(batch, state(), {"tokens": tokens})
 
     def _bucketed(self, samples, stream: ReaderStream, saved: dict, position: int, reader: int, worker: int,
                   workers: int, decode, skip, emit):
@@ -453,15 +519,10 @@ class ShardStream(IterableDataset):
                 else:
                     sample, at = next(samples), position
                     position += 1
-                    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-                    try:
-                        order = buckets_for(sample, buckets, self.spec.fps)
-                    except SkipSample as s:
-                        skip(SkipRecord(s.reason, key, url, s.detail))
-                        continue
+                    order = self._places(sample, buckets, skip)
                     if not order:
-                        skip(no_bucket(sample, buckets, key, url))
                         continue
+                    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
                     home = next((i for i in order if i == b or len(waiting[i]) < max(self.backlog, 2 * buckets[i].batch_size)),
                                 None)
                     if home is None:
@@ -579,9 +640,17 @@ class ShardLoader:
                 "unique_skips": sorted(self.unique_skips), "buckets": self._bucket_layout(),
                 "bucket_samples": dict(self.bucket_samples)}
 
-    def _bucket_layout(self) -> list | None:
-        schedule = self.dataset.schedule
-        return None if schedule is None else schedule.to_json()
+    def _bucket_layout(self) -> dict | None:
+        """The buckets and their schedule or packing, as the state records them (JSON values)."""
+        d = self.dataset
+        if d.schedule is not None:
+            layout = d.schedule.to_json()
+        elif d.packing is not None and d.mode == "train":
+            layout = {"buckets": [[b.frames, b.height, b.width, b.batch_size] for b in d.buckets],
+                      "packing": dataclasses.asdict(d.packing)}
+        else:
+            return None
+        return json.loads(json.dumps(layout))
 
     def load_state_dict(self, state: dict) -> bool:
         """Continue from `state` (taken by `state_dict()` of a loader over the same shards and layout).
@@ -644,6 +713,7 @@ def make_loader(
     buckets: Sequence[Bucket] | None = None,
     backlog: int = 64,
     scan: int = 512,
+    packing: Packing | None = None,
 ) -> ShardLoader:
     """Batches of `video` (B, 3, frames, H, W) in [-1, 1] (or `latents`), `caption`, `key`, `fps`, `meta`.
 
@@ -663,6 +733,8 @@ def make_loader(
       of the shards (in a fixed order, alike on every rank) are measured to weight the buckets; the table
       is logged, and buckets that no scanned sample fits are named. backlog: samples (raw bytes) each
       bucket may hold while waiting for its turn (at least two batches).
+    packing: (train, with buckets) fill each batch to a token budget with clips of mixed shapes instead, each at
+      its best bucket's shape; `video` (or `latents`) is then a list, and `tokens` their token counts.
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -692,7 +764,11 @@ def make_loader(
         decode_threads=decode_threads,
     )
     schedule = None
-    if buckets and train:
+    if packing is not None:
+        if not (buckets and train):
+            raise ValueError("packing takes its shapes from buckets, in a training stream")
+        packing.check(buckets)
+    elif buckets and train:
         counts, scanned, problems = scan_buckets(url_list, buckets, fps, scan)
         empty = [b.name for b, c in zip(buckets, counts) if c == 0]
         if rank == 0:  # every rank scans alike; one reports
@@ -702,8 +778,8 @@ def make_loader(
                         ", ".join(empty), scanned)
         schedule = BucketSchedule(buckets, counts, seed)
     dataset = ShardStream(url_list, spec, batch_size, mode, seed, rank, world_size, shuffle_buffer, schedule, backlog)
-    if buckets and not train:
-        dataset.buckets = list(buckets)
+    if buckets and (packing is not None or not train):
+        dataset.buckets, dataset.packing = list(buckets), packing
     return ShardLoader(dataset, num_workers, pin_memory, prefetch_factor)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -17,7 +18,7 @@ import torch
 
 from .conftest import BIKES, CARPHONE
 from data import ShardWriter, make_loader, probe
-from data.buckets import (PRESETS, Bucket, BucketSchedule, bucket_order, check_divisible, nearest_bucket,
+from data.buckets import (PRESETS, Bucket, BucketSchedule, Packing, bucket_order, check_divisible, nearest_bucket,
                           parse_buckets)
 from data.synthetic import SyntheticSpec, generate
 from data.video_io import VideoInfo, check_frame_count
@@ -258,3 +259,69 @@ def test_latent_shards_at_mixed_shapes_train_in_the_same_buckets(mixed, tmp_path
                        "--preview-steps", "1", "--wandb", "disabled", "--no-progress", "--log-every", "4"]) == 0
     spec = json.loads((out / "model" / "pipeline.json").read_text())
     assert [1, 32, 32] in spec["buckets"] and [9, 48, 32] in spec["buckets"]
+
+
+# ---- packing ---------------------------------------------------------------------------------------------
+
+def test_packed_batches_fill_the_budget_and_resume_exactly(mixed):
+    urls, bucket_file = mixed
+    packing = Packing(budget=40, temporal=4, cell=(1, 16, 16), pool=8)  # 9x32x32: 12 tokens, 1x32x32: 4
+    make = lambda: make_loader(urls, 2, None, None, num_workers=0, seed=1, shuffle_buffer=8,  # noqa: E731
+                               buckets=parse_buckets(str(bucket_file)), packing=packing)
+    loader = make()
+    it = iter(loader)
+    batches = [next(it) for _ in range(5)]
+    for batch in batches:
+        assert batch["packed"] and len(batch["video"]) == len(batch["tokens"]) == len(batch["key"])
+        assert sum(batch["tokens"]) <= 40
+        for video, n in zip(batch["video"], batch["tokens"]):
+            assert packing.tokens(video.shape[1:]) == n
+    assert len({tuple(v.shape) for b in batches for v in b["video"]}) >= 3  # mixed shapes in one batch
+    assert sum(sum(b["tokens"]) for b in batches) / (40 * len(batches)) > 0.8  # the budget is well used
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = [next(it) for _ in range(4)]
+    resumed = make()
+    assert resumed.load_state_dict(state)
+    for a, b in zip(expected, take(resumed, 4)):
+        assert a["key"] == b["key"] and all(torch.equal(x, y) for x, y in zip(a["video"], b["video"]))
+    with pytest.raises(InputError, match="the bucket 9x32x64 alone is 24 tokens"):
+        make_loader(urls, 2, None, None, buckets=parse_buckets(str(bucket_file)),
+                    packing=Packing(budget=23, temporal=4, cell=(1, 16, 16)))
+
+
+def test_a_packed_batch_trains_as_each_clip_alone(mixed, tmp_path):
+    """One forward_varlen over clips of mixed shapes gives each clip's own velocity, and the packed loss is the
+    token-weighted mean of the losses the clips have alone (each its own noise, time and time shift)."""
+    from parallel import Env
+    from training.dit_stage import DiTStage
+    from training.options import build_parser
+    from tokenizer import CausalVAE
+
+    torch.manual_seed(0)
+    vae = CausalVAE.from_preset("tiny")
+    vae.set_latent_stats(torch.zeros(16), torch.ones(16))
+    vae.save_pretrained(tmp_path / "vae")
+    args = build_parser().parse_args(["--stage", "dit", "--data", mixed[0][0], "--vae", str(tmp_path / "vae"),
+                                      "--out", str(tmp_path / "run"), "--caption-dropout", "0.5"])
+    stage = DiTStage(args, Env(rank=0, world=1, local_rank=0, device=torch.device("cpu")))
+    stage.model.eval()
+    gen = torch.Generator().manual_seed(0)
+    videos = [torch.rand(3, *shape, generator=gen) * 2 - 1 for shape in ((9, 32, 48), (1, 32, 32), (9, 48, 32), (5, 32, 32))]
+    keys = [f"k{i}" for i in range(len(videos))]
+    captions = ["a red circle moving up", "a blue square", "a green triangle moving left", "x"]
+    packed = {"video": videos, "packed": True, "tokens": [0] * 4, "key": keys, "caption": captions,
+              "fps": torch.zeros(4), "meta": [{}] * 4}
+    with torch.no_grad():
+        loss, logs = stage.loss(stage.model, packed, step=7)
+        alone = [stage.loss(stage.model, {"video": v[None], "key": [k], "caption": [c], "fps": torch.zeros(1),
+                                          "meta": [{}]}, step=7)[0] for v, k, c in zip(videos, keys, captions)]
+        text, mask = stage.encode_text(stage.model, captions)
+        latents = [stage.vae.encode(v[None]).mean[0] for v in videos]
+        t = torch.tensor([0.2, 0.5, 0.7, 0.9])
+        together = stage.model(latents, t, text, mask)
+        for i, z in enumerate(latents):
+            own = stage.model(z[None], t[i : i + 1], text[i : i + 1], mask[i : i + 1])[0]
+            torch.testing.assert_close(together[i], own, atol=2e-5, rtol=1e-4)
+    tokens = [math.prod(stage.model.dit.token_grid(tuple(z.shape[1:]))) for z in latents]
+    torch.testing.assert_close(loss, sum(n * a for n, a in zip(tokens, alone)) / sum(tokens), atol=1e-5, rtol=1e-5)
+    assert logs["pack/padding"] == pytest.approx(1 - sum(tokens) / (4 * max(tokens)))

@@ -22,6 +22,7 @@ from dit3d.model import DiTBlock
 from dit3d.wan import wan_format
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
 from checkpoint_io import dit_folder
+from data.buckets import Packing
 from data.video_io import size_pair
 from errors import InputError
 from evaluation.motion_score import preview_scores
@@ -103,7 +104,7 @@ class DiTStage:
         self.block_types = (DiTBlock,)
         self.flow = FlowConfig(logit_mean=args.logit_mean, logit_std=args.logit_std, shift=args.shift,
                                shift_base_tokens=args.shift_base_tokens)
-        self.schedule = None  # the loader's buckets (set by the loop), or None
+        self.buckets, self.schedule = None, None  # the loop's buckets and the loader's schedule, with --buckets
 
     @staticmethod
     def pretrained_dit(args, overrides: dict) -> DiT3D:
@@ -129,14 +130,29 @@ class DiTStage:
         t = self.frames.frames(self.vae.latent_shape(frames, *self.shape_multiple())[1])
         self.model.dit.token_grid((t, self.model.dit.config.patch_size[1], self.model.dit.config.patch_size[2]))
 
+    def packing(self, budget: int, pool: int) -> Packing:
+        """--pack: a token budget per batch, counted as this DiT counts a clip's tokens."""
+        pt = self.model.dit.config.patch_size[0]
+        if self.args.latent_stride > 1 or self.args.latent_window:
+            raise InputError("--pack counts each clip's tokens from its shape; it does not take --latent-stride or "
+                             "--latent-window")
+        return Packing(budget, self.vae.config.temporal_factor, (pt, *self.shape_multiple()), pool)
+
     def preview_shape(self) -> tuple[int, tuple[int, int]]:
         """(frames, (height, width)) of the previews and pipeline.json's default: --frames x --size, or with
-        buckets the video bucket that holds the most of the data."""
-        if self.schedule is None:
+        buckets the video bucket that holds the most of the data (packing: the largest)."""
+        if not self.buckets:
             return self.args.frames, size_pair(self.args.size)
-        ranked = sorted(zip(self.schedule.counts, self.schedule.buckets), key=lambda cb: (cb[1].frames > 1, cb[0]))
-        best = ranked[-1][1]
+        counts = self.schedule.counts if self.schedule is not None else [b.volume() for b in self.buckets]
+        best = max(zip(counts, self.buckets), key=lambda cb: (cb[1].frames > 1, cb[0]))[1]
         return best.frames, (best.height, best.width)
+
+    def trained_shapes(self) -> list[list[int]]:
+        """The (frames, height, width) of the buckets that took part (with a schedule: those the data fills)."""
+        if not self.buckets:
+            return []
+        counts = self.schedule.counts if self.schedule is not None else [1] * len(self.buckets)
+        return [list(b.shape) for b, c in zip(self.buckets, counts) if c > 0]
 
     def initialize(self) -> None:
         pass
@@ -148,14 +164,59 @@ class DiTStage:
             t, h, w = self.vae.latent_shape(*batch["video"].shape[2:])[1:]
         return self.frames.frames(t), h, w
 
-    def tokens(self, batch: dict) -> int:
+    def tokens(self, batch: dict) -> float:
+        """Tokens per sample (a packed batch: their mean)."""
+        if batch.get("packed"):
+            return sum(batch["tokens"]) / len(batch["tokens"])
         return math.prod(self.model.dit.token_grid(self.latent_grid(batch)))
 
     def encode_text(self, module: TextToVideo, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text inputs of the wrapped model: token ids (built-in encoder) or frozen-encoder tokens."""
         return text_inputs(module, self.frozen_text, captions, self.env.device)
 
+    def packed_loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        """The loss of a packed batch (clips of mixed shapes, one `forward_varlen`): each clip draws its noise, time
+        and dropout as it would alone, its time shifted for its own token count; the clips' losses are averaged
+        weighted by their tokens."""
+        device, seed = self.env.device, self.args.seed
+        keys = batch["key"]
+        gens = [sample_generator(seed, step, k) for k in keys]
+        normals = torch.stack([torch.randn((), generator=g) for g in gens])
+        drop = torch.stack([torch.rand((), generator=g) < self.args.caption_dropout for g in gens])
+        items = batch["latents"] if "latents" in batch else batch["video"]
+        x0s, givens = [], []
+        with torch.no_grad():
+            for key, gen, item in zip(keys, gens, items):
+                if "latents" in batch:
+                    z = item[None].to(device)
+                else:
+                    posterior = self.vae.encode(item[None].to(device))
+                    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape[1:], generator=gen).to(device)
+                z, given = self.frames.select(z, [sample_generator(seed, step, key, "condition")])
+                x0s.append(self.vae.normalize(z.float())[0])  # (C, t, h, w)
+                givens.append(None if given is None else given[0])
+        dit = unwrap(model).dit
+        tokens = [math.prod(dit.token_grid(tuple(x0.shape[1:]))) for x0 in x0s]
+        noises = [torch.randn(x0.shape, generator=g).to(device) for x0, g in zip(x0s, gens)]
+        t = torch.cat([training_timesteps(self.flow, normals[i : i + 1], n) for i, n in enumerate(tokens)]).to(device)
+        x_ts = [keep_given(interpolate(x0[None], noise[None], t[i : i + 1]), None if g is None else (x0[None], g[None]))[0]
+                for i, (x0, noise, g) in enumerate(zip(x0s, noises, givens))]
+        captions = batch["caption"]
+        if self.text_padding == "wan":
+            captions, drop = ["" if d else c for c, d in zip(captions, drop.tolist())], None
+        text, mask = self.encode_text(unwrap(model), captions)
+        with autocast(device):
+            vs = model(x_ts, t, text, mask, None if drop is None else drop.to(device),
+                       None if all(g is None for g in givens) else givens)
+        losses = [flow_loss(v[None], velocity_target(x0, noise)[None], None if g is None else ~g[None])
+                  for v, x0, noise, g in zip(vs, x0s, noises, givens)]
+        loss = sum(n * part for n, part in zip(tokens, losses)) / sum(tokens)
+        longest = max(tokens)
+        return loss, {"pack/clips": len(tokens), "pack/padding": 1 - sum(tokens) / (len(tokens) * longest)}
+
     def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        if batch.get("packed"):
+            return self.packed_loss(model, batch, step)
         device, seed = self.env.device, self.args.seed
         keys = batch["key"]
         gens = [sample_generator(seed, step, k) for k in keys]
@@ -234,8 +295,7 @@ class DiTStage:
         """directory/{dit, text, tokenizer} and pipeline.json: all that sample.py needs (the frozen tokenizer
         linked from the `previous` export where there is one)."""
         frames, size = self.preview_shape()
-        trained = [] if self.schedule is None else [
-            list(b.shape) for b, c in zip(self.schedule.buckets, self.schedule.counts) if c > 0]
+        trained = self.trained_shapes()
         save_pipeline(directory, ema, state, self.vae, step, previous, {
             "text_encoder": self.args.text_encoder if ema.text is not None else str(Path(self.args.text_encoder).resolve()),
             "frames": frames, "size": list(size), "fps": self.args.fps or 8.0,

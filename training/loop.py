@@ -94,8 +94,9 @@ def train(args) -> Path:
     loader = make_loader(args.data, args.batch_size, None if args.latents else args.frames,
                          None if args.latents else args.size, mode="train", num_workers=args.num_workers,
                          fps=args.fps, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
-                         rank=env.dp_rank, world_size=env.dp_world, buckets=buckets, backlog=args.bucket_backlog)
-    stage.schedule = loader.dataset.schedule  # the buckets and how much of the data each holds (None: one shape)
+                         rank=env.dp_rank, world_size=env.dp_world, buckets=buckets, backlog=args.bucket_backlog,
+                         packing=stage.packing(args.pack, args.pack_pool) if args.pack else None)
+    stage.buckets, stage.schedule = buckets, loader.dataset.schedule  # the buckets, and how much of the data each holds
     bucket_index = {b.name: i for i, b in enumerate(buckets or [])}
 
     # with frozen weights (LoRA), checkpoints hold the trained ones alone: the rest comes from --init on resume

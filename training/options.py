@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in buckets of (frames, height, width) instead of one --frames x --size: a preset "
                         "(64p, 256p, 480p) or a file of 'frames height width [batch]' lines. Each clip goes to the "
                         "bucket nearest its aspect ratio whose duration it fills; images to one-frame buckets")
+    g.add_argument("--pack", type=int, default=0, metavar="TOKENS",
+                   help="dit, with --buckets: fill each batch to this many DiT tokens with clips of mixed shapes (each "
+                        "at its bucket's shape) run together by forward_varlen, instead of one bucket per batch")
+    g.add_argument("--pack-pool", type=int, default=32, help="with --pack: samples each batch is chosen from")
     g.add_argument("--bucket-backlog", type=int, default=64,
                    help="with --buckets: samples each bucket may hold (raw bytes) while waiting for its turn")
     g.add_argument("--num-workers", type=int, default=2, help="decoding worker processes per rank")
@@ -150,6 +154,10 @@ def check_args(args) -> None:
     if args.buckets and args.image_prob > 0:
         raise InputError("--image-prob takes the first frame of a step's clips; with --buckets, images train in "
                          "one-frame buckets instead (put images in the shards, or a 1-frame bucket in the list)")
+    if args.pack and (args.stage != "dit" or not args.buckets):
+        raise InputError("--pack fills DiT batches with clips of the --buckets shapes: use it with --stage dit and --buckets")
+    if args.pack < 0 or args.pack_pool < 1:
+        raise InputError("--pack must be at least 0 (0: off) and --pack-pool at least 1")
     if args.latents and args.stage != "dit":
         raise InputError("--latents is for the dit stage (latent shards have no pixels to reconstruct)")
 

@@ -60,7 +60,7 @@ class TokenizerStage:
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
                                               fused=env.device.type == "cuda")
         self._recon: torch.Tensor | None = None
-        self.schedule = None  # the loader's buckets (set by the loop), or None
+        self.buckets, self.schedule = None, None  # the loop's buckets and the loader's schedule, with --buckets
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.model.config)
