@@ -4,6 +4,11 @@ prompts whose caption combinations were held out of training, scored by the moti
 resumes if interrupted.
 
     python train.py quickstart [--seed 1 --out runs/quickstart_1 ...]      # or: python quickstart.py ...
+    python train.py quickstart --shapes 17x64x64 17x64x96 17x96x64 --out runs/quickstart_mixed
+
+With --shapes the clips mix those aspect ratios (and durations): both stages train in buckets of those
+shapes (tokens per batch about even), the latents are written at each clip's shape, and the samples and
+their scores come at every video shape.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 
 import sample
 from checkpoint_io import write_json_atomic, write_text_atomic
-from data.synthetic import DEFAULT_HOLDOUT, SyntheticSpec, generate
+from data.buckets import bucket_file_text, parse_buckets, scaled_batch_sizes
+from data.synthetic import DEFAULT_HOLDOUT, SyntheticSpec, generate, parse_shape
 from evaluation.motion_score import score_dir, table
 from parallel import run_command
 from tokenizer import CausalVAE
@@ -50,6 +56,8 @@ def quickstart_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, default=8, help="videos per prompt (seeds 0, 1, ...)")
     p.add_argument("--seed", type=int, default=0, help="seed of both training stages (initial weights, data order, "
                    "noise); the synthetic set is the same for every seed. Give each seed its own --out")
+    p.add_argument("--shapes", nargs="+", default=[], metavar="FxHxW",
+                   help="mix these clip shapes (e.g. 17x64x64 17x64x96 17x96x64) and train in buckets of them")
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -65,15 +73,25 @@ def run(q: argparse.Namespace) -> None:
     start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     shards, latents = out / "shards", out / "latents"
-    spec = SyntheticSpec(holdout=DEFAULT_HOLDOUT)
-    if not (shards / "manifest.json").is_file() or json.loads((shards / "manifest.json").read_text())["samples"] != q.clips:
-        log.info("[1/4] writing %d synthetic clips (%d frames, %dx%d) to %s", q.clips, spec.frames, spec.size, spec.size, shards)
+    shapes = tuple(parse_shape(s) for s in q.shapes)
+    spec = SyntheticSpec(holdout=DEFAULT_HOLDOUT, shapes=shapes)
+    manifest = shards / "manifest.json"
+    if not manifest.is_file() or (json.loads(manifest.read_text())["samples"], json.loads(manifest.read_text())["spec"].get(
+            "shapes", [])) != (q.clips, [list(s) for s in shapes]):
+        log.info("[1/4] writing %d synthetic clips (%s) to %s", q.clips,
+                 ", ".join(f"{f} frames at {h}x{w}" for f, h, w in spec.clip_shapes), shards)
         generate(shards, q.clips, spec, seed=0, shard_size=max(1, q.clips // 8), overwrite=True)
     common = ["--frames", str(spec.frames), "--size", str(spec.size), "--fps", str(spec.fps), "--preset", "tiny",
               "--seed", str(q.seed), "--wandb", q.wandb, "--log-every", "50", "--checkpoint-every", "500", "--num-workers", "1"]
     common += ["--no-progress"] if q.no_progress else []
+    bucket_files = {}
+    if shapes:  # one bucket per shape; the largest takes the batch size the square run takes, smaller ones more
+        for stage, batch in (("tokenizer", 8), ("dit", 32), ("encode", 16)):
+            bucket_files[stage] = out / f"buckets_{stage}.txt"
+            write_text_atomic(bucket_files[stage], bucket_file_text(scaled_batch_sizes(shapes, batch)))
+    buckets = lambda stage: ["--buckets", str(bucket_files[stage])] if shapes else []  # noqa: E731
     log.info("[2/4] training the tiny tokenizer (%d steps)", q.tokenizer_steps)
-    vae_run = train(build_parser().parse_args(common + [
+    vae_run = train(build_parser().parse_args(common + buckets("tokenizer") + [
         "--stage", "tokenizer", "--data", str(shards), "--out", str(out / "tokenizer"), "--steps", str(q.tokenizer_steps),
         "--batch-size", "8", "--lr", "2e-3", "--warmup", "50", "--schedule", "cosine", "--ema-decay", "0.99",
         "--latent-norm", "global"]))
@@ -83,30 +101,39 @@ def run(q: argparse.Namespace) -> None:
         shutil.rmtree(latents, ignore_errors=True)
         result = export_latents(CausalVAE.from_pretrained(vae_dir), shards, latents, spec.frames, spec.size,
                                 fps=spec.fps, batch_size=16, shard_size=max(1, q.clips // 8), num_workers=1,
-                                ckpt=str(vae_dir))
+                                ckpt=str(vae_dir), buckets=parse_buckets(str(bucket_files["encode"])) if shapes else None)
         write_json_atomic(latents / "done.json", {"samples": result["samples"]})
     prompts = list(DEFAULT_HOLDOUT) + ["a red circle moving right", "a blue triangle moving left", "a white square moving down"]
     log.info("[4/4] training the tiny DiT on the latents (%d steps)", q.dit_steps)
-    dit_run = train(build_parser().parse_args(common + [
+    dit_run = train(build_parser().parse_args(common + buckets("dit") + [
         "--stage", "dit", "--latents", "--data", str(latents), "--vae", str(vae_dir), "--out", str(out / "dit"),
         "--steps", str(q.dit_steps), "--batch-size", "32", "--lr", "1e-3", "--warmup", "100", "--schedule", "cosine",
         "--ema-decay", "0.995", "--shift", str(QUICKSTART_SHIFT), "--override", "width=128", "--override", "depth=6",
         "--preview-steps", str(q.sample_steps), "--preview-prompts", *prompts]))
     log.info("sampling %d videos for each of %d prompts and scoring their motion", q.samples_per_prompt, len(prompts))
-    samples = out / "samples"
-    shutil.rmtree(samples, ignore_errors=True)
     prompt_file = out / "prompts.txt"
     write_text_atomic(prompt_file, "\n".join(prompts) + "\n")
-    if sample.main(["--ckpt", str(dit_run), "--prompts", str(prompt_file), "--videos-per-prompt", str(q.samples_per_prompt),
-                    "--steps", str(q.sample_steps), "--out", str(samples), "--no-progress"]) != 0:
-        raise RuntimeError("sampling the trained model failed (see above)")
-    scores, summary = score_dir(samples, shards / "manifest.json")
-    write_json_atomic(out / "motion_scores.json", {"summary": summary, "videos": [dataclasses.asdict(x) for x in scores]},
+    video_shapes = [s for s in spec.clip_shapes if s[0] > 1] if shapes else [None]
+    results = {}
+    for shape in video_shapes:  # the square run: its own shape; with --shapes: every video shape, side by side
+        samples = out / "samples" if shape is None else out / "samples" / "x".join(map(str, shape))
+        shutil.rmtree(samples, ignore_errors=True)
+        size = [] if shape is None else ["--frames", str(shape[0]), "--height", str(shape[1]), "--width", str(shape[2])]
+        if sample.main(["--ckpt", str(dit_run), "--prompts", str(prompt_file), "--videos-per-prompt",
+                        str(q.samples_per_prompt), "--steps", str(q.sample_steps), "--out", str(samples), "--no-progress",
+                        *size]) != 0:
+            raise RuntimeError("sampling the trained model failed (see above)")
+        results[samples] = score_dir(samples, shards / "manifest.json")
+    scores_json = {str(path.relative_to(out)): {"summary": summary, "videos": [dataclasses.asdict(x) for x in scores]}
+                   for path, (scores, summary) in results.items()}
+    write_json_atomic(out / "motion_scores.json", scores_json if shapes else next(iter(scores_json.values())),
                       sort_keys=False)
     minutes = (time.perf_counter() - start) / 60
-    print(f"\nquickstart done in {minutes:.1f} min. {len(scores)} samples in {samples} ({len(DEFAULT_HOLDOUT)} of the "
-          f"{len(prompts)} prompts are caption combinations held out of training); their motion scores:\n")
-    print(table(summary))
+    print(f"\nquickstart done in {minutes:.1f} min ({len(DEFAULT_HOLDOUT)} of the {len(prompts)} prompts are caption "
+          f"combinations held out of training).")
+    for samples, (scores, summary) in results.items():
+        print(f"\n{len(scores)} samples in {samples}; their motion scores:\n")
+        print(table(summary))
     print(f"\nsample more:  python sample.py --ckpt {dit_run} --prompt \"a green square moving up\" --out samples/")
 
 
