@@ -1,7 +1,8 @@
-"""Data pipeline benchmark: loader throughput by worker count, seeking against decoding from the start, and
-the start-up time of a resumed loader.
+"""Data pipeline benchmark: loader throughput by worker count, seeking against decoding from the start, the
+start-up time of a resumed loader, buckets against square crops, and packing's padding.
 
-    python bench/data.py [--clips DIR] [--batches 20] [--sections throughput seek resume] [--out bench/results/data.json]
+    python bench/data.py [--clips DIR] [--batches 20] [--sections throughput seek resume buckets packing]
+                         [--out bench/results/data.json]
 
 1. Clips per second out of `make_loader` (train mode) with 0, 1 and 2 workers, on shards of the real
    clips (resized and cropped to 128x128) and on the synthetic set (64x64), 17-frame windows.
@@ -12,6 +13,13 @@ the start-up time of a resumed loader.
    with the reader's saved state (data/stream.py: about one shard and the shuffle buffer read again) against
    the replay of every sample drawn since step 0 that checkpoints from before reader states get, and the
    samples each reads. The state is taken from the stream's raw draws (nothing decoded to get there).
+4. Buckets against square crops, on 16:9 and on 9:16 footage (windows of the real clips cut to those aspect
+   ratios): samples/s out of the loader (no workers), the share of each source frame a sample keeps, and the
+   kept pixels per second; square: 17 frames at 128x128; buckets: 17 frames at 128x128, 128x224 and 224x128.
+5. Packing against buckets on mixed synthetic clips (64x64, 64x96 and 96x64 at 17 and 9 frames, and images,
+   the 64p preset): tokens per batch and their spread, the budget a packed batch fills, and the padding SDPA
+   computes for nothing (a packed batch is padded to its longest clip; xFormers' block-diagonal packing on
+   CUDA computes none).
 Prints a table and writes JSON. Timings are wall-clock medians on this machine; compare within one run.
 """
 
@@ -32,7 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import make_loader, probe, read_clip  # noqa: E402
+from data import ShardWriter, encode_mp4, make_loader, probe, read_clip  # noqa: E402
+from data.buckets import Bucket, Packing, parse_buckets, scaled_batch_sizes  # noqa: E402
 from data.make_shards import Candidate, make_shards  # noqa: E402
 from data.synthetic import SyntheticSpec, generate  # noqa: E402
 
@@ -129,14 +138,92 @@ def resume_startup(shards: Path, batch_size: int, steps: list[int], repeats: int
     return rows
 
 
+def cut_footage(clips: list[Path], out: Path, aspect: float, frames: int = 49) -> Path:
+    """Shards of the clips' windows of `frames` frames, centre-cropped to `aspect` (width / height): footage of
+    that shape from real video."""
+    with ShardWriter(out, shard_size=1) as writer:
+        for clip in clips:
+            info = probe(clip)
+            for start in range(0, info.frames - frames + 1, frames):
+                video = read_clip(clip, frames, start=start).frames  # (T, H, W, 3) at native size
+                h, w = video.shape[1:3]
+                ch, cw = (h, int(h * aspect) // 2 * 2) if h * aspect <= w else (int(w / aspect) // 2 * 2, w)
+                top, left = (h - ch) // 2, (w - cw) // 2
+                crop = video[:, top : top + ch, left : left + cw]
+                writer.write({"__key__": f"{clip.stem}_{start}", "mp4": encode_mp4(crop, info.fps), "txt": clip.stem,
+                              "json": {"fps": info.fps, "frames": frames, "width": cw, "height": ch}})
+    return out
+
+
+def kept_fraction(batch: dict) -> float:
+    """Mean share of each source frame's area that the batch's samples keep (resize to cover, then crop)."""
+    _, _, _, h, w = batch["video"].shape
+    shares = []
+    for meta in batch["meta"]:
+        sh, sw = meta["height"], meta["width"]
+        scale = max(h / sh, w / sw)
+        shares.append(h * w / (sh * sw * scale * scale))
+    return sum(shares) / len(shares)
+
+
+def buckets_vs_square(root: Path, clips: list[Path], batch_size: int, batches: int) -> list[dict]:
+    square = [Bucket(17, 128, 128, batch_size)]
+    bucketed = scaled_batch_sizes([(17, 128, 128), (17, 128, 224), (17, 224, 128)], batch_size)
+    rows = []
+    for name, aspect in (("16:9", 16 / 9), ("9:16", 9 / 16)):
+        shards = cut_footage(clips, root / f"footage_{name.replace(':', 'x')}", aspect)
+        for how, buckets in (("square crop", square), ("buckets", bucketed)):
+            loader = make_loader(shards, batch_size, None, None, num_workers=0, seed=0, shuffle_buffer=8, buckets=buckets)
+            it = iter(loader)
+            next(it)
+            t0, samples, pixels, kept, used = time.perf_counter(), 0, 0, [], {}
+            for _ in range(batches):
+                batch = next(it)
+                used[batch["bucket"]] = used.get(batch["bucket"], 0) + len(batch["key"])
+                samples += len(batch["key"])
+                pixels += batch["video"][:, 0].numel()
+                kept.append(kept_fraction(batch))
+            seconds = time.perf_counter() - t0
+            rows.append({"footage": name, "how": how, "samples_by_bucket": used,
+                         "samples_per_s": samples / seconds, "kept": sum(kept) / len(kept),
+                         "mpixels_per_s": pixels / seconds / 1e6})
+    return rows
+
+
+def packing_vs_buckets(shards: Path, batches: int) -> list[dict]:
+    """Tokens per batch (tiny DiT: 8x tokenizer, 2x2 patch) with buckets and with packing at several budgets."""
+    buckets = parse_buckets("64p", batch_size=4)
+    cost = Packing(0, 4, (1, 16, 16))
+    rows = []
+    settings = [("buckets", None)] + [(f"pack {b}", Packing(b, 4, (1, 16, 16), 32)) for b in (480, 960, 1920)]
+    for how, packing in settings:
+        loader = make_loader(shards, 4, None, None, num_workers=0, seed=0, shuffle_buffer=16, buckets=buckets,
+                             packing=packing)
+        it = iter(loader)
+        totals, padding, fills, clips = [], [], [], []
+        for _ in range(batches):
+            batch = next(it)
+            tokens = batch["tokens"] if packing else [cost.tokens(batch["video"].shape[2:])] * len(batch["key"])
+            totals.append(sum(tokens))
+            padding.append(1 - sum(tokens) / (len(tokens) * max(tokens)))
+            fills.append(sum(tokens) / packing.budget if packing else None)
+            clips.append(len(tokens))
+        mean = statistics.mean(totals)
+        rows.append({"how": how, "tokens_per_batch": mean, "spread": statistics.pstdev(totals) / mean,
+                     "clips_per_batch": statistics.mean(clips),
+                     "budget_filled": statistics.mean(fills) if packing else None,
+                     "sdpa_padding": statistics.mean(padding)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=Path, default=DEFAULT_CLIPS if DEFAULT_CLIPS.is_dir() else FALLBACK_CLIPS)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=9, help="repeats per seek timing (median)")
-    parser.add_argument("--sections", nargs="+", default=["throughput", "seek", "resume"],
-                        choices=["throughput", "seek", "resume"])
+    parser.add_argument("--sections", nargs="+", default=["throughput", "seek", "resume", "buckets", "packing"],
+                        choices=["throughput", "seek", "resume", "buckets", "packing"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loader's work is decoding; keep torch from competing for the 2 cores
@@ -145,7 +232,7 @@ def main() -> None:
     if not clips:
         raise SystemExit(f"error: no .mp4 clips in {args.clips}")
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "throughput": [], "seek": [],
-                     "resume": []}
+                     "resume": [], "buckets": [], "packing": []}
     with tempfile.TemporaryDirectory() as tmp:
         real = Path(tmp) / "real"
         make_shards([Candidate(p, p.name, f"clip {p.stem}") for p in clips], real, shard_size=1, log=lambda *_: None)
@@ -157,6 +244,13 @@ def main() -> None:
                 results["throughput"].append({"data": name, "size": size, "frames": 17} | row)
         if "resume" in args.sections:
             results["resume"] = resume_startup(synth, args.batch_size, [10, 2000], repeats=3)
+        if "buckets" in args.sections:
+            results["buckets"] = buckets_vs_square(Path(tmp), clips, args.batch_size, args.batches)
+        if "packing" in args.sections:
+            mixed = Path(tmp) / "mixed"
+            generate(mixed, 96, SyntheticSpec(shapes=((17, 64, 64), (17, 64, 96), (17, 96, 64), (9, 64, 64),
+                                                      (9, 64, 96), (9, 96, 64), (1, 64, 64))), seed=0, shard_size=12)
+            results["packing"] = packing_vs_buckets(mixed, 4 * args.batches)
     for clip in clips if "seek" in args.sections else ():
         results["seek"] += seek_vs_start(clip, 17, args.repeats)
 
@@ -179,6 +273,23 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for r in results["resume"]:
             print(f"| {r['step']:,} | {r['samples_drawn']:,} | {r['how']} | {r['seconds']:.3f} | {r['samples_read']:,} |")
+    if results["buckets"]:
+        print(f"\nBuckets against square crops (loader, no workers, 17 frames, batch {args.batch_size} for the largest)")
+        print("| footage | how | samples/s | share of each frame kept | kept Mpixels/s | vs square |")
+        print("|---|---|---|---|---|---|")
+        base = {}
+        for r in results["buckets"]:
+            base.setdefault(r["footage"], r["mpixels_per_s"])
+            print(f"| {r['footage']} | {r['how']} | {r['samples_per_s']:.1f} | {100 * r['kept']:.0f}% | "
+                  f"{r['mpixels_per_s']:.2f} | {r['mpixels_per_s'] / base[r['footage']]:.2f}x |")
+    if results["packing"]:
+        print("\nPacking against buckets on mixed clips (64p preset; tiny DiT tokens: 8x tokenizer, 2x2 patch)")
+        print("| batches | tokens per batch | spread (CV) | clips per batch | budget filled | SDPA padding |")
+        print("|---|---|---|---|---|---|")
+        for r in results["packing"]:
+            filled = "-" if r["budget_filled"] is None else f"{100 * r['budget_filled']:.0f}%"
+            print(f"| {r['how']} | {r['tokens_per_batch']:.0f} | {r['spread']:.2f} | {r['clips_per_batch']:.1f} | "
+                  f"{filled} | {100 * r['sdpa_padding']:.0f}% |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.out}")

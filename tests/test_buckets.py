@@ -213,6 +213,35 @@ def test_train_in_buckets_under_torchrun(mixed, tmp_path):
     assert "buckets (" in proc.stderr + proc.stdout  # the scan's table at the start
 
 
+@pytest.mark.slow
+def test_a_stopped_bucketed_run_under_torchrun_resumes_on_the_uninterrupted_curve(mixed, tmp_path):
+    """Two processes, buckets: stopped after step 3 and resumed, the run takes the batches the uninterrupted run
+    takes (the same loss at every later step, the same per-bucket counts)."""
+    urls, bucket_file = mixed
+
+    def run(out: Path, *extra: str) -> None:
+        from bench.common import free_port
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(ROOT / "train.py"), "--stage", "tokenizer", "--data", urls[0], "--out", str(out), "--buckets",
+               str(bucket_file), "--steps", "6", "--log-every", "1", "--num-workers", "1", "--shuffle-buffer", "8",
+               "--pca-init-clips", "4", "--stats-batches", "1", "--checkpoint-every", "3", "--wandb", "disabled",
+               "--no-progress", "--device", "cpu", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "whole")
+    run(tmp_path / "split", "--exit-after", "3")
+    run(tmp_path / "split")
+    records = {name: {r["step"]: r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                      if "loss" in r} for name in ("whole", "split")}
+    assert sorted(records["split"]) == sorted(records["whole"]) == list(range(1, 7))
+    for step in range(4, 7):
+        assert records["split"][step]["loss"] == pytest.approx(records["whole"][step]["loss"], rel=1e-6)
+    counts = lambda r: {k: v for k, v in r.items() if k.startswith("bucket_samples/")}  # noqa: E731
+    assert counts(records["split"][6]) == counts(records["whole"][6])
+
+
 def test_bad_bucket_options_are_one_line_errors(mixed, tmp_path, capsys):
     import train
     urls, _ = mixed
