@@ -311,7 +311,7 @@ class ShardStream(IterableDataset):
 
     With buckets (train mode), batch n of this rank (reader w of W on it yields batches w, w + W, ...) holds
     `schedule(n)`'s bucket, the same on every rank. Samples drawn for another bucket wait in that bucket's
-    backlog (raw bytes, at most `backlog` samples or two batches of it; a sample whose buckets' backlogs are
+    backlog (raw bytes, at most `backlog` samples or three batches of it; a sample whose buckets' backlogs are
     all full goes to its next bucket, or is skipped as bucket_full) and are decoded when their bucket's turn
     comes. The state then also holds the batches
     yielded and the backlog as (shard, index, position) triples, fetched again on resume.
@@ -503,13 +503,15 @@ class ShardStream(IterableDataset):
                 continue
             waiting[int(i)].extend((r, at) for r, (_, _, at) in zip(raw, entries))
         batches = saved.get("batches", 0)
+        walk = saved.get("schedule") or self.schedule.start()  # where this reader is in the shared bucket sequence
 
         def state() -> dict:
             backlog = {str(i): [[s["__url__"], s["__index__"], at] for s, at in q] for i, q in enumerate(waiting) if q}
-            return {"position": position, "stream": stream.state(), "batches": batches, "backlog": backlog}
+            return {"position": position, "stream": stream.state(), "batches": batches, "backlog": backlog,
+                    "schedule": {"n": walk["n"], "taken": list(walk["taken"])}}
 
         while True:
-            b = self.schedule(batches * workers + worker)
+            b = self.schedule.advance(walk, batches * workers + worker)
             bucket = buckets[b]
             spec = dataclasses.replace(self.spec, frames=bucket.frames, size=(bucket.height, bucket.width))
             batch: list[dict] = []
@@ -523,7 +525,7 @@ class ShardStream(IterableDataset):
                     if not order:
                         continue
                     key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-                    home = next((i for i in order if i == b or len(waiting[i]) < max(self.backlog, 2 * buckets[i].batch_size)),
+                    home = next((i for i in order if i == b or len(waiting[i]) < max(self.backlog, 3 * buckets[i].batch_size)),
                                 None)
                     if home is None:
                         skip(SkipRecord("bucket_full", key, url, f"the backlogs of its buckets "
@@ -732,7 +734,7 @@ def make_loader(
       once at its bucket's shape, and a bucket's batch comes when it fills (the rest at the end). The first `scan` samples
       of the shards (in a fixed order, alike on every rank) are measured to weight the buckets; the table
       is logged, and buckets that no scanned sample fits are named. backlog: samples (raw bytes) each
-      bucket may hold while waiting for its turn (at least two batches).
+      bucket may hold while waiting for its turn (at least three batches).
     packing: (train, with buckets) fill each batch to a token budget with clips of mixed shapes instead, each at
       its best bucket's shape; `video` (or `latents`) is then a list, and `tokens` their token counts.
     """
