@@ -714,7 +714,7 @@ def make_loader(
     decode_threads: int | None = None,
     buckets: Sequence[Bucket] | None = None,
     backlog: int = 64,
-    scan: int = 512,
+    scan: int = 100_000,
     packing: Packing | None = None,
 ) -> ShardLoader:
     """Batches of `video` (B, 3, frames, H, W) in [-1, 1] (or `latents`), `caption`, `key`, `fps`, `meta`.
@@ -731,10 +731,12 @@ def make_loader(
       (LOCAL_WORLD_SIZE ranks x num_workers), so that many readers do not oversubscribe the CPU.
     buckets: batches in these buckets (data/buckets.py) instead of one frames x size. Train: each batch holds one
       bucket, its batch size, and every rank takes the same bucket at each batch. Eval: each sample is read
-      once at its bucket's shape, and a bucket's batch comes when it fills (the rest at the end). The first `scan` samples
-      of the shards (in a fixed order, alike on every rank) are measured to weight the buckets; the table
-      is logged, and buckets that no scanned sample fits are named. backlog: samples (raw bytes) each
-      bucket may hold while waiting for its turn (at least three batches).
+      once at its bucket's shape, and a bucket's batch comes when it fills (the rest at the end).
+      In training, the first `scan` samples of the shards (in a fixed order, alike on every rank; from local
+      tars their KEY.json alone) are measured to weight the buckets: a bucket's weight below its share of the
+      data makes its samples overflow their backlog (skipped as bucket_full), so the default reads them all
+      up to 100,000. The table is logged, and buckets that no scanned sample fits are named.
+    backlog: samples (raw bytes) each bucket may hold while waiting for its turn (at least three batches).
     packing: (train, with buckets) fill each batch to a token budget with clips of mixed shapes instead, each at
       its best bucket's shape; `video` (or `latents`) is then a list, and `tokens` their token counts.
     """
@@ -785,6 +787,39 @@ def make_loader(
     return ShardLoader(dataset, num_workers, pin_memory, prefetch_factor)
 
 
+def described_samples(urls: list[str], on_error: Callable[[str, Exception, int], None]) -> Iterator[dict]:
+    """The shards' samples for measuring, not training: from a local tar, each sample's KEY.json and caption
+    alone (the tar is read by seeking past the media), its media bytes only when it has no usable KEY.json;
+    other URLs (pipe:) are streamed whole."""
+    for url in urls:
+        path = url[len("file:"):] if url.startswith("file:") else url
+        if url.startswith("pipe:") or not os.path.isfile(path):
+            yield from shard_samples([{"url": url}], on_error)
+            continue
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                members: dict[str, dict[str, tarfile.TarInfo]] = {}
+                for info in tar.getmembers():
+                    prefix, suffix = base_plus_ext(info.name) if info.isreg() else (None, None)
+                    if prefix is not None and suffix is not None and not prefix.startswith("__"):
+                        members.setdefault(prefix, {})[suffix.lower()] = info
+                for key, parts in members.items():
+                    sample = {"__key__": key, "__url__": url}
+                    for ext in ("json", "txt"):
+                        if ext in parts:
+                            sample[ext] = tar.extractfile(parts[ext]).read()
+                    try:
+                        needs_media = VideoInfo.from_meta(sample_meta(sample)) is None
+                    except SkipSample:  # a KEY.json that does not parse: counted as such by the scan
+                        needs_media = False
+                    for ext, info in parts.items():
+                        if ext not in sample:  # the media: read only when KEY.json does not describe it
+                            sample[ext] = tar.extractfile(info).read() if needs_media and ext != LATENT_EXT else b""
+                    yield sample
+        except Exception as e:  # a damaged tar
+            on_error(url, e, 0)
+
+
 def scan_buckets(urls: list[str], buckets: Sequence[Bucket], fps: float | None, limit: int) -> tuple[list[int], int, Counter]:
     """(samples whose best bucket is each bucket, samples scanned, unusable samples by reason) over the first
     `limit` samples of the shards taken in a fixed spread order (the same on every rank): KEY.json where it
@@ -792,7 +827,7 @@ def scan_buckets(urls: list[str], buckets: Sequence[Bucket], fps: float | None, 
     order = list(urls)
     np.random.default_rng(0).shuffle(order)
     counts, problems, scanned = [0] * len(buckets), Counter(), 0
-    for sample in shard_samples(({"url": u} for u in order), lambda url, e, read: problems.update([shard_problem(e, read)[0]])):
+    for sample in described_samples(order, lambda url, e, read: problems.update([shard_problem(e, read)[0]])):
         if scanned >= limit:
             break
         scanned += 1
