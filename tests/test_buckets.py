@@ -357,3 +357,21 @@ def test_a_packed_batch_trains_as_each_clip_alone(mixed, tmp_path):
     tokens = [math.prod(stage.model.dit.token_grid(tuple(z.shape[1:]))) for z in latents]
     torch.testing.assert_close(loss, sum(n * a for n, a in zip(tokens, alone)) / sum(tokens), atol=1e-5, rtol=1e-5)
     assert logs["pack/padding"] == pytest.approx(1 - sum(tokens) / (4 * max(tokens)))
+
+
+def test_the_scan_reads_each_samples_json_and_probes_only_those_without(mixed, tmp_path):
+    from data.loader import buckets_for, expand_urls, scan_buckets, shard_samples
+
+    urls, bucket_file = mixed
+    buckets = parse_buckets(str(bucket_file))
+    with ShardWriter(tmp_path / "bare", shard_size=4) as writer:  # no KEY.json: the scan must probe the file
+        writer.write({"__key__": "bare_bikes", "mp4": BIKES.read_bytes(), "txt": "bikes"})
+    shards = expand_urls(urls) + expand_urls(str(tmp_path / "bare"))
+    counts, scanned, problems = scan_buckets(shards, buckets, None, 10_000)
+    expected = Counter()
+    for sample in shard_samples(({"url": u} for u in shards), lambda *_: None):
+        fit = buckets_for(sample, buckets, None)
+        expected[fit[0] if fit else None] += 1
+    assert scanned == sum(expected.values()) == 33 and problems == Counter({"too_short": expected[None]})
+    assert counts == [expected[i] for i in range(len(buckets))]
+    assert counts[3] == 2  # both wide clips (bikes with and without its KEY.json) in 9x32x64
