@@ -213,6 +213,8 @@ def test_train_in_buckets_under_torchrun(mixed, tmp_path):
     counts = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("bucket_samples/")}
     assert "1x32x32" in counts and len(counts) >= 3, counts
     assert all(v % 2 == 0 for v in counts.values())  # the same bucket and batch on both ranks
+    trainer = json.loads((out / "checkpoints" / "step_00000008" / "trainer.json").read_text())
+    assert trainer["samples_seen"] == sum(counts.values())  # each batch's own size, over both ranks
     assert "buckets (" in proc.stderr + proc.stdout  # the scan's table at the start
 
 

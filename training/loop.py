@@ -181,9 +181,9 @@ def train(args) -> Path:
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             time_up = bool(args.max_minutes) and time.perf_counter() - started > 60 * args.max_minutes
-            total, nonfinite, stopping, time_up, codes, codes_sq = all_reduce_sum(  # one collective: every rank decides alike
+            total, nonfinite, stopping, time_up, codes, codes_sq, all_samples = all_reduce_sum(  # one collective: every rank decides alike
                 [loss_sum / args.grad_accum, float(not math.isfinite(loss_sum)), float(stop["signal"] != 0), float(time_up),
-                 shape_code, shape_code ** 2], env.device)
+                 shape_code, shape_code ** 2, float(step_samples)], env.device)
             if codes * codes != env.world * codes_sq:  # equal on every rank exactly when the sum of squares says so
                 raise RuntimeError(f"step {step + 1}: the ranks trained different buckets (this rank's last: "
                                    f"{last_batch.get('bucket')}); the bucket schedule must be the same on every rank")
@@ -199,7 +199,7 @@ def train(args) -> Path:
             opt.zero_grad(set_to_none=True)
             ema.update_parameters(plain)
             step += 1
-            samples_seen += step_samples * env.dp_world
+            samples_seen += round(all_samples) // env.sp  # the ranks of a sequence-parallel group share their clips
             window.add(time.perf_counter() - t0, mean_loss, float(grad_norm))
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:
