@@ -13,7 +13,9 @@
     python sample.py --ckpt Wan2.1-T2V-1.3B-Diffusers --prompt "..." --out clip.mp4       # Wan2.1, with its defaults
 
 The run folder supplies the DiT (EMA weights), its text encoder and the tokenizer (--vae overrides the
-tokenizer); frames, size, fps, steps, guidance and the timestep shift default to the training run's.
+tokenizer); frames, size, fps, steps, guidance and the timestep shift default to the training run's (a run
+trained in buckets: its bucket with the most data; a shape it never trained on is sampled, with a note naming
+the nearest bucket it did).
 The flow ODE is solved in latent space with classifier-free guidance (against the negative prompt, or
 the null condition), deterministically for a seed: video i of a prompt uses seed + i. Latents are
 decoded chunk by chunk (bounded memory) and written as h264 mp4. With a folder as --out each video is
