@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench import cascade
@@ -12,6 +13,7 @@ from evaluation.motion_score import read_frames
 from tokenizer import CausalVAE
 
 
+@pytest.mark.slow  # 15 s, a benchmark's plumbing
 def test_cascade_bench_runs_end_to_end(tmp_path, capsys):
     torch.manual_seed(0)
     vae = CausalVAE.from_preset("tiny")

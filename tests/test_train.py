@@ -159,6 +159,7 @@ def test_a_stopped_run_resumes_on_the_loss_curve_of_an_uninterrupted_one(shards,
     assert not list((tmp_path / "split" / "checkpoints").glob(".*.tmp"))
 
 
+@pytest.mark.slow  # 31 s: FSDP2 stays in the default run through the tokenizer stage test below
 def test_fsdp2_equals_one_process_and_resumes(shards, vae_dir, one_process_run, tmp_path):
     # the DDP test's reference, against 2 ranks x 2 clips sharded by FSDP2, stopped after step 2 and resumed
     fsdp = [*GLOBAL_BATCH_4, "--num-workers", "1", "--parallel", "fsdp"]
