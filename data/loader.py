@@ -504,6 +504,7 @@ class ShardStream(IterableDataset):
             waiting[int(i)].extend((r, at) for r, (_, _, at) in zip(raw, entries))
         batches = saved.get("batches", 0)
         walk = saved.get("schedule") or self.schedule.start()  # where this reader is in the shared bucket sequence
+        walk = {"n": walk["n"], "taken": list(walk["taken"])}  # a copy: the saved state may start another pass
 
         def state() -> dict:
             backlog = {str(i): [[s["__url__"], s["__index__"], at] for s, at in q] for i, q in enumerate(waiting) if q}
