@@ -216,6 +216,12 @@ def packing_vs_buckets(shards: Path, batches: int) -> list[dict]:
     return rows
 
 
+def vs_first(rows: list[dict], group: str, value: str) -> list[float]:
+    """Each row's `value` over that of the first row of its `group`."""
+    base: dict = {}
+    return [r[value] / base.setdefault(r[group], r[value]) for r in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=Path, default=DEFAULT_CLIPS if DEFAULT_CLIPS.is_dir() else FALLBACK_CLIPS)
@@ -257,11 +263,9 @@ def main() -> None:
     print("\nLoader throughput (train mode, 17 frames, batch %d)" % args.batch_size)
     print("| data | size | workers | clips/s | vs 0 workers | first batch (s) |")
     print("|---|---|---|---|---|---|")
-    base = {}
-    for r in results["throughput"]:
-        base.setdefault(r["data"], r["clips_per_s"])
-        print(f"| {r['data']} | {r['size']} | {r['workers']} | {r['clips_per_s']:.1f} | "
-              f"{r['clips_per_s'] / base[r['data']]:.2f}x | {r['first_batch_s']:.2f} |")
+    for r, ratio in zip(results["throughput"], vs_first(results["throughput"], "data", "clips_per_s")):
+        print(f"| {r['data']} | {r['size']} | {r['workers']} | {r['clips_per_s']:.1f} | {ratio:.2f}x | "
+              f"{r['first_batch_s']:.2f} |")
     print("\nDecoding a 17-frame window at native size: seek to the keyframe before it vs decode from frame 0")
     print("| clip | start frame | seek (ms) | from start (ms) | speed-up |")
     print("|---|---|---|---|---|")
@@ -277,11 +281,9 @@ def main() -> None:
         print(f"\nBuckets against square crops (loader, no workers, 17 frames, batch {args.batch_size} for the largest)")
         print("| footage | how | samples/s | share of each frame kept | kept Mpixels/s | vs square |")
         print("|---|---|---|---|---|---|")
-        base = {}
-        for r in results["buckets"]:
-            base.setdefault(r["footage"], r["mpixels_per_s"])
+        for r, ratio in zip(results["buckets"], vs_first(results["buckets"], "footage", "mpixels_per_s")):
             print(f"| {r['footage']} | {r['how']} | {r['samples_per_s']:.1f} | {100 * r['kept']:.0f}% | "
-                  f"{r['mpixels_per_s']:.2f} | {r['mpixels_per_s'] / base[r['footage']]:.2f}x |")
+                  f"{r['mpixels_per_s']:.2f} | {ratio:.2f}x |")
     if results["packing"]:
         print("\nPacking against buckets on mixed clips (64p preset; tiny DiT tokens: 8x tokenizer, 2x2 patch)")
         print("| batches | tokens per batch | spread (CV) | clips per batch | budget filled | SDPA padding |")

@@ -193,6 +193,10 @@ class ClipSpec:
     crop: str  # center | random
     decode_threads: int = 0  # per decoder; 0: FFmpeg's default (one per core)
 
+    def at(self, bucket: Bucket) -> "ClipSpec":
+        """This spec at a bucket's frames and size."""
+        return dataclasses.replace(self, frames=bucket.frames, size=(bucket.height, bucket.width))
+
 
 def media_member(sample: dict) -> str | None:
     """The extension of a WebDataset sample's video or image member (mp4, avi, ..., png), if it has one."""
@@ -419,8 +423,8 @@ class ShardStream(IterableDataset):
                 order = self._places(sample, self.buckets, skip)
                 if not order:
                     continue
-                b, bucket = order[0], self.buckets[order[0]]
-                spec = dataclasses.replace(spec, frames=bucket.frames, size=(bucket.height, bucket.width))
+                b = order[0]
+                spec = spec.at(self.buckets[b])
             decoded = decode(sample, at, spec)
             if decoded is None:
                 continue
@@ -475,16 +479,15 @@ class ShardStream(IterableDataset):
                 if cost[i] <= room:
                     chosen.append(i)
                     room -= cost[i]
-            picked = [pool[i] for i in sorted(chosen)]
-            pool = [p for i, p in enumerate(pool) if i not in set(chosen)]
+            taken = set(chosen)
+            picked = [pool[i] for i in sorted(taken)]
+            pool = [p for i, p in enumerate(pool) if i not in taken]
             batch, tokens = [], []
             for sample, at, b in picked:
-                bucket = buckets[b]
-                decoded = decode(sample, at, dataclasses.replace(self.spec, frames=bucket.frames,
-                                                                 size=(bucket.height, bucket.width)))
+                decoded = decode(sample, at, self.spec.at(buckets[b]))
                 if decoded is not None:
                     batch.append(decoded)
-                    tokens.append(packing.tokens(bucket.shape))
+                    tokens.append(packing.tokens(buckets[b].shape))
             if batch:  # when every pick failed to decode, choose again (the skips go with the next batch)
                 batches += 1
                 yield emit(batch, state(), {"tokens": tokens})
@@ -514,7 +517,7 @@ class ShardStream(IterableDataset):
         while True:
             b = self.schedule.advance(walk, batches * workers + worker)
             bucket = buckets[b]
-            spec = dataclasses.replace(self.spec, frames=bucket.frames, size=(bucket.height, bucket.width))
+            spec = self.spec.at(bucket)
             batch: list[dict] = []
             while len(batch) < bucket.batch_size:
                 if waiting[b]:

@@ -174,15 +174,28 @@ class DiTStage:
         """Text inputs of the wrapped model: token ids (built-in encoder) or frozen-encoder tokens."""
         return text_inputs(module, self.frozen_text, captions, self.env.device)
 
+    def sample_draws(self, keys: list[str], step: int) -> tuple[list[torch.Generator], torch.Tensor, torch.Tensor]:
+        """Each sample's generator (its noise comes from it next), its normal draw for the time and its caption
+        dropout, in this order: a clip draws the same whether it trains in a bucket or in a packed batch."""
+        gens = [sample_generator(self.args.seed, step, k) for k in keys]
+        normals = torch.stack([torch.randn((), generator=g) for g in gens])
+        drop = torch.stack([torch.rand((), generator=g) < self.args.caption_dropout for g in gens])
+        return gens, normals, drop
+
+    def caption_inputs(self, model: nn.Module, captions: list[str], drop: torch.Tensor):
+        """(text, mask, drop for the model): Wan's caption dropout is the empty caption, not a learned null token."""
+        if self.text_padding == "wan":
+            captions, drop = ["" if d else c for c, d in zip(captions, drop.tolist())], None
+        text, mask = self.encode_text(unwrap(model), captions)
+        return text, mask, drop
+
     def packed_loss(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         """The loss of a packed batch (clips of mixed shapes, one `forward_varlen`): each clip draws its noise, time
         and dropout as it would alone, its time shifted for its own token count; the clips' losses are averaged
         weighted by their tokens."""
         device, seed = self.env.device, self.args.seed
         keys = batch["key"]
-        gens = [sample_generator(seed, step, k) for k in keys]
-        normals = torch.stack([torch.randn((), generator=g) for g in gens])
-        drop = torch.stack([torch.rand((), generator=g) < self.args.caption_dropout for g in gens])
+        gens, normals, drop = self.sample_draws(keys, step)
         items = batch["latents"] if "latents" in batch else batch["video"]
         x0s, givens = [], []
         with torch.no_grad():
@@ -201,10 +214,7 @@ class DiTStage:
         t = torch.cat([training_timesteps(self.flow, normals[i : i + 1], n) for i, n in enumerate(tokens)]).to(device)
         x_ts = [keep_given(interpolate(x0[None], noise[None], t[i : i + 1]), None if g is None else (x0[None], g[None]))[0]
                 for i, (x0, noise, g) in enumerate(zip(x0s, noises, givens))]
-        captions = batch["caption"]
-        if self.text_padding == "wan":
-            captions, drop = ["" if d else c for c, d in zip(captions, drop.tolist())], None
-        text, mask = self.encode_text(unwrap(model), captions)
+        text, mask, drop = self.caption_inputs(model, batch["caption"], drop)
         with autocast(device):
             vs = model(x_ts, t, text, mask, None if drop is None else drop.to(device),
                        None if all(g is None for g in givens) else givens)
@@ -219,9 +229,7 @@ class DiTStage:
             return self.packed_loss(model, batch, step)
         device, seed = self.env.device, self.args.seed
         keys = batch["key"]
-        gens = [sample_generator(seed, step, k) for k in keys]
-        normals = torch.stack([torch.randn((), generator=g) for g in gens])
-        drop = torch.stack([torch.rand((), generator=g) < self.args.caption_dropout for g in gens])
+        gens, normals, drop = self.sample_draws(keys, step)
         with torch.no_grad():
             if "latents" in batch:
                 z = batch["latents"].to(device)
@@ -236,10 +244,7 @@ class DiTStage:
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
         t = training_timesteps(self.flow, normals, math.prod(unwrap(model).dit.token_grid(tuple(x0.shape[2:])))).to(device)
         x_t = keep_given(interpolate(x0, noise, t), None if given is None else (x0, given))
-        captions = batch["caption"]
-        if self.text_padding == "wan":  # Wan's caption dropout: the empty caption, not a learned null token
-            captions, drop = ["" if d else c for c, d in zip(captions, drop.tolist())], None
-        text, mask = self.encode_text(unwrap(model), captions)
+        text, mask, drop = self.caption_inputs(model, batch["caption"], drop)
         with autocast(device):
             v = model(x_t, t, text, mask, None if drop is None else drop.to(device), given)
         loss = flow_loss(v, velocity_target(x0, noise), None if given is None else ~given)
