@@ -1,7 +1,7 @@
 """Data pipeline benchmark: loader throughput by worker count, seeking against decoding from the start, the
 start-up time of a resumed loader, buckets against square crops, and packing's padding.
 
-    python bench/data.py [--clips DIR] [--batches 20] [--sections throughput seek resume buckets packing]
+    python bench/data.py [--clips DIR] [--batches 20] [--sections throughput seek resume buckets packing convert]
                          [--out bench/results/data.json]
 
 1. Clips per second out of `make_loader` (train mode) with 0, 1 and 2 workers, on shards of the real
@@ -20,6 +20,9 @@ start-up time of a resumed loader, buckets against square crops, and packing's p
    the 64p preset): tokens per batch and their spread, the budget a packed batch fills, and the padding SDPA
    computes for nothing (a packed batch is padded to its longest clip; xFormers' block-diagonal packing on
    CUDA computes none).
+6. Decoding a 17-frame window and converting each frame to RGB at the crop's scale: one swscale converter for
+   the whole window (what `read_clip` does) against `frame.reformat()`, which builds a new one for every
+   frame; ms per frame on each real clip (at 128 on the short side) and on a synthetic clip (64x64).
 Prints a table and writes JSON. Timings are wall-clock medians on this machine; compare within one run.
 """
 
@@ -31,6 +34,7 @@ import os
 import platform
 import statistics
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +93,27 @@ def seek_vs_start(path: Path, frames: int, repeats: int) -> list[dict]:
         rows.append({"clip": path.name, "start": start, "seek_ms": t["seek"] * 1e3, "from_start_ms": t["full"] * 1e3,
                      "speedup": t["full"] / t["seek"]})
     return rows
+
+
+def convert_per_window(path: Path, height: int, width: int, frames: int, repeats: int) -> dict:
+    """ms per frame decoding the first `frames` frames and converting each to RGB at (height, width) as it comes:
+    one converter for the window against `frame.reformat()` (a new converter for every frame). Each timed call
+    decodes afresh: a frame keeps the converter its first reformat() built, so converting the same frames again
+    would hide the cost."""
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    kwargs = dict(width=width, height=height, format="rgb24", interpolation="AREA")
+
+    def read(shared: bool):
+        reformatter = VideoReformatter() if shared else None
+        with av.open(str(path)) as container:
+            return [(reformatter.reformat(f, **kwargs) if shared else f.reformat(**kwargs)).to_ndarray()
+                    for _, f in zip(range(frames), container.decode(video=0))]
+
+    t = interleaved_medians({"per_window": lambda: read(True), "per_frame": lambda: read(False)}, repeats)
+    return {"clip": path.name, "size": f"{width}x{height}", "per_window_ms": 1e3 * t["per_window"] / frames,
+            "per_frame_ms": 1e3 * t["per_frame"] / frames, "speedup": t["per_frame"] / t["per_window"]}
 
 
 def resume_startup(shards: Path, batch_size: int, steps: list[int], repeats: int) -> list[dict]:
@@ -228,8 +253,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=9, help="repeats per seek timing (median)")
-    parser.add_argument("--sections", nargs="+", default=["throughput", "seek", "resume", "buckets", "packing"],
-                        choices=["throughput", "seek", "resume", "buckets", "packing"])
+    parser.add_argument("--sections", nargs="+", default=["throughput", "seek", "resume", "buckets", "packing", "convert"],
+                        choices=["throughput", "seek", "resume", "buckets", "packing", "convert"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loader's work is decoding; keep torch from competing for the 2 cores
@@ -238,7 +263,7 @@ def main() -> None:
     if not clips:
         raise SystemExit(f"error: no .mp4 clips in {args.clips}")
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "throughput": [], "seek": [],
-                     "resume": [], "buckets": [], "packing": []}
+                     "resume": [], "buckets": [], "packing": [], "convert": []}
     with tempfile.TemporaryDirectory() as tmp:
         real = Path(tmp) / "real"
         make_shards([Candidate(p, p.name, f"clip {p.stem}") for p in clips], real, shard_size=1, log=lambda *_: None)
@@ -257,6 +282,17 @@ def main() -> None:
             generate(mixed, 96, SyntheticSpec(shapes=((17, 64, 64), (17, 64, 96), (17, 96, 64), (9, 64, 64),
                                                       (9, 64, 96), (9, 96, 64), (1, 64, 64))), seed=0, shard_size=12)
             results["packing"] = packing_vs_buckets(mixed, 4 * args.batches)
+        if "convert" in args.sections:
+            for clip in clips:
+                info = probe(clip)
+                scale = 128 / min(info.height, info.width)
+                results["convert"].append(convert_per_window(clip, round(info.height * scale), round(info.width * scale),
+                                                             17, args.repeats))
+            one = next(synth.glob("*.tar"))
+            with tarfile.open(one) as tar:
+                member = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
+                (Path(tmp) / "synthetic.mp4").write_bytes(tar.extractfile(member).read())
+            results["convert"].append(convert_per_window(Path(tmp) / "synthetic.mp4", 64, 64, 17, args.repeats))
     for clip in clips if "seek" in args.sections else ():
         results["seek"] += seek_vs_start(clip, 17, args.repeats)
 
@@ -292,6 +328,12 @@ def main() -> None:
             filled = "-" if r["budget_filled"] is None else f"{100 * r['budget_filled']:.0f}%"
             print(f"| {r['how']} | {r['tokens_per_batch']:.0f} | {r['spread']:.2f} | {r['clips_per_batch']:.1f} | "
                   f"{filled} | {100 * r['sdpa_padding']:.0f}% |")
+    if results["convert"]:
+        print("\nDecoding a 17-frame window to RGB: one converter per window against one per frame")
+        print("| clip | to | per window (ms/frame) | per frame (ms/frame) | speed-up |")
+        print("|---|---|---|---|---|")
+        for r in results["convert"]:
+            print(f"| {r['clip']} | {r['size']} | {r['per_window_ms']:.3f} | {r['per_frame_ms']:.3f} | {r['speedup']:.2f}x |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.out}")

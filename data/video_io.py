@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Union
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
@@ -355,6 +356,9 @@ def _decode_indices(container, stream, indices: list[int], width: int, height: i
         target = round((t0 + indices[0] / fps) / stream.time_base)
         container.seek(target, stream=stream, backward=True, any_frame=False)
     out: list[np.ndarray] = []
+    # One converter for the whole window: frame.reformat() builds a new swscale context for every frame, which
+    # made the conversion 2.5x slower than the decoding on the quickstart's 64x64 clips
+    reformatter = VideoReformatter()
     want = 0
     counted = -1
     last = -1  # index of the last frame that decoded
@@ -380,7 +384,7 @@ def _decode_indices(container, stream, indices: list[int], width: int, height: i
         # `<=` so that a frame missing from a variable-rate stream is filled by the next one.
         while want < len(indices) and indices[want] <= idx:
             if rgb is None:
-                rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+                rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
             out.append(rgb)
             want += 1
         if want == len(indices):
