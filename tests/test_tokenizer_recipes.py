@@ -1,0 +1,39 @@
+"""bench/tokenizer_recipes.py: recipes trained for the same budget and judged on a whole held-out video."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.tokenizer_recipes import main
+
+CLIPS = Path(__file__).parent / "assets" / "clips"
+
+
+def test_a_video_in_both_training_and_held_out_footage_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="hold out whole videos"):
+        main(["--train", str(CLIPS / "bikes.mp4"), "--held-out", str(CLIPS / "bikes.mp4"), "--recipe", "a=",
+              "--work", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_two_recipes_train_for_the_same_budget_and_are_scored_on_the_held_out_video(tmp_path, capsys):
+    out = tmp_path / "recipes.json"
+    assert main(["--train", str(CLIPS / "bikes.mp4"), "--held-out", str(CLIPS / "carphone_pristine.mp4"),
+                 "--preset", "tiny", "--size", "32", "--frames", "9", "--batch-size", "2", "--minutes", "0.15",
+                 "--probe-steps", "4", "--windows", "1", "--recipe", "l1=--recon-loss l1",
+                 "--recipe", "mse=--recon-loss mse --lr 1e-3", "--work", str(tmp_path / "work"),
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["recipes"]) == ["l1", "mse"]
+    for r in result["recipes"].values():
+        # steps planned from the probe's rate fill the budget; --max-minutes stops the run at it in any case
+        assert r["planned_steps"] >= 1 and 1 <= r["steps"] <= r["planned_steps"]
+        assert r["train_s"] < 0.15 * 60 * 1.5
+        assert 5 < r["held_out"]["psnr"] < 60 and 0 < r["held_out"]["ssim"] <= 1
+        assert r["diagnosis"]["start"]["psnr"] == result["start"]["psnr"]  # one starting codec for both
+    assert result["baseline"]["held_out"]["baseline_psnr"] > 5
+    table = capsys.readouterr().out
+    assert "| start (fitted linear codec) |" in table and "| equal-floats baseline |" in table
