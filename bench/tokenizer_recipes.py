@@ -6,7 +6,7 @@
         [--out bench/results/tokenizer_recipes.json]
 
 Every recipe is `train.py --stage tokenizer` with the shared flags (--preset, --frames, --size, --batch-size,
---lr, --seed...) plus its own, run alone, one after the other, for the same wall-clock budget: a short probe run
+--seed) plus its own (train.py's defaults for what neither gives), run alone, one after the other, for the same wall-clock budget: a short probe run
 measures each recipe's own step rate first, its --steps are set so that its learning-rate schedule ends at the
 budget, and --max-minutes stops it there in any case (the fitted linear codec, the latent statistics and the
 export are outside the budget). Whole videos are held out: --train and --held-out must not share a file.
@@ -87,7 +87,7 @@ def train_recipe(name: str, flags: list[str], common: list[str], shards: Path, o
             "--wandb", "disabled", "--no-progress", "--checkpoint-every", "0"]
     probe = out / "probes" / name
     if not (probe / "model" / "config.json").is_file():
-        run(base + ["--out", str(probe), "--steps", str(probe_steps), "--warmup", "1", "--log-every", str(probe_steps // 2),
+        run(base + ["--out", str(probe), "--steps", str(probe_steps), "--log-every", str(probe_steps // 2),
                     "--stats-batches", "1"], out / "probes" / f"{name}.log")
     rate = [m for m in metrics(probe) if "samples_per_s" in m][-1]["samples_per_s"]  # the second half's rate
     steps = max(1, int(minutes * 60 * rate / batch))
@@ -113,13 +113,11 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8, help="shared; a recipe may give its own")
-    p.add_argument("--lr", type=float, default=2e-3, help="shared; a recipe may give its own")
     p.add_argument("--minutes", type=float, default=30.0, help="training budget of each recipe (wall clock)")
     p.add_argument("--probe-steps", type=int, default=20)
     p.add_argument("--windows", type=int, default=4, help="evaluation windows per video")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "tokenizer_recipes", help="shards, runs and reports")
-    p.add_argument("--ema-decay", type=float, default=0.99, help="shared; a recipe may give its own")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tokenizer_recipes.json")
     args = p.parse_args(argv)
     if {v.resolve() for v in args.train} & {v.resolve() for v in args.held_out}:
@@ -135,8 +133,7 @@ def main(argv=None) -> int:
     shards = make_shards(args.train, work / "train")
 
     common = ["--preset", args.preset, "--frames", str(args.frames), "--size", str(args.size), "--batch-size",
-              str(args.batch_size), "--lr", str(args.lr), "--warmup", "50", "--schedule", "cosine", "--seed", str(args.seed),
-              "--ema-decay", str(args.ema_decay), "--num-workers", "1"]
+              str(args.batch_size), "--seed", str(args.seed), "--num-workers", "1"]
     trained = {}
     for name, flags in recipes.items():
         batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else args.batch_size
