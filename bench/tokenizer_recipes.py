@@ -6,9 +6,9 @@
         [--out bench/results/tokenizer_recipes.json]
 
 Every recipe is `train.py --stage tokenizer` with the shared flags (--preset, --frames, --size, --batch-size,
---seed) plus its own (train.py's defaults for what neither gives), run alone, one after the other, for the same wall-clock budget: a short probe run
-measures each recipe's own step rate first, its --steps are set so that its learning-rate schedule ends at the
-budget, and --max-minutes stops it there in any case (the fitted linear codec, the latent statistics and the
+--seed) plus its own (train.py's defaults for what neither gives), run alone, one after the other, for the same
+wall-clock budget: a short probe run measures each recipe's own step rate first, its --steps are set so that its
+learning-rate schedule ends at the budget, and --max-minutes stops it there in any case (the fitted linear codec, the latent statistics and the
 export are outside the budget). Whole videos are held out: --train and --held-out must not share a file.
 
 Then, on the held-out footage (and on windows of the training footage, to show the gap):
@@ -87,7 +87,7 @@ def train_recipe(name: str, flags: list[str], common: list[str], shards: Path, o
             "--wandb", "disabled", "--no-progress", "--checkpoint-every", "0"]
     probe = out / "probes" / name
     if not (probe / "model" / "config.json").is_file():
-        run(base + ["--out", str(probe), "--steps", str(probe_steps), "--log-every", str(probe_steps // 2),
+        run(base + ["--out", str(probe), "--steps", str(probe_steps), "--log-every", str(max(1, probe_steps // 2)),
                     "--stats-batches", "1"], out / "probes" / f"{name}.log")
     rate = [m for m in metrics(probe) if "samples_per_s" in m][-1]["samples_per_s"]  # the second half's rate
     steps = max(1, int(minutes * 60 * rate / batch))
@@ -147,12 +147,12 @@ def main(argv=None) -> int:
                "--windows", str(args.windows), "--out", str(out), "--no-videos"]
         for t in trained.values():
             cmd += ["--ckpt", str(Path(t["run"]) / "model")]
+        data = out / "videos"  # the split's videos alone, linked
+        data.mkdir(parents=True, exist_ok=True)
         for v in videos:
-            data = out / "videos"
-            data.mkdir(parents=True, exist_ok=True)
             if not (data / v.name).exists():
                 (data / v.name).symlink_to(v.resolve())
-        run(cmd + ["--data", str(out / "videos")], work / "eval" / f"{split}.log")
+        run(cmd + ["--data", str(data)], work / "eval" / f"{split}.log")
         reports[split] = json.loads((out / "report.json").read_text())
     diagnoses = {}
     for name, t in trained.items():

@@ -356,8 +356,8 @@ def _decode_indices(container, stream, indices: list[int], width: int, height: i
         target = round((t0 + indices[0] / fps) / stream.time_base)
         container.seek(target, stream=stream, backward=True, any_frame=False)
     out: list[np.ndarray] = []
-    # One converter for the whole window: frame.reformat() builds a new swscale context for every frame, which
-    # made the conversion 2.5x slower than the decoding on the quickstart's 64x64 clips
+    # One converter for the whole window: frame.reformat() builds a new swscale context for every frame, and reading
+    # a window that way took 1.5x (real clips at 128) to 2.3x (64x64 clips) as long (bench/data.py --sections convert)
     reformatter = VideoReformatter()
     want = 0
     counted = -1
