@@ -33,35 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import markdown_table  # noqa: E402
+from training.options import build_parser  # noqa: E402
 
 
-def make_shards(videos: list[Path], out: Path) -> Path:
+def training_shards(videos: list[Path], out: Path) -> Path:
     """Shards of whole videos, each captioned by its file name (the tokenizer ignores captions)."""
-    src = out / "videos"
-    src.mkdir(parents=True, exist_ok=True)
-    for v in videos:
-        link = src / v.name
-        if not link.exists():
-            link.symlink_to(v.resolve())
-        (src / f"{v.stem}.txt").write_text(v.stem)
-    shards = out / "shards"
-    if not (shards / "manifest.json").is_file():
-        run([sys.executable, "-m", "data.make_shards", "--input", str(src), "--out", str(shards), "--overwrite"])
-    return shards
+    from data.make_shards import Candidate, make_shards
+
+    if not (out / "manifest.json").is_file():
+        make_shards([Candidate(v, v.name, v.stem) for v in videos], out, overwrite=True)
+    return out
 
 
-def run(cmd: list[str], log: Path | None = None) -> float:
-    """Runs cmd from the repository root; its wall time in seconds. Its output goes to log (or the console)."""
+def run(cmd: list[str], log: Path) -> float:
+    """Runs cmd from the repository root with its output in `log`; its wall time in seconds."""
     start = time.perf_counter()
-    if log is None:
-        out = subprocess.run(cmd, cwd=ROOT)
-    else:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as f:
-            out = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        out = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if out.returncode != 0:
-        tail = log.read_text()[-3000:] if log is not None else ""
-        raise SystemExit(f"error: {shlex.join(cmd)} failed ({out.returncode})\n{tail}")
+        raise SystemExit(f"error: {shlex.join(cmd)} failed ({out.returncode})\n{log.read_text()[-3000:]}")
     return time.perf_counter() - start
 
 
@@ -130,14 +121,17 @@ def main(argv=None) -> int:
         recipes[name] = shlex.split(flags)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    shards = make_shards(args.train, work / "train")
+    shards = training_shards(args.train, work / "train" / "shards")
 
     common = ["--preset", args.preset, "--frames", str(args.frames), "--size", str(args.size), "--batch-size",
               str(args.batch_size), "--seed", str(args.seed), "--num-workers", "1"]
+    batches = {}  # each recipe's batch size as train.py reads its flags; a bad flag fails here, before any training
+    for name, flags in recipes.items():
+        batches[name] = build_parser().parse_args(["--stage", "tokenizer", "--data", str(shards), "--out", str(work),
+                                                   *common, *flags]).batch_size
     trained = {}
     for name, flags in recipes.items():
-        batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else args.batch_size
-        trained[name] = train_recipe(name, flags, common, shards, work, args.minutes, args.probe_steps, batch)
+        trained[name] = train_recipe(name, flags, common, shards, work, args.minutes, args.probe_steps, batches[name])
         print(f"{name}: {trained[name]['steps']} steps in {trained[name]['wall_s']:.0f} s", flush=True)
 
     reports = {}

@@ -18,6 +18,13 @@ def test_a_video_in_both_training_and_held_out_footage_is_refused(tmp_path):
               "--work", str(tmp_path)])
 
 
+def test_a_bad_flag_in_any_recipe_stops_the_bench_before_anything_trains(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--train", str(CLIPS / "bikes.mp4"), "--held-out", str(CLIPS / "carphone_pristine.mp4"),
+              "--recipe", "good=--recon-loss mse", "--recipe", "bad=--recon-loss huber", "--work", str(tmp_path)])
+    assert not (tmp_path / "probes").exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_two_recipes_train_for_the_same_budget_and_are_scored_on_the_held_out_video(tmp_path, capsys):
     out = tmp_path / "recipes.json"
