@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 
 from tokenizer import CausalCache, CausalVAE, DiagonalGaussian, VAEConfig, preset
+from tokenizer.model import CausalConv3d
 
 
 def randomized(model: CausalVAE, seed: int = 0) -> CausalVAE:
@@ -27,12 +28,14 @@ def randomized(model: CausalVAE, seed: int = 0) -> CausalVAE:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def vae() -> CausalVAE:
+@pytest.fixture(scope="module", params=[3, 1], ids=["fine-kernel-3", "fine-kernel-1"])
+def vae(request) -> CausalVAE:
     torch.manual_seed(0)
     # the context decoder (3x3 cells, this and the previous latent frame) that small and base use: the
-    # causality, chunk and tiling tests then cover its cache and halo too
-    return randomized(CausalVAE.from_preset("tiny", linear_context=1, linear_frames=2))
+    # causality, chunk and tiling tests then cover its cache and halo too; temporal kernels of 3 at the latent
+    # resolution, and 3 or 1 (the tiny preset's) in the finer layers, so both mixes of cached layers are covered
+    return randomized(CausalVAE.from_preset("tiny", linear_context=1, linear_frames=2, temporal_kernel=3,
+                                            fine_temporal_kernel=request.param))
 
 
 @pytest.mark.parametrize("frames", [1, 5, 17, 33])
@@ -56,6 +59,21 @@ def test_configurable_factors():
         assert model.decode(z).shape == (1, 3, 9, 32, 32)
     with pytest.raises(ValueError, match="must equal spatial_factor"):
         preset("tiny", spatial_factor=16)
+
+
+def test_fine_temporal_kernel_sets_the_layers_above_the_latent_resolution():
+    model = CausalVAE.from_preset("tiny", temporal_kernel=3, fine_temporal_kernel=1)
+    kernels = {name: m.conv.kernel_size[0] for name, m in model.named_modules() if isinstance(m, CausalConv3d)}
+    fine = ["encoder.conv_in", "encoder.stages.0.0.conv1", "encoder.stages.0.1.conv", "decoder.stages.0.1.conv",
+            "decoder.stages.1.0.conv2", "decoder.conv_out"]
+    latent = ["encoder.stages.1.0.conv1", "encoder.mid.0.conv2", "encoder.conv_out", "decoder.conv_in",
+              "decoder.mid.0.conv1", "decoder.stages.0.0.conv1"]
+    assert [kernels[n] for n in fine] == [1] * len(fine) and [kernels[n] for n in latent] == [3] * len(latent)
+    # a config written before the field existed reads as one kernel everywhere
+    old = VAEConfig.from_dict({k: v for k, v in json.loads(preset("tiny").to_json()).items() if k != "fine_temporal_kernel"})
+    assert old.fine_kernel == old.temporal_kernel
+    with pytest.raises(ValueError, match="fine_temporal_kernel must be at least 1"):
+        preset("tiny", fine_temporal_kernel=0)
 
 
 def test_encoder_is_causal(vae):

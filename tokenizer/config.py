@@ -20,7 +20,11 @@ class VAEConfig:
     encoder_blocks: int = 2  # residual blocks per encoder stage
     decoder_blocks: int = 2  # residual blocks per decoder stage
     mid_blocks: int = 1  # residual blocks at the latent resolution, in each of encoder and decoder
-    temporal_kernel: int = 3  # causal conv kernel along time (at the latent frame rate)
+    temporal_kernel: int = 3  # causal conv kernel along time (at the latent frame rate) at the latent resolution
+    # the same kernel in the layers at finer resolutions (the space-to-depth input and output, the stages before
+    # the last, the down- and up-sampling): None for temporal_kernel. 1 makes those layers, where most of the
+    # computation is, per latent frame: a training step of the tiny preset 1.4 times faster (1.8 with 1 everywhere)
+    fine_temporal_kernel: int | None = None
     logvar_init: float = -6.0  # initial posterior log-variance bias: start nearly deterministic
     # a linear codec beside the network: the encoder maps each tf x sf x sf pixel block to its latent cell;
     # the decoder rebuilds each block from the latent cells around it (linear_context on each side) in this
@@ -50,12 +54,18 @@ class VAEConfig:
         if self.linear_context < 0 or self.linear_frames < 1:
             raise InputError(f"linear_context must be >= 0 and linear_frames >= 1, got {self.linear_context} and "
                              f"{self.linear_frames}")
-        if self.temporal_kernel < 1:
-            raise InputError(f"temporal_kernel must be at least 1, got {self.temporal_kernel}")
+        if self.temporal_kernel < 1 or (self.fine_temporal_kernel is not None and self.fine_temporal_kernel < 1):
+            raise InputError(f"temporal_kernel and fine_temporal_kernel must be at least 1, got {self.temporal_kernel} "
+                             f"and {self.fine_temporal_kernel}")
 
     @property
     def compression(self) -> tuple[int, int, int]:
         return self.temporal_factor, self.spatial_factor, self.spatial_factor
+
+    @property
+    def fine_kernel(self) -> int:
+        """The temporal kernel of the layers at finer resolutions than the latents."""
+        return self.temporal_kernel if self.fine_temporal_kernel is None else self.fine_temporal_kernel
 
     @property
     def cell_patches(self) -> int:

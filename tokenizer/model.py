@@ -136,14 +136,15 @@ class Upsample(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        kt, chans = cfg.temporal_kernel, cfg.channels
+        kt, fine, chans = cfg.temporal_kernel, cfg.fine_kernel, cfg.channels
+        last = len(chans) - 1
         patch_dim = cfg.in_channels * cfg.temporal_factor * cfg.patch_size**2
-        self.conv_in = CausalConv3d(patch_dim, chans[0], (kt, 3, 3))
+        self.conv_in = CausalConv3d(patch_dim, chans[0], (kt if last == 0 else fine, 3, 3))
         self.stages = nn.ModuleList()
         for i, c in enumerate(chans):
-            stage = nn.ModuleList(ResBlock(c, kt) for _ in range(cfg.encoder_blocks))
-            if i + 1 < len(chans):
-                stage.append(Downsample(c, chans[i + 1], kt))
+            stage = nn.ModuleList(ResBlock(c, kt if i == last else fine) for _ in range(cfg.encoder_blocks))
+            if i < last:
+                stage.append(Downsample(c, chans[i + 1], fine))
             self.stages.append(stage)
         self.mid = nn.ModuleList(ResBlock(chans[-1], kt) for _ in range(cfg.mid_blocks))
         self.norm_out = ChannelRMSNorm(chans[-1])
@@ -175,15 +176,16 @@ class Decoder(nn.Module):
         self.conv_in = CausalConv3d(cfg.latent_channels, chans[-1], (kt, 3, 3))
         self.repeats = chans[-1] // cfg.latent_channels
         self.mid = nn.ModuleList(ResBlock(chans[-1], kt) for _ in range(cfg.mid_blocks))
+        fine, last = cfg.fine_kernel, len(chans) - 1
         self.stages = nn.ModuleList()
         for i in reversed(range(len(chans))):
-            stage = nn.ModuleList(ResBlock(chans[i], kt) for _ in range(cfg.decoder_blocks))
+            stage = nn.ModuleList(ResBlock(chans[i], kt if i == last else fine) for _ in range(cfg.decoder_blocks))
             if i > 0:
-                stage.append(Upsample(chans[i], chans[i - 1], kt))
+                stage.append(Upsample(chans[i], chans[i - 1], fine))
             self.stages.append(stage)
         self.norm_out = ChannelRMSNorm(chans[0])
         patch_dim = cfg.in_channels * cfg.temporal_factor * cfg.patch_size**2
-        self.conv_out = CausalConv3d(chans[0], patch_dim, (kt, 3, 3))
+        self.conv_out = CausalConv3d(chans[0], patch_dim, (kt if last == 0 else fine, 3, 3))
         self.linear = None
         self.block = cfg.cell_patches
         if cfg.linear_codec:  # each cell's block of patches from the cells around it, then depth-to-space
