@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=16, help="videos sampled together")
-    p.add_argument("--tokenizer-steps", type=int, default=200, help="when a tokenizer has to be trained")
+    p.add_argument("--tokenizer-steps", type=int, default=800, help="when a tokenizer has to be trained (the quickstart's recipe)")
     p.add_argument("--wandb", default="disabled")
     return p
 
@@ -76,6 +76,7 @@ def prepare_data(args) -> tuple[Path, Path, Path]:
     from data.synthetic import DEFAULT_HOLDOUT, SyntheticSpec, generate
     from tokenizer import CausalVAE
     from tokenizer.encode import export_latents
+    from quickstart import TOKENIZER_RECIPE
     from training.loop import train
     from training.options import build_parser
 
@@ -93,8 +94,7 @@ def prepare_data(args) -> tuple[Path, Path, Path]:
             run = train(build_parser().parse_args([
                 "--stage", "tokenizer", "--data", str(shards), "--out", str(out / "tokenizer"), "--preset", "tiny",
                 "--frames", str(TRAIN_FRAMES), "--size", str(args.size), "--fps", str(spec.fps),
-                "--steps", str(args.tokenizer_steps), "--batch-size", "8", "--lr", "2e-3", "--warmup", "50",
-                "--schedule", "cosine", "--ema-decay", "0.99", "--latent-norm", "global", "--wandb", args.wandb,
+                "--steps", str(args.tokenizer_steps), *TOKENIZER_RECIPE, "--wandb", args.wandb,
                 "--num-workers", "1", "--checkpoint-every", "0", "--no-progress"]))
             vae = run / "model"
     if not (latents / "done.json").is_file():
