@@ -41,11 +41,12 @@ QUICKSTART_DIR = Path("runs/quickstart")
 # about 12%.
 QUICKSTART_SHIFT = 6
 
-# The tiny tokenizer's training recipe (with --steps from --tokenizer-steps): the squared error, 800 steps of 4 clips
+# The tiny tokenizer's training recipe and its steps (--tokenizer-steps): the squared error, 800 steps of 4 clips
 # at lr 2e-3, in about the time 200 steps of 8 took with L1 and the temporal kernel of 3 (see the README's tokenizer
 # section: held-out shape right in 89% of the reconstructions against 57%). bench/cascade.py trains it too.
 TOKENIZER_RECIPE = ["--recon-loss", "mse", "--batch-size", "4", "--lr", "2e-3", "--warmup", "50", "--schedule", "cosine",
                     "--ema-decay", "0.99", "--latent-norm", "global"]
+TOKENIZER_STEPS = 800
 
 
 def quickstart_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,7 @@ def quickstart_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(QUICKSTART_DIR), help="folder for everything it writes")
     p.add_argument("--clips", type=int, default=1200, help="synthetic clips to generate")
-    p.add_argument("--tokenizer-steps", type=int, default=800)
+    p.add_argument("--tokenizer-steps", type=int, default=TOKENIZER_STEPS)
     p.add_argument("--dit-steps", type=int, default=2000)
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the final samples")
     p.add_argument("--samples-per-prompt", type=int, default=8, help="videos per prompt (seeds 0, 1, ...)")

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=16, help="videos sampled together")
-    p.add_argument("--tokenizer-steps", type=int, default=800, help="when a tokenizer has to be trained (the quickstart's recipe)")
+    p.add_argument("--tokenizer-steps", type=int, default=None,
+                   help="when a tokenizer has to be trained, with the quickstart's recipe (default: the quickstart's steps)")
     p.add_argument("--wandb", default="disabled")
     return p
 
@@ -76,7 +77,7 @@ def prepare_data(args) -> tuple[Path, Path, Path]:
     from data.synthetic import DEFAULT_HOLDOUT, SyntheticSpec, generate
     from tokenizer import CausalVAE
     from tokenizer.encode import export_latents
-    from quickstart import TOKENIZER_RECIPE
+    from quickstart import TOKENIZER_RECIPE, TOKENIZER_STEPS
     from training.loop import train
     from training.options import build_parser
 
@@ -94,7 +95,7 @@ def prepare_data(args) -> tuple[Path, Path, Path]:
             run = train(build_parser().parse_args([
                 "--stage", "tokenizer", "--data", str(shards), "--out", str(out / "tokenizer"), "--preset", "tiny",
                 "--frames", str(TRAIN_FRAMES), "--size", str(args.size), "--fps", str(spec.fps),
-                "--steps", str(args.tokenizer_steps), *TOKENIZER_RECIPE, "--wandb", args.wandb,
+                "--steps", str(args.tokenizer_steps or TOKENIZER_STEPS), *TOKENIZER_RECIPE, "--wandb", args.wandb,
                 "--num-workers", "1", "--checkpoint-every", "0", "--no-progress"]))
             vae = run / "model"
     if not (latents / "done.json").is_file():
