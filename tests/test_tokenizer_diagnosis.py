@@ -55,6 +55,30 @@ def test_the_reconstruction_term_is_l1_or_squared_error():
     assert args.recon_loss == "mse"
 
 
+def test_the_boundary_weight_moves_the_pixel_term_to_where_latent_groups_meet():
+    """Frames 1 + 4k and 4k (k > 0) are the groups' ends; the weights average 1, so an even error keeps its loss,
+    and an error only at the ends weighs boundary_weight times one only inside."""
+    from tokenizer.losses import LossConfig, frame_weights, reconstruction_loss
+    from tokenizer.model import DiagonalGaussian
+
+    w = frame_weights(9, 4, 3.0)
+    assert torch.allclose(w.mean(), torch.tensor(1.0, dtype=torch.float64))
+    assert [i for i in range(9) if w[i] > 1] == [1, 4, 5, 8] and w[1] / w[0] == 3.0
+    assert frame_weights(1, 4, 3.0).tolist() == [1.0]  # an image: nothing to weigh
+    posterior = DiagonalGaussian(torch.zeros(1, 4, 3, 1, 1), torch.zeros(1, 4, 3, 1, 1))
+    video = torch.zeros(1, 3, 9, 4, 4)
+    even = torch.full_like(video, 0.5)
+    at_ends, inside = torch.zeros_like(video), torch.zeros_like(video)
+    at_ends[:, :, [1, 4]] = 0.5
+    inside[:, :, [2, 3]] = 0.5
+    for recon in ("l1", "mse"):
+        plain, weighted = LossConfig(recon=recon), LossConfig(recon=recon, boundary_weight=3.0)
+        loss = lambda r, cfg: reconstruction_loss(video, r, posterior, cfg)[0].item()  # noqa: E731
+        assert abs(loss(even, weighted) - loss(even, plain)) < 1e-6
+        assert abs(loss(at_ends, weighted) / loss(inside, weighted) - 3.0) < 1e-5
+        assert abs(loss(at_ends, plain) - loss(inside, plain)) < 1e-7
+
+
 def test_the_motion_scorer_reads_reconstructions_of_synthetic_clips(tmp_path):
     """Held-out synthetic clips: the originals score 100% for presence, colour and shape; a blur that smears
     the object's corners loses its shape."""

@@ -30,6 +30,11 @@ class LossConfig:
     disc_start: int = 2000  # optimiser steps before the adversarial term is switched on
     disc_channels: int = 64
     disc_layers: int = 3
+    # the pixel term's weight on the frames where latent groups meet (each group's first and last frame, against
+    # 1 inside; rescaled so the weights average 1): a block code in time reconstructs a group's middle frames
+    # best, and the error that rises at its ends pulses at the latent frame rate (the seam ratios)
+    boundary_weight: float = 1.0
+    temporal_factor: int = 4  # frames per latent group (the tokenizer's)
 
 
 class PatchDiscriminator3D(nn.Module):
@@ -67,14 +72,27 @@ def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: 
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
+def frame_weights(frames: int, temporal_factor: int, boundary_weight: float) -> torch.Tensor:
+    """(frames,) weights averaging 1: `boundary_weight` times the others at each latent group's first and last
+    frame (frames 1 + k tf and k tf; frame 0, a group of its own, counts as inside)."""
+    w = torch.ones(frames, dtype=torch.float64)
+    t = torch.arange(frames)
+    w[(t > 0) & ((t % temporal_factor == 1 % temporal_factor) | (t % temporal_factor == 0))] = boundary_weight
+    return w / w.mean()
+
+
 def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian, cfg: LossConfig,
                         lpips: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """(reconstruction term, reconstruction + KL, logged values) for video and recon (B, 3, T, H, W)."""
-    l1 = (video - recon).abs().mean()
-    mse = (video - recon).pow(2).mean()
+    diff = video - recon
+    l1, mse = diff.abs().mean(), diff.pow(2).mean()
     if cfg.recon not in ("l1", "mse"):
         raise ValueError(f"the reconstruction loss must be 'l1' or 'mse', got {cfg.recon!r}")
     rec = l1 if cfg.recon == "l1" else mse
+    if cfg.boundary_weight != 1.0 and video.shape[2] > 1:
+        per_frame = (diff.abs() if cfg.recon == "l1" else diff.pow(2)).mean(dim=(0, 1, 3, 4))  # (T,)
+        w = frame_weights(video.shape[2], cfg.temporal_factor, cfg.boundary_weight).to(per_frame)
+        rec = (per_frame * w).mean()
     logs = {"l1": l1.item(), "mse": mse.item()}
     if lpips is not None and cfg.lpips_weight > 0:
         p = lpips.video(recon, video).mean()

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recon-loss", choices=["l1", "mse"], default="l1",
                    help="the pixel term: l1, or mse (squared error, what PSNR measures: on the quickstart's held-out "
                         "clips it ended 2.6 dB higher in the same 200 steps; see the README's tokenizer diagnosis)")
+    g.add_argument("--boundary-weight", type=float, default=1.0,
+                   help="the pixel term's weight on each latent group's first and last frame against the frames inside "
+                        "(rescaled to average 1): above 1 evens out the error that rises where groups meet (seams)")
     g.add_argument("--lpips-weight", type=float, default=0.0, help="perceptual loss weight (needs the two paths below)")
     g.add_argument("--lpips-vgg", help="local torchvision VGG16 weights (.pth)")
     g.add_argument("--lpips-heads", help="local LPIPS linear heads (vgg.pth of the lpips package)")

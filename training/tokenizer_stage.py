@@ -46,7 +46,9 @@ class TokenizerStage:
             self.model.check_video(torch.empty(1, 3, args.frames, *size_pair(args.size), device="meta"))
         self.block_types = (ResBlock,)
         self.loss_cfg = LossConfig(kl_weight=args.kl_weight, lpips_weight=args.lpips_weight, disc_weight=args.disc_weight,
-                                   disc_start=args.disc_start, recon=args.recon_loss)
+                                   disc_start=args.disc_start, recon=args.recon_loss,
+                                   boundary_weight=args.boundary_weight,
+                                   temporal_factor=self.model.config.temporal_factor)
         self.lpips = None
         if args.lpips_weight > 0:
             if not (args.lpips_vgg and args.lpips_heads):
