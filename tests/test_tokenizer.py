@@ -28,14 +28,16 @@ def randomized(model: CausalVAE, seed: int = 0) -> CausalVAE:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=[3, 1], ids=["fine-kernel-3", "fine-kernel-1"])
+@pytest.fixture(scope="module", params=[(3, 0), (1, 8)], ids=["fine-kernel-3", "fine-kernel-1-refine"])
 def vae(request) -> CausalVAE:
     torch.manual_seed(0)
     # the context decoder (3x3 cells, this and the previous latent frame) that small and base use: the
     # causality, chunk and tiling tests then cover its cache and halo too; temporal kernels of 3 at the latent
-    # resolution, and 3 or 1 (the tiny preset's) in the finer layers, so both mixes of cached layers are covered
+    # resolution, and 3 or 1 (the tiny preset's) in the finer layers, so both mixes of cached layers are covered;
+    # the second also refines the decoded pixels
+    fine, refine = request.param
     return randomized(CausalVAE.from_preset("tiny", linear_context=1, linear_frames=2, temporal_kernel=3,
-                                            fine_temporal_kernel=request.param))
+                                            fine_temporal_kernel=fine, refine_channels=refine))
 
 
 @pytest.mark.parametrize("frames", [1, 5, 17, 33])
@@ -198,6 +200,25 @@ def test_fresh_model_starts_near_deterministic_and_trains():
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_the_pixel_refinement_starts_as_the_identity_and_old_configs_have_none():
+    """refine_channels adds two 3x3 convs on the decoded frames, the second zero at the start, so a fresh model
+    decodes as the same model without them; a config without the field (saved before it) has none."""
+    torch.manual_seed(0)
+    plain = randomized(CausalVAE.from_preset("tiny", refine_channels=0))
+    refined = CausalVAE.from_preset("tiny", refine_channels=8).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == sorted(f"refine.conv{i}.conv.{p}" for i in (1, 2) for p in ("weight", "bias"))
+    assert not unexpected and plain.refine is None
+    z = torch.randn(1, 16, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(refined.decode(z), plain.decode(z))
+    cfg = json.loads(preset("tiny").to_json())
+    del cfg["refine_channels"]
+    assert VAEConfig.from_dict(cfg).refine_channels == 0
+    with pytest.raises(ValueError, match="refine_channels must be 0"):
+        preset("tiny", refine_channels=-1)
+
+
 def test_presets_match_the_field():
     sizes = {name: sum(p.numel() for p in CausalVAE(preset(name)).parameters()) for name in ("tiny", "small")}
     assert sizes["tiny"] < 3e6 and 5e6 < sizes["small"] < 20e6
@@ -215,7 +236,7 @@ def test_presets_match_the_field():
 def test_spatial_tiles_equal_the_whole_frame(preset):
     # every normalisation is per voxel, so a tile computed with the receptive field's worth of context
     # around it is exact: no blending, no seams
-    vae = randomized(CausalVAE.from_preset(preset, linear_context=1, linear_frames=2)).eval()
+    vae = randomized(CausalVAE.from_preset(preset, linear_context=1, linear_frames=2, refine_channels=8)).eval()
     x = torch.rand(1, 3, 5, 64, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         whole, tiled = vae.encode(x), vae.encode(x, tile=32, chunk=1)

@@ -34,6 +34,11 @@ class VAEConfig:
     linear_codec: bool = True
     linear_context: int = 1
     linear_frames: int = 2
+    # a residual refinement at the pixel resolution after the decoder: a 3x3 conv to this many channels, SiLU, a
+    # 3x3 conv back to RGB (zero-initialised, so a fresh model starts as without it), frame by frame. The decoder
+    # above it ends in a linear map from each feature cell to a whole patch of pixels; this is the one place a
+    # nonlinearity sees single pixels, and it sharpens what that map blurs. 0: none
+    refine_channels: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -58,6 +63,8 @@ class VAEConfig:
         if self.temporal_kernel < 1 or (self.fine_temporal_kernel is not None and self.fine_temporal_kernel < 1):
             raise InputError(f"temporal_kernel and fine_temporal_kernel must be at least 1, got {self.temporal_kernel} "
                              f"and {self.fine_temporal_kernel}")
+        if self.refine_channels < 0:
+            raise InputError(f"refine_channels must be 0 (no refinement) or more, got {self.refine_channels}")
 
     @property
     def compression(self) -> tuple[int, int, int]:

@@ -133,6 +133,20 @@ class Upsample(nn.Module):
         return rearrange(h, "b (c p q) t h w -> b c t (h p) (w q)", p=2, q=2)  # (B, cout, T, 2H, 2W)
 
 
+class PixelRefine(nn.Module):
+    """video + conv(SiLU(conv(video))): 3x3 convolutions at the pixel resolution, one frame at a time."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = CausalConv3d(channels, hidden, (1, 3, 3))
+        self.conv2 = CausalConv3d(hidden, channels, (1, 3, 3))
+        nn.init.zeros_(self.conv2.conv.weight)  # starts as the identity
+        nn.init.zeros_(self.conv2.conv.bias)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return video + self.conv2(F.silu(self.conv1(video)))
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -252,6 +266,7 @@ class CausalVAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self.refine = PixelRefine(config.in_channels, config.refine_channels) if config.refine_channels else None
         # per-channel latent statistics measured on data, so that normalize() gives unit-scale latents
         self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
@@ -293,6 +308,14 @@ class CausalVAE(nn.Module):
         return rearrange(patches, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
                          c=cfg.in_channels, pt=cfg.temporal_factor, ph=cfg.patch_size, pw=cfg.patch_size)
 
+    def _pixels(self, patches: torch.Tensor, first: bool) -> torch.Tensor:
+        """The decoder's output patches as frames (without the replicated copies of frame 0 where `first`, the
+        clip's first chunk), refined at the pixel resolution where the config asks."""
+        video = self._unpatchify(patches)
+        if first:
+            video = video[:, :, self.config.temporal_factor - 1 :]
+        return video if self.refine is None else self.refine(video)
+
     # ---- encode / decode ------------------------------------------------------------------------
 
     def halo(self) -> tuple[int, int]:
@@ -309,6 +332,7 @@ class CausalVAE(nn.Module):
         for i in range(last, -1, -1):
             dec += (2 * cfg.decoder_blocks + (1 if i > 0 else 0)) / 2 ** (last - i)
         dec += 1 / 2**last  # conv_out
+        dec += 2 / cfg.spatial_factor if cfg.refine_channels else 0  # the two 3x3 convs on pixels
         if cfg.linear_codec:
             dec = max(dec, cfg.linear_context)
         return math.ceil(enc / 2**last) + 1, math.ceil(dec) + 1
@@ -370,7 +394,7 @@ class CausalVAE(nn.Module):
             return self._tiled(latents, tile, self.halo()[1], 1, cfg.spatial_factor,
                                lambda part: (self.decode(part, chunk),))[0]
         if chunk is None or chunk >= t:
-            return self._unpatchify(self.decoder(latents, None))[:, :, cfg.temporal_factor - 1 :]
+            return self._pixels(self.decoder(latents, None), first=True)
         out = latents.new_empty(b, cfg.in_channels, 1 + (t - 1) * cfg.temporal_factor, h * cfg.spatial_factor, w * cfg.spatial_factor)
         start = 0
         for frames in self.decode_chunks(latents, chunk):
@@ -383,10 +407,8 @@ class CausalVAE(nn.Module):
         be written to disk as it is decoded, with memory bounded by the chunk."""
         self._check_latents(latents)
         cache = CausalCache()
-        drop = self.config.temporal_factor - 1  # the replicated copies of the first frame
         for i in range(0, latents.shape[2], self._chunk(chunk)):
-            frames = self._unpatchify(self.decoder(latents[:, :, i : i + chunk], cache))
-            yield frames[:, :, drop:] if i == 0 else frames
+            yield self._pixels(self.decoder(latents[:, :, i : i + chunk], cache), first=i == 0)
 
     def forward(self, video: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
