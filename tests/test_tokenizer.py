@@ -64,7 +64,7 @@ def test_configurable_factors():
 
 
 def test_fine_temporal_kernel_sets_the_layers_above_the_latent_resolution():
-    model = CausalVAE.from_preset("tiny", temporal_kernel=3, fine_temporal_kernel=1)
+    model = CausalVAE.from_preset("tiny", temporal_kernel=3, fine_temporal_kernel=1, encoder_blocks=1)
     kernels = {name: m.conv.kernel_size[0] for name, m in model.named_modules() if isinstance(m, CausalConv3d)}
     fine = ["encoder.conv_in", "encoder.stages.0.0.conv1", "encoder.stages.0.1.conv", "decoder.stages.0.1.conv",
             "decoder.stages.1.0.conv2", "decoder.conv_out"]
