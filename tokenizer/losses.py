@@ -85,12 +85,13 @@ def reconstruction_loss(video: torch.Tensor, recon: torch.Tensor, posterior: Dia
                         lpips: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """(reconstruction term, reconstruction + KL, logged values) for video and recon (B, 3, T, H, W)."""
     diff = video - recon
-    l1, mse = diff.abs().mean(), diff.pow(2).mean()
+    abs_err, sq_err = diff.abs(), diff.pow(2)
+    l1, mse = abs_err.mean(), sq_err.mean()
     if cfg.recon not in ("l1", "mse"):
         raise ValueError(f"the reconstruction loss must be 'l1' or 'mse', got {cfg.recon!r}")
     rec = l1 if cfg.recon == "l1" else mse
     if cfg.boundary_weight != 1.0 and video.shape[2] > 1:
-        per_frame = (diff.abs() if cfg.recon == "l1" else diff.pow(2)).mean(dim=(0, 1, 3, 4))  # (T,)
+        per_frame = (abs_err if cfg.recon == "l1" else sq_err).mean(dim=(0, 1, 3, 4))  # (T,)
         w = frame_weights(video.shape[2], cfg.temporal_factor, cfg.boundary_weight).to(per_frame)
         rec = (per_frame * w).mean()
     logs = {"l1": l1.item(), "mse": mse.item()}
