@@ -77,7 +77,8 @@ def frame_weights(frames: int, temporal_factor: int, boundary_weight: float) -> 
     frame (frames 1 + k tf and k tf; frame 0, a group of its own, counts as inside)."""
     w = torch.ones(frames, dtype=torch.float64)
     t = torch.arange(frames)
-    w[(t > 0) & ((t % temporal_factor == 1 % temporal_factor) | (t % temporal_factor == 0))] = boundary_weight
+    starts, ends = (t - 1) % temporal_factor == 0, t % temporal_factor == 0
+    w[(t > 0) & (starts | ends)] = boundary_weight
     return w / w.mean()
 
 
