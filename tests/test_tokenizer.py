@@ -18,7 +18,7 @@ def randomized(model: CausalVAE, seed: int = 0) -> CausalVAE:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("weight") and p.ndim == 5:
+            if name.endswith("weight") and p.ndim >= 4:  # 3D and 2D convolutions
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
             elif name.endswith("weight"):  # norm scales
@@ -207,7 +207,7 @@ def test_the_pixel_refinement_starts_as_the_identity_and_old_configs_have_none()
     plain = randomized(CausalVAE.from_preset("tiny", refine_channels=0))
     refined = CausalVAE.from_preset("tiny", refine_channels=8).eval()
     missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
-    assert sorted(missing) == sorted(f"refine.conv{i}.conv.{p}" for i in (1, 2) for p in ("weight", "bias"))
+    assert sorted(missing) == sorted(f"refine.conv{i}.{p}" for i in (1, 2) for p in ("weight", "bias"))
     assert not unexpected and plain.refine is None
     z = torch.randn(1, 16, 3, 4, 4)
     with torch.no_grad():

@@ -134,17 +134,24 @@ class Upsample(nn.Module):
 
 
 class PixelRefine(nn.Module):
-    """video + conv(SiLU(conv(video))): 3x3 convolutions at the pixel resolution, one frame at a time."""
+    """video + conv(SiLU(conv(video))): 3x3 convolutions at the pixel resolution, one frame at a time.
+
+    Frames are folded into the batch and run as 2D convolutions in channels-last layout: with 3 and 8
+    channels that takes 0.55 to 0.75 of the time of the same kernels as (1, 3, 3) 3D convolutions on the CPU
+    (bench/tokenizer_refine_speed.py)."""
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
-        self.conv1 = CausalConv3d(channels, hidden, (1, 3, 3))
-        self.conv2 = CausalConv3d(hidden, channels, (1, 3, 3))
-        nn.init.zeros_(self.conv2.conv.weight)  # starts as the identity
-        nn.init.zeros_(self.conv2.conv.bias)
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # starts as the identity
+        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return video + self.conv2(F.silu(self.conv1(video)))
+        b, t = video.shape[0], video.shape[2]
+        frames = rearrange(video, "b c t h w -> (b t) c h w").contiguous(memory_format=torch.channels_last)
+        frames = frames + self.conv2(F.silu(self.conv1(frames)))
+        return rearrange(frames, "(b t) c h w -> b c t h w", b=b, t=t)
 
 
 class Encoder(nn.Module):
