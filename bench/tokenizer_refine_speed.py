@@ -33,7 +33,6 @@ LAYOUTS = ("conv3d", "conv2d", "conv2d-cl")
 
 def _refine_fn(layout: str, refine):
     """The refinement's forward as `layout` computes it, with the module's weights."""
-    import torch
     import torch.nn.functional as F
     from einops import rearrange
 
