@@ -53,20 +53,29 @@ def _refine_fn(layout: str, refine):
     return {"conv3d": conv3d, "conv2d": conv2d}[layout]
 
 
+def _trained_refine(hidden: int):
+    """A refinement of `hidden` channels whose second convolution is not zero (a trained one, not the identity)."""
+    import torch
+
+    from tokenizer.model import PixelRefine
+
+    torch.manual_seed(0)
+    refine = PixelRefine(3, hidden)
+    torch.nn.init.normal_(refine.conv2.weight, std=0.05)
+    return refine
+
+
 def measure(spec: dict) -> dict:
     import torch
 
     from tokenizer import CausalVAE, preset
     from tokenizer.losses import LossConfig, reconstruction_loss
-    from tokenizer.model import PixelRefine
 
     torch.manual_seed(0)
     b, t, s = spec["batch"], spec["frames"], spec["size"]
     video = torch.rand(b, 3, t, s, s) * 2 - 1
     if spec["what"] == "refine":
-        refine = PixelRefine(3, spec["hidden"])
-        torch.nn.init.normal_(refine.conv2.weight, std=0.05)  # a trained one: not the identity
-        fn = _refine_fn(spec["layout"], refine)
+        fn = _refine_fn(spec["layout"], _trained_refine(spec["hidden"]))
 
         def run():
             x = video.clone().requires_grad_()
@@ -90,11 +99,7 @@ def check_equal(hidden: int, size: int) -> float:
     """The largest difference between the layouts' outputs (they compute the same function)."""
     import torch
 
-    from tokenizer.model import PixelRefine
-
-    torch.manual_seed(0)
-    refine = PixelRefine(3, hidden)
-    torch.nn.init.normal_(refine.conv2.weight, std=0.05)
+    refine = _trained_refine(hidden)
     video = torch.rand(1, 3, 5, size, size) * 2 - 1
     with torch.no_grad():
         ref = _refine_fn("conv3d", refine)(video)
@@ -127,13 +132,13 @@ def main() -> None:
         results.append({"what": "refine", "hidden": hidden, "ms": {k: 1e3 * v for k, v in times.items()},
                         "max_abs_difference": diff})
     variants = [(0, "conv2d-cl")] + [(h, layout) for h in args.hidden for layout in ("conv3d", "conv2d-cl")]
-    steps = {f"{h} {layout}": measure_in_subprocess(__file__, base | {"what": "step", "preset": args.preset, "hidden": h,
-                                                                      "layout": layout}, measures=("time",))["seconds"]
+    steps = {(h, layout): measure_in_subprocess(__file__, base | {"what": "step", "preset": args.preset, "hidden": h,
+                                                                  "layout": layout}, measures=("time",))["seconds"]
              for h, layout in variants}
-    for (h, layout), seconds in zip(variants, steps.values()):
+    for (h, layout), seconds in steps.items():
         rows.append([f"{args.preset} training step", f"refine_channels={h}" + (f", {layout}" if h else ""),
-                     f"{1e3 * seconds:.1f}", f"{seconds / steps['0 conv2d-cl']:.2f}", ""])
-    results.append({"what": "step", "preset": args.preset, "ms": {str(h): 1e3 * s for h, s in steps.items()}})
+                     f"{1e3 * seconds:.1f}", f"{seconds / steps[variants[0]]:.2f}", ""])
+    results.append({"what": "step", "preset": args.preset, "ms": {f"{h} {layout}": 1e3 * s for (h, layout), s in steps.items()}})
     print(f"forward + backward, batch {args.batch} x {args.frames} frames x {args.size}^2, CPU, median of "
           f"{args.repeats}; ratio: against conv3d (refinement rows) or against no refinement (step rows)")
     print(markdown_table(["what", "variant", "ms", "ratio", "max |diff| vs conv3d"], rows))

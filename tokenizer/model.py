@@ -148,10 +148,9 @@ class PixelRefine(nn.Module):
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        b, t = video.shape[0], video.shape[2]
         frames = rearrange(video, "b c t h w -> (b t) c h w").contiguous(memory_format=torch.channels_last)
         frames = frames + self.conv2(F.silu(self.conv1(frames)))
-        return rearrange(frames, "(b t) c h w -> b c t h w", b=b, t=t)
+        return rearrange(frames, "(b t) c h w -> b c t h w", b=video.shape[0])
 
 
 class Encoder(nn.Module):
