@@ -16,6 +16,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from cpu_allocator import keep_freed_memory
 from errors import InputError
 
 T = TypeVar("T")
@@ -89,7 +90,8 @@ def run_command(command: Callable[[], T]) -> tuple[int, T | None]:
     """An entry point's work, run as every command runs it: (0, its result); or, for bad input (InputError),
     the message as one line on stderr and (2, None). Under torchrun every rank returns 2 and rank 0 alone
     prints the line, so it is said once. Anything else keeps its traceback. The process group, if there is
-    one, is torn down either way."""
+    one, is torn down either way. Freed CPU memory is kept for reuse (cpu_allocator)."""
+    keep_freed_memory()
     ok = False
     try:
         result = command()

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cpu_allocator import keep_freed_memory
 from data import ShardWriter, latent_sample, make_loader
 from data.buckets import Bucket, check_divisible, parse_buckets
 from data.video_io import check_frame_count, size_pair
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    keep_freed_memory()
     try:
         check_frame_count(args.frames)
         args.size = size_pair(args.size)

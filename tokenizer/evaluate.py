@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from checkpoint_io import atomic_path, write_json_atomic, write_text_atomic
+from cpu_allocator import keep_freed_memory
 from data import ClipTooShortError, VideoInfo, VideoReadError, read_clip, write_video
 from data.shards import sanitize_key
 from data.sources import VideoSource, find_videos, window_starts
@@ -384,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--i3d", help="local TorchScript I3D (i3d_torchscript.pt) to report rFVD over all windows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    keep_freed_memory()
     try:
         height, width = size_pair(args.size)
         if len(args.size) == 2 and args.aspect == "native":
