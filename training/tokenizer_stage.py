@@ -29,6 +29,7 @@ from tokenizer.losses import (LossConfig, PatchDiscriminator3D, adaptive_weight,
                               reconstruction_loss)
 from tokenizer.model import ResBlock
 
+from .optim import adamw
 from .options import parse_overrides
 from .stage import autocast, image_step, sample_generator
 
@@ -59,8 +60,7 @@ class TokenizerStage:
         if args.disc_weight > 0:
             self.disc = PatchDiscriminator3D(self.loss_cfg.disc_channels, self.loss_cfg.disc_layers).to(env.device)
             self.disc = parallelize(self.disc, env, ParallelOptions((), "ddp"))
-            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
-                                              fused=env.device.type == "cuda")
+            self.disc_opt = adamw(self.disc.parameters(), env.device, lr=args.disc_lr, betas=(0.5, 0.9))
         self._recon: torch.Tensor | None = None
         self.buckets, self.schedule = None, None  # the loop's buckets and the loader's schedule, with --buckets
 
