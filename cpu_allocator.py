@@ -3,8 +3,9 @@
 glibc's malloc serves a block above its mmap threshold (128 KiB, raised at run time up to 32 MiB) with a fresh
 mmap and unmaps it when freed, and gives the top of its heap back to the system whenever more than its trim
 threshold is free there. A training step allocates and frees the same activations every step, so every step
-maps their pages again and the kernel zeroes each one on first touch: 12,000 to 20,000 minor page faults a
-step for the quickstart's tiny tokenizer, about a fifth of its step time on two cores (bench/cpu_allocator.py).
+maps their pages again and the kernel zeroes each one on first touch: 8,000 to 20,000 minor page faults a
+step for the quickstart's tiny tokenizer, whose step takes 0.87 of the time with them gone (two cores,
+bench/cpu_allocator.py).
 With both thresholds raised, freed blocks stay in the heap for the next step, as PyTorch's caching allocator
 keeps GPU memory and as jemalloc or tcmalloc (through LD_PRELOAD) would on the CPU. What is kept is what the
 next step allocates again, so peak memory does not grow.
@@ -19,7 +20,6 @@ glibc (macOS, musl) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -49,7 +49,7 @@ def keep_freed_memory() -> bool:
     if _applied is None:
         _applied = False
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and not _already_chosen():
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc = ctypes.CDLL(None)  # the process's own symbols: the C library already loaded, found without a search
             # mallopt returns 1 on success; setting the thresholds by hand also stops glibc adjusting them itself
             _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
                 libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
