@@ -192,6 +192,8 @@ class ClipSpec:
     window: str  # start | center | random
     crop: str  # center | random
     decode_threads: int = 0  # per decoder; 0: FFmpeg's default (one per core)
+    zoom: tuple[float, float] = (1.0, 1.0)  # random crops: the covering scale times a factor from this range
+    hflip: bool = False  # mirror half the clips left to right
 
     def at(self, bucket: Bucket) -> "ClipSpec":
         """This spec at a bucket's frames and size."""
@@ -251,11 +253,13 @@ def _decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> di
     info = VideoInfo.from_meta(meta)
     try:
         clip = read_clip(sample[ext], spec.frames, fps=spec.fps, size=spec.size, start=spec.window,
-                         crop=spec.crop, rng=rng, info=info, threads=spec.decode_threads)
+                         crop=spec.crop, zoom=spec.zoom, rng=rng, info=info, threads=spec.decode_threads)
     except ClipTooShortError as e:
         raise SkipSample("too_short", str(e)) from e
     except VideoReadError as e:
         raise SkipSample("corrupt", str(e)) from e
+    if spec.hflip and rng.random() < 0.5:  # drawn only with hflip: a seeded stream without it is unchanged
+        clip.frames = np.ascontiguousarray(clip.frames[:, :, ::-1])
     out = {"video": clip.to_tensor(), "caption": caption, "key": key, "fps": clip.fps, "meta": meta}
     if clip.available is not None or (info is not None and info.declared_frames):
         claimed = (info.declared_frames or info.frames) if info is not None else None
@@ -710,6 +714,8 @@ def make_loader(
     seed: int = 0,
     window: str | None = None,
     crop: str | None = None,
+    zoom: tuple[float, float] = (1.0, 1.0),
+    hflip: bool = False,
     shuffle_buffer: int = 64,
     rank: int | None = None,
     world_size: int | None = None,
@@ -728,6 +734,9 @@ def make_loader(
     frames: 1 + 4k; size: int (square) or (H, W); fps: target rate (None: the file's own).
     mode: "train" (infinite, shuffled, random windows and crops) or "eval" (finite, ordered, each sample once).
     window / crop: override the mode's default ("random"/"random" for train, "start"/"center" for eval).
+    zoom: (lo, hi), train: each random crop is taken from the frame scaled to cover the size times a factor drawn
+      log-uniformly from [lo, hi] (more views of few videos: their detail at several scales); (1, 1): none.
+    hflip: train: mirror half the clips left to right. Eval streams never zoom or flip.
     shuffle_buffer: samples each train reader holds to shuffle across shards; they are raw file bytes,
       so memory per worker is about shuffle_buffer times the mean file size.
     rank / world_size: default to torch.distributed's, or torchrun's RANK / WORLD_SIZE.
@@ -770,6 +779,8 @@ def make_loader(
         window=window or ("random" if train else "start"),
         crop=crop or ("random" if train else "center"),
         decode_threads=decode_threads,
+        zoom=tuple(map(float, zoom)) if train else (1.0, 1.0),
+        hflip=hflip and train,
     )
     schedule = None
     if packing is not None:

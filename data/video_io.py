@@ -217,8 +217,12 @@ def _target_size(size) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
-def _resize_plan(height: int, width: int, size, crop: str, rng: np.random.Generator | None):
-    """Scale so that the frame covers (H, W) (the short side matches for a square target), then crop.
+def _resize_plan(height: int, width: int, size, crop: str, rng: np.random.Generator | None,
+                 zoom: tuple[float, float] = (1.0, 1.0)):
+    """Scale so that the frame covers (H, W) (the short side matches for a square target), then crop. With a
+    random crop and a zoom range other than (1, 1), the covering scale is first multiplied by a factor drawn
+    log-uniformly from it (the draw comes before the crop's; without a zoom none is made, so a seeded stream's
+    crops stay what they were).
 
     Returns (resized_h, resized_w, top, left, H, W).
     """
@@ -226,15 +230,19 @@ def _resize_plan(height: int, width: int, size, crop: str, rng: np.random.Genera
     if target is None:
         return height, width, 0, 0, height, width
     th, tw = target
-    scale = max(th / height, tw / width)
+    if crop not in ("center", "random"):
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    lo, hi = zoom
+    if not 1.0 <= lo <= hi:
+        raise ValueError(f"zoom must be (lo, hi) with 1 <= lo <= hi, got {zoom!r}")
+    rng = rng if rng is not None or crop == "center" else np.random.default_rng()
+    factor = 1.0 if crop == "center" or (lo, hi) == (1.0, 1.0) else math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    scale = max(th / height, tw / width) * factor
     rh, rw = max(th, round(height * scale)), max(tw, round(width * scale))
     if crop == "center":
         top, left = (rh - th) // 2, (rw - tw) // 2
-    elif crop == "random":
-        rng = rng if rng is not None else np.random.default_rng()
-        top, left = int(rng.integers(0, rh - th + 1)), int(rng.integers(0, rw - tw + 1))
     else:
-        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        top, left = int(rng.integers(0, rh - th + 1)), int(rng.integers(0, rw - tw + 1))
     return rh, rw, top, left, th, tw
 
 
@@ -282,6 +290,7 @@ def read_clip(
     size: int | tuple[int, int] | None = None,
     start: str | int = "start",
     crop: str = "center",
+    zoom: tuple[float, float] = (1.0, 1.0),
     rng: np.random.Generator | None = None,
     info: VideoInfo | None = None,
     seek: bool = True,
@@ -294,6 +303,8 @@ def read_clip(
     size: int (square) or (H, W); the frame is scaled to cover it, then cropped. None: native size.
     start: where the window begins: 'start', 'center', 'random' (uniform over all valid starts) or an index.
     crop: 'center' or 'random'.
+    zoom: (lo, hi), with crop='random': scale the frame to cover `size` times a factor drawn log-uniformly
+      from [lo, hi] before cropping, so that crops show the footage at several scales (1, 1: none).
     info: the shard's metadata, which saves a header read; the exact frame count comes from there.
     seek: jump to the keyframe before the window (the default) instead of decoding from frame 0.
     threads: decoder threads; 0 lets FFmpeg use one per core (right for one reader, too many for many).
@@ -314,7 +325,7 @@ def read_clip(
             total, src_fps = 1, 0.0
         stride = window_stride(src_fps, fps)
         indices = _window_indices(total, num_frames, stride, start, rng)
-        rh, rw, top, left, th, tw = _resize_plan(header.height, header.width, size, crop, rng)
+        rh, rw, top, left, th, tw = _resize_plan(header.height, header.width, size, crop, rng, zoom)
         stream.thread_type = "AUTO"
         if threads > 0:
             stream.codec_context.thread_count = threads

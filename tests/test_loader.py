@@ -168,6 +168,26 @@ def test_train_stream_is_infinite_random_and_seeded(synthetic_shards):
     assert not {shard_of(k) for k in first_two[0]} & {shard_of(k) for k in first_two[1]}
 
 
+def test_train_streams_mirror_and_zoom_when_asked_and_eval_streams_never_do(real_shards):
+    direct = read_clip(BIKES, 9, fps=12.5, size=64).to_tensor()
+    mirrored = direct.flip(-1)
+    # fixed windows and centred crops: each training clip of bikes is the centre crop or its mirror image
+    loader = make_loader(real_shards, 1, 9, 64, mode="train", num_workers=0, fps=12.5, window="start",
+                         crop="center", hflip=True, shuffle_buffer=1)
+    bikes = [b["video"][0] for b in _take(loader, 16) if b["key"][0] == "bikes"]
+    assert len(bikes) >= 4
+    flipped = [torch.equal(v, mirrored) for v in bikes]
+    assert all(f or torch.equal(v, direct) for v, f in zip(bikes, flipped)) and 0 < sum(flipped) < len(bikes)
+    # zoomed random crops differ from plain random crops of the same seeded stream
+    plain, zoomed = (_take(make_loader(real_shards, 2, 9, 64, mode="train", num_workers=0, fps=12.5, seed=3,
+                                       zoom=zoom), 2) for zoom in ((1.0, 1.0), (2.0, 3.0)))
+    assert [b["key"] for b in plain] == [b["key"] for b in zoomed]
+    assert not any(torch.equal(p["video"], z["video"]) for p, z in zip(plain, zoomed))
+    # eval streams read every clip as it is
+    (batch,) = make_loader(real_shards, 2, 9, 64, mode="eval", num_workers=0, fps=12.5, zoom=(2.0, 3.0), hflip=True)
+    torch.testing.assert_close(batch["video"][0], direct, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("workers,taken", [(0, 4), (2, 5)])
 def test_train_stream_resumes_exactly_where_its_state_was_taken(synthetic_shards, workers, taken):
     """A loader restored from `state_dict()` yields the batches the uninterrupted loader yields next,

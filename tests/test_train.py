@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+import training.loop
 from bench.common import free_port
 from training.dit_stage import DiTStage
 from training.options import build_parser
@@ -217,16 +218,21 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards, vae_dir, tmp_path
     assert step == max(losses(out)) >= 1
 
 
-def test_tokenizer_stage_trains_with_the_discriminator_and_measures_latent_stats(shards, tmp_path):
+def test_tokenizer_stage_trains_with_the_discriminator_and_measures_latent_stats(shards, tmp_path, monkeypatch):
+    streams = []
+    real_make_loader = training.loop.make_loader
+    monkeypatch.setattr(training.loop, "make_loader", lambda *a, **kw: streams.append(kw) or real_make_loader(*a, **kw))
     out = tmp_path / "vae"
     args = ["--stage", "tokenizer", "--data", str(shards), "--out", str(out), "--steps", "24", "--batch-size", "4",
             "--num-workers", "0", "--checkpoint-every", "0", "--log-every", "4", "--disc-weight", "0.5",
             "--disc-start", "12", "--image-prob", "0.25", "--stats-batches", "2", "--pca-init-clips", "0", *FAST,
             # from random weights (no fitted codec) the tiny preset's encoder without residual blocks takes longer
             # than these 24 steps to get going (L1 0.25 -> 0.21); with one block it gets below 0.6 of its first error
-            "--override", "encoder_blocks=1"]
+            "--override", "encoder_blocks=1",
+            "--zoom", "1", "1.5", "--hflip"]
     args[args.index("--lr") + 1] = "3e-3"
     assert train.main(args) == 0
+    assert (streams[0]["zoom"], streams[0]["hflip"]) == ([1.0, 1.5], True)  # the crop options reach the stream
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     l1 = [r["l1"] for r in records if "l1" in r]
     assert l1[-1] < 0.6 * l1[0]
@@ -272,6 +278,11 @@ def test_bad_options_get_one_line_errors(shards, vae_dir, tmp_path, capsys):
     assert train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(tmp_path / "d"), *FAST,
                        "--override", "widht=3"]) == 2
     assert one_line_error(capsys, r"unknown tokenizer config field\(s\) \['widht'\]")
+    assert train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(tmp_path / "e"), *FAST,
+                       "--zoom", "0.5", "2"]) == 2
+    assert one_line_error(capsys, r"--zoom takes LO HI with 1 <= LO <= HI .*got 0.5 2")
+    assert train.main(dit_args(shards, vae_dir, tmp_path / "f", "--latents", "--hflip")) == 2
+    assert one_line_error(capsys, r"--zoom and --hflip change how videos are cropped; latent shards")
 
 
 def test_the_word_text_encoder_trains_and_samples(shards, vae_dir, tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from data.video_io import (
     ClipTooShortError,
+    _resize_plan,
     VideoReadError,
     check_frame_count,
     encode_mp4,
@@ -116,6 +117,25 @@ def test_resize_short_side_then_crop():
     assert any(not np.array_equal(crops[0], c) for c in crops[1:])
     with pytest.raises(ValueError, match="crop must be"):
         read_clip(BIKES, 5, size=64, crop="middle")
+
+
+def test_zoom_takes_random_crops_from_the_frame_scaled_up_by_a_drawn_factor():
+    # 640x272 covering 64x64 at zoom 2: 301x128, and the crop is a window of that whole resized frame
+    rh, rw, top, left, th, tw = _resize_plan(272, 640, 64, "random", np.random.default_rng(7), (2.0, 2.0))
+    assert (rh, rw, th, tw) == (128, 301, 64, 64)
+    zoomed = read_clip(BIKES, 5, size=64, crop="random", zoom=(2.0, 2.0), rng=np.random.default_rng(7)).frames
+    whole = read_clip(BIKES, 5, size=(128, 301)).frames
+    np.testing.assert_array_equal(zoomed, whole[:, top:top + 64, left:left + 64])
+    # a range: factors drawn across it (log-uniform), never outside
+    heights = [_resize_plan(272, 640, 64, "random", np.random.default_rng(s), (1.0, 4.0))[0] for s in range(64)]
+    assert min(heights) >= 64 and max(heights) <= 256 and min(heights) < 96 and max(heights) > 180
+    # without a zoom the crop draws exactly what it drew before zoom existed, so seeded streams are unchanged
+    r = np.random.default_rng(5)
+    assert _resize_plan(272, 640, 64, "random", np.random.default_rng(5)) == (64, 151, int(r.integers(0, 1)),
+                                                                               int(r.integers(0, 88)), 64, 64)
+    assert _resize_plan(272, 640, 64, "center", None, (1.0, 4.0)) == (64, 151, 0, 43, 64, 64)  # centre crops: no zoom
+    with pytest.raises(ValueError, match="1 <= lo <= hi"):
+        _resize_plan(272, 640, 64, "random", None, (0.5, 2.0))
 
 
 def test_float_output_range_and_layout():

@@ -93,7 +93,7 @@ def train(args) -> Path:
     opt, sched = build_optimizer(model, args, env.device)
     loader = make_loader(args.data, args.batch_size, None if args.latents else args.frames,
                          None if args.latents else args.size, mode="train", num_workers=args.num_workers,
-                         fps=args.fps, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
+                         fps=args.fps, seed=args.seed, zoom=args.zoom, hflip=args.hflip, shuffle_buffer=args.shuffle_buffer,
                          rank=env.dp_rank, world_size=env.dp_world, buckets=buckets, backlog=args.bucket_backlog,
                          packing=stage.packing(args.pack, args.pack_pool) if args.pack else None)
     stage.buckets, stage.schedule = buckets, loader.dataset.schedule  # the buckets, and how much of the data each holds

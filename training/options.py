@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2, help="decoding worker processes per rank")
     g.add_argument("--shuffle-buffer", type=int, default=64)
     g.add_argument("--image-prob", type=float, default=0.0, help="fraction of steps that train on images (first frames)")
+    g.add_argument("--zoom", type=float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
+                   help="take each training crop from the frame scaled to cover --size times a factor drawn from "
+                        "[LO, HI] (log-uniform), e.g. --size 64 --zoom 1 4: small crops of the footage at several "
+                        "scales, more views of few videos per CPU-minute; 1 1: none")
+    g.add_argument("--hflip", action="store_true", help="mirror half the training clips left to right")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000, help="optimiser steps in all")
     g.add_argument("--lr", type=float, default=1e-4)
@@ -161,6 +166,12 @@ def check_args(args) -> None:
         raise InputError("--pack fills DiT batches with clips of the --buckets shapes: use it with --stage dit and --buckets")
     if args.pack < 0 or args.pack_pool < 1:
         raise InputError("--pack must be at least 0 (0: off) and --pack-pool at least 1")
+    if not 1.0 <= args.zoom[0] <= args.zoom[1]:
+        raise InputError(f"--zoom takes LO HI with 1 <= LO <= HI (factors on the scale that covers --size), got "
+                         f"{args.zoom[0]:g} {args.zoom[1]:g}")
+    if args.latents and (args.zoom != [1.0, 1.0] or args.hflip):
+        raise InputError("--zoom and --hflip change how videos are cropped; latent shards are stored encoded at one "
+                         "size (write them from zoomed or flipped clips instead, or drop the options)")
     if args.latents and args.stage != "dit":
         raise InputError("--latents is for the dit stage (latent shards have no pixels to reconstruct)")
 

@@ -81,9 +81,10 @@ class TokenizerStage:
         n = self.args.pca_init_clips
         if n <= 0 or not self.model.config.linear_codec:
             return
-        # a shuffled stream with random windows and crops, seeded and read in full by every rank
-        loader = make_loader(self.args.data, min(n, 16), *self.crop, mode="train",
-                             num_workers=0, fps=self.args.fps, seed=self.args.seed + 1, rank=0, world_size=1)
+        # a shuffled stream with random windows and crops (zoomed and flipped as training's are), seeded and read
+        # in full by every rank
+        loader = make_loader(self.args.data, min(n, 16), *self.crop, mode="train", num_workers=0, fps=self.args.fps,
+                             zoom=self.args.zoom, hflip=self.args.hflip, seed=self.args.seed + 1, rank=0, world_size=1)
         clips = []
         for batch in loader:
             clips.append(batch["video"])
