@@ -145,8 +145,13 @@ def test_a_stopped_run_resumes_on_the_loss_curve_of_an_uninterrupted_one(shards,
     assert train.main(dit_args(shards, vae_dir, tmp_path / "split", *common, "--exit-after", "3")) == 0
     assert "stopped at step 3" in capsys.readouterr().err
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    config = json.loads((tmp_path / "split" / "config.json").read_text())
+    del config["args"]["zoom"], config["args"]["hflip"]  # as a run started before these options existed
+    (tmp_path / "split" / "config.json").write_text(json.dumps(config))
     second = run_cli(dit_args(shards, vae_dir, tmp_path / "split", *common))
     assert "resuming" in second.stderr + second.stdout and "step 3 of 6" in second.stderr + second.stdout
+    changed = re.search(r"options changed since .* was started: (.*)", second.stderr + second.stdout)
+    assert changed and changed.group(1) == "exit_after"  # options newer than the run, at their defaults: unchanged
     whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
     assert split.keys() == whole.keys() == set(range(1, 7))  # the log is one curve, no step twice
     assert [split[k] for k in range(4, 7)] == pytest.approx([whole[k] for k in range(4, 7)], rel=1e-6)

@@ -37,6 +37,7 @@ from .checkpoint import Checkpoints, folder_bytes, mount_point, out_of_space, rn
 from .dit_stage import DiTStage
 from .metrics import MetricsLog
 from .optim import build_optimizer, ema_model
+from .options import build_parser
 from .tokenizer_stage import TokenizerStage
 
 log = logging.getLogger("train")
@@ -57,7 +58,9 @@ def resolve_run(args, stage, env: Env) -> tuple[dict, Path]:
         if old["args"]["stage"] != args.stage or old["model"] != resolved["model"]:
             raise InputError(f"{out} holds a {old['args']['stage']} run with another model configuration; give "
                              f"another --out, or the same --stage, --preset and --override to resume it")
-        changed = sorted(k for k, v in resolved["args"].items() if old["args"].get(k) != v and k not in COSMETIC)
+        parser = build_parser()  # an option newer than the run is unchanged where it keeps its default
+        before = lambda k: old["args"][k] if k in old["args"] else json.loads(json.dumps(parser.get_default(k)))  # noqa: E731
+        changed = sorted(k for k, v in resolved["args"].items() if before(k) != v and k not in COSMETIC)
         if changed and env.main:
             log.warning("options changed since %s was started: %s", out, ", ".join(changed))
     if env.main:
