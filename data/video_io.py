@@ -235,8 +235,11 @@ def _resize_plan(height: int, width: int, size, crop: str, rng: np.random.Genera
     lo, hi = zoom
     if not 1.0 <= lo <= hi:
         raise ValueError(f"zoom must be (lo, hi) with 1 <= lo <= hi, got {zoom!r}")
-    rng = rng if rng is not None or crop == "center" else np.random.default_rng()
-    factor = 1.0 if crop == "center" or (lo, hi) == (1.0, 1.0) else math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    factor = 1.0
+    if crop == "random":
+        rng = rng if rng is not None else np.random.default_rng()
+        if (lo, hi) != (1.0, 1.0):
+            factor = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     scale = max(th / height, tw / width) * factor
     rh, rw = max(th, round(height * scale)), max(tw, round(width * scale))
     if crop == "center":
