@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take each training crop from the frame scaled to cover --size times a factor drawn from "
                         "[LO, HI] (log-uniform), e.g. --size 64 --zoom 1 4: small crops of the footage at several "
                         "scales, more views of few videos per CPU-minute; 1 1: none")
-    g.add_argument("--hflip", action="store_true", help="mirror half the training clips left to right")
+    g.add_argument("--hflip", action="store_true",
+                   help="mirror half the training clips left to right (captions stay as they are: not for a DiT "
+                        "whose captions name left and right)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000, help="optimiser steps in all")
     g.add_argument("--lr", type=float, default=1e-4)
