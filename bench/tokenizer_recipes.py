@@ -3,7 +3,7 @@
     python bench/tokenizer_recipes.py --train ../shared/data/clips/bikes.mp4 \\
         --held-out ../shared/data/clips/carphone_pristine.mp4 --preset small --size 128 --minutes 30 \\
         --recipe "l1=--recon-loss l1" --recipe "mse=--recon-loss mse" [--work runs/tokenizer_recipes]
-        [--out bench/results/tokenizer_recipes.json]
+        [--out bench/results/tokenizer_recipes.json] [--workers 8 (on a GPU)]
 
 Every recipe is `train.py --stage tokenizer` with the shared flags (--preset, --frames, --size, --batch-size,
 --seed) plus its own (train.py's defaults for what neither gives), run alone, one after the other, for the same
@@ -36,12 +36,16 @@ from bench.common import markdown_table  # noqa: E402
 from training.options import build_parser  # noqa: E402
 
 
-def training_shards(videos: list[Path], out: Path) -> Path:
-    """Shards of whole videos, each captioned by its file name (the tokenizer ignores captions)."""
+def training_shards(videos: list[Path], out: Path, copies: int = 1) -> Path:
+    """Shards of whole videos, each captioned by its file name (the tokenizer ignores captions): `copies` shards
+    that each hold every video, so that as many decoding workers each have footage to read (a worker reads only
+    its own shards)."""
     from data.make_shards import Candidate, make_shards
 
-    if not (out / "manifest.json").is_file():
-        make_shards([Candidate(v, v.name, v.stem) for v in videos], out, overwrite=True)
+    manifest = out / "manifest.json"
+    if not manifest.is_file() or len(json.loads(manifest.read_text())["shards"]) != copies:
+        make_shards([Candidate(v, v.name, v.stem) for _ in range(copies) for v in videos], out,
+                    shard_size=len(videos), overwrite=True)
     return out
 
 
@@ -108,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--probe-steps", type=int, default=20)
     p.add_argument("--windows", type=int, default=4, help="evaluation windows per video")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1,
+                   help="decoding worker processes of each run, each reading its own copy of the training footage "
+                        "(a GPU's steps outrun one; on two CPU cores, 1)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "tokenizer_recipes", help="shards, runs and reports")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tokenizer_recipes.json")
     args = p.parse_args(argv)
@@ -119,12 +126,14 @@ def main(argv=None) -> int:
         if not name or not name.replace("_", "").replace("-", "").isalnum():
             raise SystemExit(f"error: --recipe takes NAME=FLAGS with a plain name, got {r!r}")
         recipes[name] = shlex.split(flags)
+    if args.workers < 1:
+        raise SystemExit(f"error: --workers must be at least 1, got {args.workers}")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    shards = training_shards(args.train, work / "train" / "shards")
+    shards = training_shards(args.train, work / "train" / "shards", args.workers)
 
     common = ["--preset", args.preset, "--frames", str(args.frames), "--size", str(args.size), "--batch-size",
-              str(args.batch_size), "--seed", str(args.seed), "--num-workers", "1"]
+              str(args.batch_size), "--seed", str(args.seed), "--num-workers", str(args.workers)]
     batches = {}  # each recipe's batch size as train.py reads its flags; a bad flag fails here, before any training
     for name, flags in recipes.items():
         batches[name] = build_parser().parse_args(["--stage", "tokenizer", "--data", str(shards), "--out", str(work),

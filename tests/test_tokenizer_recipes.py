@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,24 @@ def test_two_recipes_train_for_the_same_budget_and_are_scored_on_the_held_out_vi
     assert result["baseline"]["held_out"]["baseline_psnr"] > 5
     table = capsys.readouterr().out
     assert "| start (fitted linear codec) |" in table and "| equal-floats baseline |" in table
+
+
+def test_each_decoding_worker_gets_its_own_copy_of_the_training_footage(tmp_path):
+    from bench.tokenizer_recipes import training_shards
+
+    videos = [CLIPS / "bikes.mp4", CLIPS / "carphone_pristine.mp4"]
+    shards = training_shards(videos, tmp_path / "shards", copies=3)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["samples"] == 6 and len(manifest["shards"]) == 3  # a worker reads only its own shards
+    for name in manifest["shards"]:
+        with tarfile.open(shards / name) as tar:
+            sources = [json.load(tar.extractfile(m))["source"] for m in tar.getmembers() if m.name.endswith(".json")]
+        assert sorted(sources) == ["bikes.mp4", "carphone_pristine.mp4"]
+    manifest = json.loads((training_shards(videos, tmp_path / "shards", copies=1) / "manifest.json").read_text())
+    assert manifest["samples"] == 2 and len(manifest["shards"]) == 1  # another worker count rewrites them
+
+
+def test_workers_below_one_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--workers must be at least 1"):
+        main(["--train", str(CLIPS / "bikes.mp4"), "--held-out", str(CLIPS / "carphone_pristine.mp4"),
+              "--recipe", "a=", "--workers", "0", "--work", str(tmp_path)])
