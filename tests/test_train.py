@@ -5,6 +5,7 @@ SIGTERM checkpoints; a NaN loss stops the run naming the step; bad options get o
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -90,6 +91,66 @@ def test_the_dit_starts_from_the_same_weights_whatever_the_tokenizer(shards, vae
         initial.append(stage.model.state_dict())
     assert initial[0].keys() == initial[1].keys()
     assert all(torch.equal(initial[0][k], initial[1][k]) for k in initial[0])
+
+
+def test_precision_picks_the_forward_dtype():
+    from training.stage import compute_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compute_dtype(cpu, "auto") is None and compute_dtype(cuda, "auto") == torch.bfloat16
+    assert compute_dtype(cpu, "bf16") == torch.bfloat16 and compute_dtype(cuda, "bf16") == torch.bfloat16
+    assert compute_dtype(cpu, "fp32") is None and compute_dtype(cuda, "fp32") is None
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        compute_dtype(cpu, "fp16")
+
+
+def test_bf16_precision_runs_the_tokenizer_forward_in_bf16_on_the_cpu_and_keeps_float32_weights(shards, tmp_path):
+    """--precision bf16 autocasts the tokenizer's forward on the CPU too (AMX CPUs step ~1.5x faster); the
+    reconstruction reaches the loss as float32, and the weights and their gradients stay float32."""
+    from parallel import Env
+    from training.tokenizer_stage import TokenizerStage
+
+    env = Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    batch = {"video": torch.rand(2, 3, 5, 32, 32) * 2 - 1, "key": ["a", "b"]}
+    seen = {}
+    for precision in ("auto", "fp32", "bf16"):
+        args = build_parser().parse_args(["--stage", "tokenizer", "--data", str(shards), "--out", str(tmp_path),
+                                          "--frames", "5", "--size", "32", "--precision", precision])
+        torch.manual_seed(0)
+        stage = TokenizerStage(args, env)
+        dtypes = []
+        stage.model.decoder.conv_out.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        loss, _ = stage.loss(stage.model, batch, step=0)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in stage.model.parameters()
+                   if p.grad is not None)
+        seen[precision] = dtypes[0], loss.item()
+    assert [seen[k][0] for k in ("auto", "fp32", "bf16")] == [torch.float32, torch.float32, torch.bfloat16]
+    assert seen["auto"][1] == seen["fp32"][1]
+    assert seen["bf16"][1] != seen["auto"][1] and seen["bf16"][1] == pytest.approx(seen["auto"][1], rel=0.05)
+
+
+def test_the_dit_trains_with_bf16_precision_on_the_cpu(shards, vae_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(dit_args(shards, vae_dir, out, "--steps", "2", "--batch-size", "2", "--num-workers", "0",
+                               "--checkpoint-every", "0", "--precision", "bf16")) == 0
+    assert len(losses(out)) == 2 and all(math.isfinite(v) for v in losses(out).values())
+    assert json.loads((out / "config.json").read_text())["args"]["precision"] == "bf16"
+
+
+def test_the_precision_bench_times_both_precisions_of_both_models(tmp_path, capsys):
+    from bench.precision import main as precision_bench
+
+    out = tmp_path / "precision.json"
+    assert precision_bench(["--tokenizer", "tiny", "--batch", "1", "--dit", "tiny", "--dit-tokens", "256",
+                            "--repeats", "2", "--rounds", "1", "--device", "cpu", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["model"], r["preset"]) for r in results] == [("tokenizer", "tiny"), ("dit", "tiny")]
+    for r in results:
+        assert len(r["seconds"]["fp32"]) == len(r["seconds"]["bf16"]) == 2 and r["bf16_over_fp32"] > 0
+        assert 0 < r["loss_rel_diff"] < 0.05  # bf16 changes the loss, a little
+    assert "| tokenizer tiny | 1 x 17x64x64 |" in capsys.readouterr().out
 
 
 GLOBAL_BATCH_4 = ["--steps", "4", "--batch-size", "2", "--checkpoint-every", "0"]

@@ -31,7 +31,7 @@ from pipeline import TextToVideo, generate_latents, save_pipeline, text_inputs
 from tokenizer import CausalVAE, load_tokenizer
 
 from .options import parse_overrides
-from .stage import autocast, image_step, sample_generator
+from .stage import autocast, compute_dtype, image_step, sample_generator
 
 log = logging.getLogger("train")
 
@@ -215,7 +215,7 @@ class DiTStage:
         x_ts = [keep_given(interpolate(x0[None], noise[None], t[i : i + 1]), None if g is None else (x0[None], g[None]))[0]
                 for i, (x0, noise, g) in enumerate(zip(x0s, noises, givens))]
         text, mask, drop = self.caption_inputs(model, batch["caption"], drop)
-        with autocast(device):
+        with autocast(device, self.args.precision):
             vs = model(x_ts, t, text, mask, None if drop is None else drop.to(device),
                        None if all(g is None for g in givens) else givens)
         losses = [flow_loss(v[None], velocity_target(x0, noise)[None], None if g is None else ~g[None])
@@ -245,7 +245,7 @@ class DiTStage:
         t = training_timesteps(self.flow, normals, math.prod(unwrap(model).dit.token_grid(tuple(x0.shape[2:])))).to(device)
         x_t = keep_given(interpolate(x0, noise, t), None if given is None else (x0, given))
         text, mask, drop = self.caption_inputs(model, batch["caption"], drop)
-        with autocast(device):
+        with autocast(device, self.args.precision):
             v = model(x_t, t, text, mask, None if drop is None else drop.to(device), given)
         loss = flow_loss(v, velocity_target(x0, noise), None if given is None else ~given)
         logs = {} if given is None else {"given_frames": given.float().mean().item()}
@@ -281,7 +281,7 @@ class DiTStage:
                              negative="" if self.text_padding == "wan" else None,
                              shift=self.flow.shift_for(math.prod(ema.dit.token_grid(shape[1:]))),
                              seeds=[seed + i for i in range(len(prompts))], device=self.env.device,
-                             autocast_dtype=torch.bfloat16 if self.env.device.type == "cuda" else None)
+                             autocast_dtype=compute_dtype(self.env.device, self.args.precision))
         return self.vae.decode(self.vae.denormalize(z), chunk=2).clamp(-1, 1)
 
     def preview(self, ema: nn.Module, batch: dict) -> tuple[list[tuple[str, torch.Tensor, str | None]], dict]:

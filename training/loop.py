@@ -38,6 +38,7 @@ from .dit_stage import DiTStage
 from .metrics import MetricsLog
 from .optim import build_optimizer, ema_model
 from .options import build_parser
+from .stage import compute_dtype, cpu_has_native_bf16
 from .tokenizer_stage import TokenizerStage
 
 log = logging.getLogger("train")
@@ -73,6 +74,9 @@ def train(args) -> Path:
     logging.basicConfig(level=logging.INFO if env.main else logging.WARNING, format="%(message)s", force=True)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     stage = STAGES[args.stage](args, env)
+    if args.precision == "bf16" and env.device.type == "cpu" and env.main and not cpu_has_native_bf16():
+        log.warning("--precision bf16: this CPU has no AMX or AVX512-BF16, so bf16 runs emulated and slower than "
+                    "float32; --precision auto trains faster here")
     buckets = None
     if args.buckets:
         buckets = parse_buckets(args.buckets, args.batch_size)
@@ -90,9 +94,13 @@ def train(args) -> Path:
 
     ema = ema_model(plain, args.ema_decay)
     strategy = args.parallel if env.world > 1 else "none"
-    model = parallelize(plain, env, ParallelOptions(stage.block_types, strategy, args.checkpoint_activations, args.compile))
+    # FSDP2 gathers parameters in the forward's dtype on CUDA; on the CPU they stay float32 (autocast alone)
+    param_dtype = compute_dtype(env.device, args.precision) if env.device.type == "cuda" else None
+    model = parallelize(plain, env, ParallelOptions(stage.block_types, strategy, args.checkpoint_activations, args.compile,
+                                                    param_dtype))
     # the EMA runs previews under the same token split per rank, and is sharded like the model under FSDP2
-    parallelize(ema.module, env, ParallelOptions(stage.block_types, "fsdp" if strategy == "fsdp" else "none"))
+    parallelize(ema.module, env, ParallelOptions(stage.block_types, "fsdp" if strategy == "fsdp" else "none",
+                                                 param_dtype=param_dtype))
     opt, sched = build_optimizer(model, args, env.device)
     loader = make_loader(args.data, args.batch_size, None if args.latents else args.frames,
                          None if args.latents else args.size, mode="train", num_workers=args.num_workers,

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ulysses sequence parallelism: split each video's tokens over this many consecutive ranks "
                         "(must divide the process count and the DiT's heads); DDP / FSDP2 over the rest")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the training forward's autocast dtype: auto is bf16 on CUDA and float32 on the CPU; bf16 on a "
+                        "CPU with AMX or AVX512-BF16 (recent Xeons) takes about two thirds of the time per tokenizer "
+                        "step; fp32 keeps float32 everywhere. Weights, optimiser state and losses stay float32")
     g.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward (memory)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps (0: only at the end)")

@@ -104,7 +104,7 @@ class TokenizerStage:
         video = batch["video"].to(self.env.device, non_blocking=True)
         if image_step(self.args.seed, step, self.args.image_prob):
             video = video[:, :, :1]  # images train with videos: a one-frame clip
-        with autocast(self.env.device):
+        with autocast(self.env.device, self.args.precision):
             recon, posterior = model(video, sample_posterior=True,
                                      generator=sample_generator(self.args.seed, step, batch["key"][0], "posterior"))
         recon = recon.float()
