@@ -44,12 +44,11 @@ if command -v nvidia-smi > /dev/null; then
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
-RECIPE="--recon-loss mse --lr 1e-3 --warmup 50 --schedule cosine --ema-decay 0.99 --size 64 --zoom 1 4 --hflip --boundary-weight 1.5"
 mkdir -p "$RESULTS"
 for preset in $PRESETS; do
     PYTHONUNBUFFERED=1 "$PY" bench/tokenizer_recipes.py --train "$CLIPS/bikes.mp4" \
         --held-out "$CLIPS/carphone_pristine.mp4" --preset "$preset" --size 128 --minutes "$MINUTES" \
         --batch-size "$BATCH" --workers "$WORKERS" --work "$WORK/$preset" \
-        --out "$RESULTS/tokenizer_recipes_gpu_$preset.json" --recipe "after=$RECIPE" \
+        --out "$RESULTS/tokenizer_recipes_gpu_$preset.json" --recipe "after=@footage" \
         2>&1 | tee "$RESULTS/tokenizer_recipes_gpu_$preset.log"
 done

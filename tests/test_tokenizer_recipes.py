@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.tokenizer_recipes import main
+from bench.tokenizer_recipes import FOOTAGE_RECIPE, main, parse_recipes, probe_rate
 
 CLIPS = Path(__file__).parent / "assets" / "clips"
 
@@ -66,3 +66,19 @@ def test_workers_below_one_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="--workers must be at least 1"):
         main(["--train", str(CLIPS / "bikes.mp4"), "--held-out", str(CLIPS / "carphone_pristine.mp4"),
               "--recipe", "a=", "--workers", "0", "--work", str(tmp_path)])
+
+
+def test_footage_names_the_kept_recipe_inside_a_recipes_flags():
+    recipes = parse_recipes(["after=@footage", "frames9=@footage --frames 9", "l1=--recon-loss l1"])
+    assert recipes["after"] == FOOTAGE_RECIPE.split()
+    assert recipes["frames9"] == FOOTAGE_RECIPE.split() + ["--frames", "9"]
+    assert recipes["l1"] == ["--recon-loss", "l1"]
+    with pytest.raises(SystemExit, match="NAME=FLAGS"):
+        parse_recipes(["bad name=--lr 1"])
+
+
+def test_the_probe_rate_leaves_out_the_start_up_window_and_one_slow_window():
+    rows = [{"step": 10, "samples_per_s": 1.0}, {"step": 20, "samples_per_s": 5.0},
+            {"step": 30, "samples_per_s": 2.5}, {"step": 40, "samples_per_s": 5.2}, {"step": 40, "preview/psnr": 20}]
+    assert probe_rate(rows) == 5.0
+    assert probe_rate(rows[:1]) == 1.0
