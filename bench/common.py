@@ -42,6 +42,15 @@ def measure_in_subprocess(script: str, spec: dict, nproc: int = 1, measures=("ti
     return result
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA's kernels run asynchronously; the CPU's do not), so that a timer
+    read after it counts the work."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def free_port() -> int:
     import socket
 

@@ -40,18 +40,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import markdown_table, measure_in_subprocess, time_or_memory  # noqa: E402
+from bench.common import markdown_table, measure_in_subprocess, sync, time_or_memory  # noqa: E402
 
 FRAME_TOKENS = 256  # a 32x32 latent frame in 2x2 patches
 TEXT_TOKENS = 32
 MODELS = ("ours", "wan")
-
-
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak_flops(device, dtype, n: int = 4096, repeats: int = 5) -> float:
@@ -60,11 +53,11 @@ def matmul_peak_flops(device, dtype, n: int = 4096, repeats: int = 5) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
@@ -104,7 +97,7 @@ def training_step(spec: dict, device, dtype):
         loss = call(x, t, text, mask).float().pow(2).mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
 
     return step, cfg, sum(p.numel() for p in model.parameters())
 
@@ -146,7 +139,7 @@ def measure_attention(spec: dict, device, dtype) -> dict:
     from dit3d.attention import attention
 
     q, k, v = (torch.randn(1, 6, spec["tokens"], 64, device=device, dtype=dtype) for _ in range(3))
-    run = lambda: (attention(q, k, v, spec["backend"]), _sync(device))  # noqa: E731
+    run = lambda: (attention(q, k, v, spec["backend"]), sync(device))  # noqa: E731
     result = time_or_memory(run, spec, device)
     if "seconds" in result:
         result["tflops"] = 4 * 6 * spec["tokens"] ** 2 * 64 / result["seconds"] / 1e12  # QK^T and PV

@@ -29,16 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import markdown_table, measure_in_subprocess  # noqa: E402
+from bench.common import markdown_table, measure_in_subprocess, sync  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _finish(loss, opt, device) -> float:
@@ -47,7 +40,7 @@ def _finish(loss, opt, device) -> float:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    _sync(device)
+    sync(device)
     return loss.item()
 
 

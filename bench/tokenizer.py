@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import measure_in_subprocess, time_or_memory  # noqa: E402
+from bench.common import measure_in_subprocess, sync, time_or_memory  # noqa: E402
 
 WAN_MATCH = {  # our preset -> AutoencoderKLWan kwargs with the same widths at shared resolutions
     "tiny": dict(base_dim=8, dim_mult=[1, 2, 4, 8], num_res_blocks=1),
@@ -82,8 +82,7 @@ def measure(spec: dict) -> dict:
     def run():
         with torch.no_grad():
             out = fn(arg)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return out
 
     if spec["op"] == "encode":
