@@ -42,7 +42,7 @@ QUICKSTART_DIR = Path("runs/quickstart")
 QUICKSTART_SHIFT = 6
 
 # The tiny tokenizer's training recipe and its steps (--tokenizer-steps): the squared error, 800 steps of 4 clips
-# at lr 3e-3, the frames where latent groups meet weighted 1.5 (see the README's tokenizer section: held-out shape
+# at lr 3e-3, the frames where latent groups meet weighted 1.5 (see docs/results/tokenizer.md: held-out shape
 # right in 97-98% of the reconstructions against 57% at first, seams within 1.1). bench/cascade.py trains it too.
 TOKENIZER_RECIPE = ["--recon-loss", "mse", "--batch-size", "4", "--lr", "3e-3", "--warmup", "50", "--schedule", "cosine",
                     "--ema-decay", "0.99", "--latent-norm", "global", "--boundary-weight", "1.5"]

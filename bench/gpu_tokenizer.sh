@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-footage tokenizer recipe on the lent GPU machine (one H200): each preset of $PRESETS trained for $MINUTES
-# minutes on bikes.mp4 and evaluated at 128x128 on carphone_pristine.mp4, held out, exactly as the README's CPU
-# runs (bench/tokenizer_recipes.py: the fitted start, the trained model, the equal-floats baseline, seams).
+# minutes on bikes.mp4 and evaluated at 128x128 on carphone_pristine.mp4, held out, exactly as the CPU
+# runs of docs/results/tokenizer.md (bench/tokenizer_recipes.py: the fitted start, the trained model, the equal-floats baseline, seams).
 #
 # That machine has no PyAV or webdataset and cannot reach a registry, and ../shared does not travel with the
 # checkout, so prepare both here once, from the repository's root:

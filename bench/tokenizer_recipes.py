@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import markdown_table  # noqa: E402
 from training.options import build_parser  # noqa: E402
 
-# The kept recipe for real footage (README, "Tokenizer"), on top of train.py's defaults; a --recipe's flags may name it
+# The kept recipe for real footage (docs/tokenizers.md), on top of train.py's defaults; a --recipe's flags may name it
 # as @footage, e.g. --recipe "kept=@footage" --recipe "frames9=@footage --frames 9". (--precision bf16 is CUDA's
 # default already; on a CPU with AMX it steps 1.5 times as fast.)
 FOOTAGE_RECIPE = ("--recon-loss mse --lr 1e-3 --warmup 50 --schedule cosine --ema-decay 0.99 --size 64 --zoom 1 4 "

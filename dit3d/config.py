@@ -73,7 +73,7 @@ WAN = dict(patch_embed="conv", qk_norm_over="width", rope_pairs="adjacent", out_
 
 PRESETS: dict[str, DiTConfig] = {
     # tests and the CPU quickstart. absolute_position: with rotary alone, whether the quickstart learnt the
-    # direction of motion depended on the initial weights (see the README's DiT section)
+    # direction of motion depended on the initial weights (see docs/results/quickstart.md)
     "tiny": DiTConfig(width=96, depth=4, heads=4, text_dim=64, absolute_position=True),
     # DiT's sizes (Peebles & Xie): S, B, L, XL
     "S": DiTConfig(width=384, depth=12, heads=6),

@@ -7,7 +7,7 @@
   - `WordTextEncoder`: lower-cased words and punctuation marks, each hashed (CRC-32) into one of `buckets`
     embeddings (the hashing trick: no vocabulary to build or ship; two words may share a bucket, rarely
     with a few thousand buckets and a small vocabulary). A word is one token wherever it stands in the
-    caption. Bytes stay the default: words did not beat them on the quickstart (see the README).
+    caption. Bytes stay the default: words did not beat them on the quickstart (docs/training.md).
 - `HFTextEncoder`: a frozen Hugging Face encoder (T5, UMT5 or CLIP text) loaded with its tokenizer from a
   local folder, never from the hub. Needs the optional `transformers` dependency (`pip install '.[text]'`).
 

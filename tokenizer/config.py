@@ -24,7 +24,7 @@ class VAEConfig:
     # the same kernel in the layers at finer resolutions (the space-to-depth input and output, the stages before
     # the last, the down- and up-sampling): None for temporal_kernel. 1 makes those layers, where most of the
     # computation is, per latent frame: the tiny preset's training then takes 600 steps in the time 400 took with
-    # 3 (800 with 1 everywhere; the README's tokenizer section)
+    # 3 (800 with 1 everywhere; docs/results/tokenizer.md)
     fine_temporal_kernel: int | None = None
     logvar_init: float = -6.0  # initial posterior log-variance bias: start nearly deterministic
     # a linear codec beside the network: the encoder maps each tf x sf x sf pixel block to its latent cell;
@@ -93,7 +93,7 @@ PRESETS: dict[str, VAEConfig] = {
     # network works on each latent frame alone (temporal kernel 1): 1.8x the training steps of kernel 3 in the same
     # time, which on the quickstart's clips reconstructs more than the temporal context does. Its encoder's network
     # is the convolutions around the mid block alone, and its decoder refines the pixels with 16 channels: with the
-    # quickstart's recipe the shape comes back right in 97-98% of unseen clips against 88-89% (README, tokenizer)
+    # quickstart's recipe the shape comes back right in 97-98% of unseen clips against 88-89% (docs/results/tokenizer.md)
     "tiny": VAEConfig(channels=(32, 64), encoder_blocks=0, decoder_blocks=1, mid_blocks=1, linear_context=0,
                       linear_frames=1, temporal_kernel=1, refine_channels=16),
     # CPU training in tens of minutes: 9.2M parameters

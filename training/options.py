@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl-weight", type=float, default=1e-6)
     g.add_argument("--recon-loss", choices=["l1", "mse"], default="l1",
                    help="the pixel term: l1, or mse (squared error, what PSNR measures: on the quickstart's held-out "
-                        "clips it ended 2.6 dB higher in the same 200 steps; see the README's tokenizer diagnosis)")
+                        "clips it ended 2.6 dB higher in the same 200 steps; see docs/results/tokenizer.md)")
     g.add_argument("--boundary-weight", type=float, default=1.0,
                    help="the pixel term's weight on each latent group's first and last frame against the frames inside "
                         "(rescaled to average 1): above 1 evens out the error that rises where groups meet (seams)")
