@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 
 from checkpoint_io import checkpoint_step, save_checkpoint, write_json_atomic
-from dit3d import DiT3D
+from dit3d import DiT3D, load_dit
 from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
 from dit3d.flow import FlowConfig, sample
 from dit3d.lora import LoraSettings, load_adapter, merged, merged_state, save_adapter, updates
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
-from dit3d.wan import wan_format
+from dit3d.checkpoint import wan_format
 from errors import InputError, MissingInputError
 from tokenizer import CausalVAE, load_tokenizer
 
@@ -195,13 +195,13 @@ class Pipeline:
                              + "): it was assembled by hand or half-copied; export it again, or copy a whole model/")
         device = torch.device(device)
         if has_dit:  # our own weights, or an adapter merged into them at export
-            dit = DiT3D.from_pretrained(root / "dit")
+            dit = load_dit(root / "dit")
         elif "lora" in spec:  # an adapter on pretrained weights: merged once here, so sampling runs at full speed
             base = Path(spec["base"])
             if not base.exists():
                 raise MissingInputError(f"{root} is a LoRA of the DiT at {base}, which is not there: give the base "
                                         f"weights back that path, or export the run with --lora-merge")
-            dit = merged(load_adapter(DiT3D.from_pretrained(base), root / spec["lora"]))
+            dit = merged(load_adapter(load_dit(base), root / spec["lora"]))
         else:
             raise MissingInputError(f"{root} has no dit/ folder (and no LoRA adapter): export the model again")
         frozen, text = None, None
@@ -233,7 +233,7 @@ class Pipeline:
                 "flow": {"shift": shift}, "text_padding": "wan", "negative_prompt": WAN_NEGATIVE_PROMPT,
                 "sampler": {"steps": 50, "guidance": 5.0, "solver": "euler", "schedule": "diffusers"}}
         frozen = HFTextEncoder(text_encoder, device=device, padding="wan")
-        return cls.assemble(DiT3D.from_pretrained(path), None, frozen, vae, spec, device)
+        return cls.assemble(load_dit(path), None, frozen, vae, spec, device)
 
     @classmethod
     def assemble(cls, dit: DiT3D, text, frozen, vae: str | Path, spec: dict, device) -> "Pipeline":

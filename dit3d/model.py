@@ -29,7 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from checkpoint_io import load_model, save_model
 from errors import InputError
 
 from .attention import attention, resolve_backend
@@ -343,33 +342,3 @@ class DiT3D(nn.Module):
         else:
             shift, scale = self.out_modulation(emb).chunk(2, dim=1)
         return self.layout.gather(self.out(modulate(self.norm_out(h), shift, scale)))  # (B, N, C_out * patch)
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-
-    def save_pretrained(self, directory, format: str = "ours") -> None:
-        """Our folder (config.json + model.safetensors), or with format="diffusers" a WanTransformer3DModel
-        folder (a Wan-compatible config only; see dit3d/wan.py)."""
-        if format == "diffusers":
-            from .wan import save_diffusers
-
-            save_diffusers(self, directory)
-        elif format == "ours":
-            save_model(self, directory, kind="dit")
-        else:
-            raise ValueError(f"format must be 'ours' or 'diffusers', got {format!r}")
-
-    @classmethod
-    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = torch.float32) -> "DiT3D":
-        """Our checkpoint folder (or a train.py run folder), or Wan2.1's transformer in the diffusers or the
-        original layout (a diffusers Wan pipeline folder too: its transformer/), cast to `dtype`."""
-        from .wan import load_wan, wan_format
-
-        if not wan_format(directory):
-            return load_model(cls, DiTConfig, directory, kind="dit", map_location=map_location)
-        cfg, state = load_wan(directory, dtype)
-        with torch.device("meta"):  # no random initialisation of weights about to be replaced (14B: 56 GB)
-            model = cls(cfg)
-        state["null_text"] = torch.zeros(1, cfg.text_dim, dtype=state["out_table"].dtype)  # Wan has none
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(map_location)

@@ -1,8 +1,13 @@
-"""Wan2.1's text-to-video transformer as a DiT3D: its weights in (diffusers or original layout), ours out.
+"""Wan2.1's text-to-video transformer in DiT3D's names: a state-dict adapter, as torchtitan's are.
 
-    cfg, state = load_wan(folder)             # a DiTConfig and our state dict, from either layout
-    save_diffusers(model, folder)             # a Wan-compatible DiT3D as a WanTransformer3DModel folder
-    python -m dit3d.wan RUN OUT [--dtype bfloat16]   # a fine-tuned run's DiT for diffusers (and ComfyUI, ...)
+    cfg = config_from_diffusers(json)               # a WanTransformer3DModel config.json as our DiTConfig
+    ours = diffusers_to_ours(state, cfg)            # their tensors under our names (and reshapes)
+    theirs = ours_to_diffusers(ours, cfg)           # and back
+    original_to_diffusers(state)                    # the original release's names as diffusers'
+
+This module maps names and configs and never imports the model, nor reads or writes a file: the folders
+(either layout in, the diffusers layout out) are dit3d/checkpoint.py's, and the export command is
+`python -m dit3d.to_diffusers`.
 
 The two models compute the same function once the config says what Wan does differently from our defaults
 (`config.WAN`): a Conv3d patch embedding, RMS norm of queries and keys over the whole width, rotary pairs of
@@ -22,22 +27,18 @@ Layouts on disk:
 
 Only the text-to-video transformers load: image-to-video models (an image encoder's tokens beside the text)
 and configs without the cross-attention norm are refused with a message that says so. Nothing is
-downloaded; a missing file is an error naming its path. File I/O lives here, not in the model file.
+downloaded.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from einops import rearrange
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from checkpoint_io import CONFIG_NAME, atomic_path, dit_folder, write_json_atomic
-from errors import InputError, MissingInputError
+from errors import InputError
 
 from .config import WAN, DiTConfig
 
@@ -211,150 +212,3 @@ def ours_to_diffusers(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[st
     rows = _out_rows(cfg, to_ours=False)
     out["proj_out.weight"], out["proj_out.bias"] = rows(s["out.weight"]), rows(s["out.bias"])
     return {k: v.contiguous() for k, v in out.items()}
-
-
-# ---- folders ----------------------------------------------------------------------------------------
-
-def wan_format(directory: str | Path) -> str | None:
-    """'diffusers' or 'original' when `directory` holds a Wan transformer (or is a diffusers pipeline folder
-    with one in transformer/), else None."""
-    directory = _transformer_folder(Path(directory))
-    config = _read_config(directory) if (directory / CONFIG_NAME).is_file() else {}
-    name = config.get("_class_name")
-    if name == DIFFUSERS_CLASS:
-        return "diffusers"
-    if name == ORIGINAL_CLASS or ("dim" in config and "num_heads" in config and "kind" not in config):
-        return "original"
-    if name is not None:
-        raise InputError(f"{directory} holds a {name}, neither a DiT checkpoint of ours nor a Wan transformer "
-                         f"(\"_class_name\": \"{DIFFUSERS_CLASS}\" or \"{ORIGINAL_CLASS}\")")
-    return None
-
-
-def _transformer_folder(directory: Path) -> Path:
-    if (directory / "model_index.json").is_file() and (directory / "transformer").is_dir():
-        return directory / "transformer"
-    return directory
-
-
-def _read_config(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path} is not a model config (a JSON object)")
-    return config
-
-
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a diffusers-named safetensors checkpoint: one file, or the shards its index lists."""
-    index = directory / INDEX
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise InputError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from None
-    elif (directory / WEIGHTS).is_file():
-        files = [WEIGHTS]
-    else:
-        found = sorted(p.name for p in directory.glob("*.safetensors"))
-        if len(found) != 1:
-            raise MissingInputError(f"no weights in {directory}: expected {WEIGHTS} or {INDEX} with its shards"
-                                    + (f" (found {', '.join(found)})" if found else ""))
-        files = found
-    state = {}
-    for name in files:
-        path = directory / name
-        if not path.is_file():
-            raise MissingInputError(f"{path} is missing (listed in {index.name})")
-        try:
-            state.update(load_file(str(path)))
-        except SafetensorError as e:
-            raise InputError(f"{path} cannot be read ({e}): the file is damaged or truncated") from None
-    return state
-
-
-def load_wan(directory: str | Path, dtype: torch.dtype | None = torch.float32) -> tuple[DiTConfig, dict[str, torch.Tensor]]:
-    """(our config, our state dict) of the Wan transformer in `directory` (either layout), cast to `dtype`
-    (None: as stored). Keys the config does not expect, or that it expects and are missing, are an InputError
-    listing them, in the folder's own names."""
-    root = Path(directory)
-    directory = _transformer_folder(root)
-    layout = wan_format(directory)
-    if layout is None:
-        raise InputError(f"{root} holds no Wan transformer: expected a config.json with \"_class_name\": "
-                         f"\"{DIFFUSERS_CLASS}\" (diffusers) or \"{ORIGINAL_CLASS}\" (the original Wan2.1 release)")
-    config = _read_config(directory)
-    cfg = (config_from_diffusers if layout == "diffusers" else config_from_original)(config, directory)
-    state = read_weights(directory)
-    if layout == "original":
-        state = original_to_diffusers(state)
-    expected = {k: tuple(v.shape) for k, v in ours_to_diffusers(_meta_state(cfg), cfg).items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("norm_added_q.weight"))
-    wrong = sorted(f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in set(expected) & set(state)
-                   if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        show = lambda xs: f"{xs[:6]}{' ...' if len(xs) > 6 else ''}"  # noqa: E731
-        raise InputError(f"the weights in {directory} do not match its config.json ({layout} layout): missing "
-                         f"{show(missing)}, unexpected {show(unexpected)}, wrong shapes {show(wrong)}")
-    ours = diffusers_to_ours(state, cfg)
-    if dtype is not None:
-        ours = {k: v.to(dtype) for k, v in ours.items()}
-    return cfg, ours
-
-
-def _meta_state(cfg: DiTConfig) -> dict[str, torch.Tensor]:
-    from .model import DiT3D
-
-    with torch.device("meta"):
-        return DiT3D(cfg).state_dict()
-
-
-def save_diffusers(model, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a Wan-compatible DiT3D as a WanTransformer3DModel folder (config.json + safetensors), which
-    `WanTransformer3DModel.from_pretrained` and our `DiT3D.from_pretrained` both load. The weights are
-    written first and the config last, each atomically, so a folder with a config is complete."""
-    directory = Path(directory)
-    cfg = model.config
-    config = diffusers_config(cfg)
-    state = ours_to_diffusers({k: v.detach() for k, v in model.state_dict().items()}, cfg)
-    state = {k: (v if dtype is None else v.to(dtype)).cpu().contiguous() for k, v in state.items()}
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(directory / CONFIG_NAME, config)
-    return directory
-
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m dit3d.wan", description="Export a Wan-compatible DiT (a train.py run "
-                                "that fine-tuned Wan2.1, its model/ or dit/ folder) as a diffusers WanTransformer3DModel "
-                                "folder.")
-    p.add_argument("src", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    args = p.parse_args(argv)
-    try:
-        from .model import DiT3D
-
-        src = dit_folder(args.src)
-        lora = [f for f in (args.src / "model" / "lora", args.src / "lora") if f.is_dir()]
-        if not (src / CONFIG_NAME).is_file() and lora:
-            raise InputError(f"{args.src} holds a LoRA adapter, not a whole DiT: diffusers loads the adapter itself "
-                             f"(load_lora_weights on its lora/ folder), or train with --lora-merge to export merged weights")
-        save_diffusers(DiT3D.from_pretrained(src), args.out, getattr(torch, args.dtype))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out} (WanTransformer3DModel.from_pretrained loads it)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from dit3d import DiT3D, DiTConfig, attention, patchify, preset, resolve_backend, unpatchify
+from dit3d import DiT3D, DiTConfig, attention, load_dit, save_dit, patchify, preset, resolve_backend, unpatchify
 from dit3d.model import DiTBlock
 from dit3d.rope import apply_rope, axis_dims, rope_angles, rope_cos_sin, sincos_position
 from parallel import apply_activation_checkpointing
@@ -278,9 +278,9 @@ def test_sizes_that_do_not_divide_are_refused(model):
 
 
 def test_save_and_load(model, tmp_path):
-    model.save_pretrained(tmp_path / "dit")
+    save_dit(model, tmp_path / "dit")
     rng = torch.get_rng_state()
-    loaded = DiT3D.from_pretrained(tmp_path / "dit").eval()
+    loaded = load_dit(tmp_path / "dit").eval()
     assert torch.equal(torch.get_rng_state(), rng)  # loading draws nothing from the global generator
     assert loaded.config == model.config
     x, t, text, mask = inputs()
@@ -298,11 +298,11 @@ def test_checkpoint_saved_before_absolute_position_loads_as_it_was(tmp_path):
     import json
 
     old = randomized(DiT3D.from_preset("tiny", absolute_position=False)).eval()
-    old.save_pretrained(tmp_path / "dit")
+    save_dit(old, tmp_path / "dit")
     config = json.loads((tmp_path / "dit" / "config.json").read_text())
     config["config"].pop("absolute_position")
     (tmp_path / "dit" / "config.json").write_text(json.dumps(config))
-    loaded = DiT3D.from_pretrained(tmp_path / "dit").eval()
+    loaded = load_dit(tmp_path / "dit").eval()
     assert not loaded.config.absolute_position
     x, t, text, mask = inputs()
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 import sample
 import train
-from dit3d import DiT3D
+from dit3d import DiT3D, load_dit
 from dit3d.lora import ADAPTER_FILE, load_adapter
 from dit3d.text import HFTextEncoder
 from errors import InputError
@@ -95,9 +95,9 @@ def test_lora_adapter_loads_into_diffusers_and_gives_our_output(lora_run, wan_pi
     pipe = diffusers.WanPipeline.from_pretrained(wan_pipeline)
     pipe.load_lora_weights(str(adapter.parent))  # the pipeline's own LoRA loader, on the folder as exported
     theirs = pipe.transformer.eval()
-    base = DiT3D.from_pretrained(wan_pipeline).eval()
-    ours = load_adapter(DiT3D.from_pretrained(wan_pipeline), run / "model" / "lora").eval()
-    merged = DiT3D.from_pretrained(run / "model" / "dit").eval()  # --lora-merge
+    base = load_dit(wan_pipeline).eval()
+    ours = load_adapter(load_dit(wan_pipeline), run / "model" / "lora").eval()
+    merged = load_dit(run / "model" / "dit").eval()  # --lora-merge
     g = torch.Generator().manual_seed(3)
     x, t, text = torch.randn(2, 4, 2, 4, 4, generator=g), torch.tensor([0.2, 0.7]), torch.randn(2, 512, 24, generator=g)
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_wan_fine_tuning_under_fsdp2_and_sequence_parallelism_equals_one_process
     da, db = (load_file(tmp_path / r / "model" / "dit" / "model.safetensors") for r in ("whole", "sp"))
     for k in da:
         torch.testing.assert_close(da[k], db[k], rtol=1e-4, atol=1e-5, msg=k)
-    start = DiT3D.from_pretrained(wan_pipeline).state_dict()
+    start = load_dit(wan_pipeline).state_dict()
     assert any(not torch.equal(start[k], da[k]) for k in da if k != "null_text")  # full fine-tuning moved the weights
 
 
@@ -221,7 +221,7 @@ def test_fine_tuning_a_run_of_ours_starts_from_its_dit_and_its_text_encoder(tmp_
     a, b = (load_file(tmp_path / r / "model" / "text" / "model.safetensors") for r in ("base", "tuned"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     pipe = Pipeline.load(tmp_path / "tuned")
-    base = DiT3D.from_pretrained(tmp_path / "base" / "model" / "dit")
+    base = load_dit(tmp_path / "base" / "model" / "dit")
     assert pipe.model.dit.config == base.config
     moved = [k for k, v in base.state_dict().items() if not torch.equal(v, pipe.model.dit.state_dict()[k])]
     assert moved and all(k.endswith(("qkv.weight", "proj.weight", ".q.weight", "kv.weight")) for k in moved)

@@ -241,9 +241,9 @@ def test_fsdp2_equals_one_process_and_resumes(shards, vae_dir, one_process_run, 
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     state = load_file(tmp_path / "fsdp" / "model" / "dit" / "model.safetensors")  # gathered full weights
-    from dit3d import DiT3D
+    from dit3d import DiT3D, load_dit
 
-    model = DiT3D.from_pretrained(tmp_path / "fsdp" / "model" / "dit")  # they load into a plain model
+    model = load_dit(tmp_path / "fsdp" / "model" / "dit")  # they load into a plain model
     assert set(state) == set(model.state_dict())
     # both ranks ran the preview model (FSDP needs it), rank 0 alone wrote the videos
     previews = tmp_path / "fsdp" / "previews"

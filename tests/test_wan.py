@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dit3d import DiT3D
+from dit3d import DiT3D, load_dit, save_diffusers, save_dit
 from dit3d.config import preset
 from errors import InputError
 
@@ -61,7 +61,7 @@ def inputs(shape, seed=1):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_diffusers_layout_gives_diffusers_output(wan, shape):
     model, folder = wan
-    ours = DiT3D.from_pretrained(folder).eval()
+    ours = load_dit(folder).eval()
     x, t, text = inputs(shape)
     expected = wan_output(model, x, t, text)
     got = ours_output(ours, x, t, text)
@@ -106,7 +106,7 @@ def test_original_layout_gives_diffusers_output(wan, tmp_path):
     (folder / "config.json").write_text(json.dumps({
         "_class_name": "WanModel", "model_type": "t2v", "dim": 32, "ffn_dim": 40, "freq_dim": 256, "in_dim": 4,
         "out_dim": 4, "num_heads": 2, "num_layers": 2, "text_len": 512, "text_dim": 24, "eps": 1e-6}))
-    ours = DiT3D.from_pretrained(folder).eval()
+    ours = load_dit(folder).eval()
     for shape in SHAPES:
         x, t, text = inputs(shape, seed=2)
         assert (ours_output(ours, x, t, text) - wan_output(model, x, t, text)).abs().max().item() <= 1e-5
@@ -117,21 +117,21 @@ def test_sharded_diffusers_folder_and_pipeline_folder(tmp_path):
     model.save_pretrained(tmp_path / "pipe" / "transformer", max_shard_size="20KB")
     assert (tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
-    ours = DiT3D.from_pretrained(tmp_path / "pipe").eval()  # the pipeline folder: its transformer/
+    ours = load_dit(tmp_path / "pipe").eval()  # the pipeline folder: its transformer/
     x, t, text = inputs((2, 4, 4))
     assert (ours_output(ours, x, t, text) - wan_output(model, x, t, text)).abs().max().item() <= 1e-5
 
 
 def test_export_then_import_gives_identical_tensors(wan, tmp_path):
     model, folder = wan
-    ours = DiT3D.from_pretrained(folder)
-    ours.save_pretrained(tmp_path / "export", format="diffusers")
+    ours = load_dit(folder)
+    save_diffusers(ours, tmp_path / "export")
     again = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "export")
     reference = model.state_dict()
     exported = again.state_dict()
     assert set(exported) == set(reference)
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
-    back = DiT3D.from_pretrained(tmp_path / "export").state_dict()
+    back = load_dit(tmp_path / "export").state_dict()
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
 
 
@@ -148,7 +148,7 @@ def test_bad_folders_are_one_line_errors(wan, tmp_path):
     (tmp_path / "neither").mkdir()
     (tmp_path / "neither" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(InputError, match="holds a UNet2DModel, neither a DiT checkpoint of ours nor a Wan"):
-        DiT3D.from_pretrained(tmp_path / "neither")
+        load_dit(tmp_path / "neither")
     # weights that do not match their config: a block too few
     cut = tmp_path / "cut"
     cut.mkdir()
@@ -156,28 +156,28 @@ def test_bad_folders_are_one_line_errors(wan, tmp_path):
     (cut / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(cut / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(InputError, match=r"do not match its config.json.*missing \['blocks.2"):
-        DiT3D.from_pretrained(cut)
+        load_dit(cut)
     # no weights at all
     (cut / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(InputError, match="no weights in"):
-        DiT3D.from_pretrained(cut)
+        load_dit(cut)
     # an image-to-video model
     i2v = tmp_path / "i2v"
     i2v.mkdir()
     (i2v / "config.json").write_text(json.dumps(config | {"image_dim": 1280, "added_kv_proj_dim": 32}))
     with pytest.raises(InputError, match="image-to-video"):
-        DiT3D.from_pretrained(i2v)
+        load_dit(i2v)
     # export of a DiT that is not Wan-shaped
     with pytest.raises(InputError, match="cannot be exported as a Wan transformer.*rope_pairs"):
-        DiT3D.from_preset("tiny").save_pretrained(tmp_path / "x", format="diffusers")
+        save_diffusers(DiT3D.from_preset("tiny"), tmp_path / "x")
 
 
 def test_the_export_command(wan, tmp_path, capsys):
-    from dit3d.wan import main
+    from dit3d.to_diffusers import main
 
     model, folder = wan
     run = tmp_path / "run" / "model"
-    DiT3D.from_pretrained(folder).save_pretrained(run / "dit")
+    save_dit(load_dit(folder), run / "dit")
     assert main([str(tmp_path / "run"), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
     again = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "out")
     exported = {k: v.to(torch.bfloat16) for k, v in again.state_dict().items()}

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dit3d import DiT3D
+from dit3d import DiT3D, load_dit
 from dit3d import preset as dit_preset
 from dit3d.condition import ConditionConfig, FrameSelection
 from dit3d.flow import FlowConfig, flow_loss, interpolate, keep_given, training_timesteps, velocity_target
 from dit3d.lora import LoraSettings, add_lora
 from dit3d.model import DiTBlock
-from dit3d.wan import wan_format
+from dit3d.checkpoint import wan_format
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
 from checkpoint_io import dit_folder
 from data.buckets import Packing
@@ -112,7 +112,7 @@ class DiTStage:
         if overrides:
             raise InputError(f"--override {', '.join(sorted(overrides))}: with --init the DiT is the pretrained one as it "
                              f"is (set DIT3D_ATTENTION to choose its attention backend)")
-        return DiT3D.from_pretrained(dit_folder(args.init))
+        return load_dit(dit_folder(args.init))
 
     def config_dict(self) -> dict:
         cfg = dataclasses.asdict(self.model.dit.config)
