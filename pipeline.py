@@ -33,7 +33,7 @@ from dit3d.lora import LoraSettings, load_adapter, merged, merged_state, save_ad
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
 from dit3d.checkpoint import wan_format
 from errors import InputError, MissingInputError
-from tokenizer import CausalVAE, load_tokenizer
+from tokenizer import CausalVAE, load_tokenizer, save_tokenizer
 
 PIPELINE_FILE = "pipeline.json"
 # the negative prompt Wan2.1's own sampler uses by default (its configs' sample_neg_prompt)
@@ -95,7 +95,7 @@ def save_pipeline(directory: Path, model: TextToVideo, state: dict[str, torch.Te
     if previous is not None and (previous / "tokenizer" / "config.json").is_file():
         shutil.copytree(previous / "tokenizer", directory / "tokenizer", copy_function=_link_or_copy)
     else:
-        vae.save_pretrained(directory / "tokenizer")
+        save_tokenizer(vae, directory / "tokenizer")
     write_json_atomic(directory / PIPELINE_FILE, spec | {"step": step})
 
 

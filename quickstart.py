@@ -28,7 +28,7 @@ from data.buckets import bucket_file_text, parse_buckets, scaled_batch_sizes
 from data.synthetic import DEFAULT_HOLDOUT, SyntheticSpec, generate, parse_shape
 from evaluation.motion_score import score_dir, table
 from parallel import run_command
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, load_vae
 from tokenizer.encode import export_latents
 from training.loop import train
 from training.options import build_parser
@@ -105,7 +105,7 @@ def run(q: argparse.Namespace) -> None:
     if not (latents / "done.json").is_file():
         log.info("[3/4] encoding the clips to latent shards in %s", latents)
         shutil.rmtree(latents, ignore_errors=True)
-        result = export_latents(CausalVAE.from_pretrained(vae_dir), shards, latents, spec.frames, spec.size,
+        result = export_latents(load_vae(vae_dir), shards, latents, spec.frames, spec.size,
                                 fps=spec.fps, batch_size=16, shard_size=max(1, q.clips // 8), num_workers=1,
                                 ckpt=str(vae_dir), buckets=parse_buckets(str(bucket_files["encode"])) if shapes else None)
         write_json_atomic(latents / "done.json", {"samples": result["samples"]})

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import markdown_table  # noqa: E402
+from tokenizer import load_vae
 
 TRAIN_FRAMES, LONG_FRAMES, WINDOW, KEY_STRIDE, CONTEXT = 17, 65, 5, 4, 2
 LENGTHS = {"1x": 17, "2x": 33, "4x": 65}
@@ -99,7 +100,7 @@ def prepare_data(args) -> tuple[Path, Path, Path]:
             vae = run / "model"
     if not (latents / "done.json").is_file():
         shutil.rmtree(latents, ignore_errors=True)
-        result = export_latents(CausalVAE.from_pretrained(vae), shards, latents, LONG_FRAMES, args.size, fps=spec.fps,
+        result = export_latents(load_vae(vae), shards, latents, LONG_FRAMES, args.size, fps=spec.fps,
                                 batch_size=8, shard_size=max(1, args.clips // 8), num_workers=1, ckpt=str(vae))
         (latents / "done.json").write_text(json.dumps({"samples": result["samples"], "tokenizer": str(vae)}))
     return manifest, vae, latents

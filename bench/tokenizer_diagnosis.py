@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import markdown_table  # noqa: E402
+from tokenizer import fit_linear_codec, load_vae
 
 BANDS = [0.0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0]  # cycles per pixel (Nyquist 0.5; the corners reach 0.71)
 BAND_NAMES = ["<1/32", "1/32-1/16", "1/16-1/8", "1/8-1/4", ">1/4"]
@@ -75,10 +76,10 @@ def edge_masks(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def linear_only(model, video: torch.Tensor) -> torch.Tensor:
     """The model's reconstruction through its linear paths alone (encoder and decoder), on [-1, 1]."""
     cfg = model.config
-    z = model.encoder.linear(model._patchify(video))  # (B, L, t, h, w)
+    z = model.encoder.linear(model.patchify(video))  # (B, L, t, h, w)
     out = rearrange(model.decoder.linear(z, None), "b (d i j) t h w -> b d t (h i) (w j)", i=cfg.cell_patches,
                     j=cfg.cell_patches)
-    return model._unpatchify(out)[:, :, cfg.temporal_factor - 1:]
+    return model.unpatchify(out)[:, :, cfg.temporal_factor - 1:]
 
 
 @torch.no_grad()
@@ -207,14 +208,14 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     folder = args.ckpt or (args.run / "model")
-    trained = CausalVAE.from_pretrained(folder).eval()
+    trained = load_vae(folder).eval()
     if not trained.config.linear_codec:
         raise SystemExit(f"error: {folder} has no linear codec path to compare the network against")
     run_args = json.loads((args.run / "config.json").read_text())["args"] if args.run else {}
     count = args.fit_clips or run_args.get("pca_init_clips") or 64
     start = CausalVAE(trained.config).eval()
     fit = fitting_clips(args.run, args.fit_data, count, args.frames, args.size)
-    kept = start.init_linear_codec(fit)
+    kept = fit_linear_codec(start, fit)
     windows, names, captions = read_windows(args.data, args.frames, args.size, args.windows)
     models = {"start": lambda v: start.decode(start.encode(v).mean),
               "linear path": lambda v: linear_only(trained, v),

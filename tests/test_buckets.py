@@ -23,6 +23,7 @@ from data.buckets import (PRESETS, Bucket, BucketSchedule, Packing, bucket_order
 from data.synthetic import SyntheticSpec, generate
 from data.video_io import VideoInfo, check_frame_count
 from errors import InputError
+from tokenizer import save_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKETS = """# frames height width batch
@@ -273,7 +274,7 @@ def test_latent_shards_at_mixed_shapes_train_in_the_same_buckets(mixed, tmp_path
     torch.manual_seed(0)
     vae = CausalVAE.from_preset("tiny")
     vae.set_latent_stats(torch.zeros(16), torch.ones(16))
-    vae.save_pretrained(tmp_path / "vae")
+    save_vae(vae, tmp_path / "vae")
     assert encode_main(["--ckpt", str(tmp_path / "vae"), "--data", urls[0], "--out", str(tmp_path / "latents"),
                         "--buckets", str(bucket_file), "--workers", "0", "--device", "cpu"]) == 0
     from data import iter_shard_samples
@@ -335,7 +336,7 @@ def test_a_packed_batch_trains_as_each_clip_alone(mixed, tmp_path):
     torch.manual_seed(0)
     vae = CausalVAE.from_preset("tiny")
     vae.set_latent_stats(torch.zeros(16), torch.ones(16))
-    vae.save_pretrained(tmp_path / "vae")
+    save_vae(vae, tmp_path / "vae")
     args = build_parser().parse_args(["--stage", "dit", "--data", mixed[0][0], "--vae", str(tmp_path / "vae"),
                                       "--out", str(tmp_path / "run"), "--caption-dropout", "0.5"])
     stage = DiTStage(args, Env(rank=0, world=1, local_rank=0, device=torch.device("cpu")))

@@ -23,7 +23,7 @@ from dit3d import DiT3D
 from dit3d.condition import ConditionConfig, FrameSelection, given_mask
 from dit3d.flow import flow_loss, sample as flow_sample
 from pipeline import Pipeline
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, save_vae
 from training.stage import sample_generator
 
 
@@ -158,7 +158,7 @@ def tiny_run(root: Path, name: str, extra: list[str]) -> Path:
         torch.manual_seed(0)
         vae = CausalVAE.from_preset("tiny")
         vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
-        vae.save_pretrained(root / "vae")
+        save_vae(vae, root / "vae")
     args = ["--stage", "dit", "--data", str(root / "shards"), "--vae", str(root / "vae"), "--out", str(root / name),
             "--frames", "9", "--size", "32", "--steps", "3", "--batch-size", "4", "--num-workers", "0",
             "--checkpoint-every", "0", "--wandb", "disabled", "--no-progress", "--preview-steps", "2", "--warmup", "1"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from errors import InputError
-from tokenizer import CausalVAE, DiffusersVAE, load_tokenizer
+from tokenizer import CausalVAE, DiffusersVAE, load_tokenizer, save_vae
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -120,7 +120,7 @@ def test_frame_rules_and_bad_folders(folders, tmp_path):
     with pytest.raises(InputError, match="no config.json"):
         DiffusersVAE.from_pretrained(tmp_path / "nowhere")
     # our own folders still load as CausalVAE
-    CausalVAE.from_preset("tiny").save_pretrained(tmp_path / "ours")
+    save_vae(CausalVAE.from_preset("tiny"), tmp_path / "ours")
     assert isinstance(load_tokenizer(tmp_path / "ours"), CausalVAE)
 
 
@@ -195,7 +195,7 @@ def test_one_report_compares_ours_and_two_wrapped_tokenizers(folders, tmp_path, 
     from .conftest import BIKES, CARPHONE, copy_clip, write_reference_lpips_weights
 
     torch.manual_seed(0)
-    CausalVAE.from_preset("tiny").save_pretrained(tmp_path / "ours")
+    save_vae(CausalVAE.from_preset("tiny"), tmp_path / "ours")
     _, vgg, heads = write_reference_lpips_weights(tmp_path)
     clips = tmp_path / "clips"
     clips.mkdir()
@@ -233,7 +233,7 @@ def test_a_frame_count_one_tokenizer_cannot_take_names_it(folders, tmp_path, cap
 
     from .conftest import CARPHONE
 
-    CausalVAE.from_preset("tiny").save_pretrained(tmp_path / "ours")
+    save_vae(CausalVAE.from_preset("tiny"), tmp_path / "ours")
     assert evaluate_main(["--ckpt", str(tmp_path / "ours"), "--ckpt", str(folders["AutoencoderKLLTXVideo"]),
                           "--data", str(CARPHONE), "--frames", "13", "--size", "64", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()

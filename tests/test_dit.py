@@ -12,6 +12,7 @@ from dit3d import DiT3D, DiTConfig, attention, load_dit, save_dit, patchify, pre
 from dit3d.model import DiTBlock
 from dit3d.rope import apply_rope, axis_dims, rope_angles, rope_cos_sin, sincos_position
 from parallel import apply_activation_checkpointing
+from tokenizer import load_vae
 
 
 def randomized(model: DiT3D, seed: int = 0) -> DiT3D:
@@ -289,7 +290,7 @@ def test_save_and_load(model, tmp_path):
     with pytest.raises(ValueError, match="holds a 'dit' checkpoint, not a 'tokenizer' one"):
         from tokenizer import CausalVAE
 
-        CausalVAE.from_pretrained(tmp_path / "dit")
+        load_vae(tmp_path / "dit")
 
 
 def test_checkpoint_saved_before_absolute_position_loads_as_it_was(tmp_path):

@@ -21,6 +21,7 @@ from dit3d.text import HFTextEncoder
 from errors import InputError
 from pipeline import Pipeline
 from tests.test_train import losses, one_line_error, run_cli
+from tokenizer import save_vae
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -213,7 +214,7 @@ def test_fine_tuning_a_run_of_ours_starts_from_its_dit_and_its_text_encoder(tmp_
     vae = tmp_path / "vae"
     from tokenizer import CausalVAE
 
-    CausalVAE.from_preset("tiny").save_pretrained(vae)
+    save_vae(CausalVAE.from_preset("tiny"), vae)
     common = ["--batch-size", "2", "--checkpoint-every", "0", "--num-workers", "0", "--preview-steps", "1"]
     assert train.main(dit_args(shards, vae, tmp_path / "base", "--steps", "2", *common)) == 0
     assert train.main(dit_args(shards, vae, tmp_path / "tuned", "--steps", "2", "--init", str(tmp_path / "base"),

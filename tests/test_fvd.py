@@ -13,6 +13,7 @@ from tokenizer.evaluate import main as evaluate_main
 from evaluation.fvd import FrechetVideoDistance, frechet_distance, fvd_from_features, to_i3d_input
 
 from .conftest import CARPHONE, copy_clip
+from tokenizer import save_vae
 
 # the field's I3D is a TorchScript file, and PyTorch now flags TorchScript as deprecated
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:torch.jit")
@@ -66,7 +67,7 @@ def test_evaluate_reports_rfvd(i3d_path, tmp_path):
     from tokenizer import CausalVAE
 
     torch.manual_seed(0)
-    randomized(CausalVAE.from_preset("tiny")).save_pretrained(tmp_path / "vae")
+    save_vae(randomized(CausalVAE.from_preset("tiny")), tmp_path / "vae")
     (tmp_path / "v").mkdir()
     copy_clip(CARPHONE, tmp_path / "v" / "carphone.mp4", None)
     assert evaluate_main(["--ckpt", str(tmp_path / "vae"), "--data", str(tmp_path / "v"), "--frames", "5", "--size", "32",

@@ -13,6 +13,7 @@ from data import frames_to_tensor, write_video
 from data.synthetic import SyntheticSpec, render_sample
 from evaluation import chain_of_steps
 from evaluation.generator import main as evaluate_main
+from tokenizer import save_vae
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:torch.jit")
 
@@ -214,7 +215,7 @@ def test_trajectory_study_from_a_run(tmp_path):
     torch.manual_seed(0)
     vae = CausalVAE.from_preset("tiny")
     vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
-    vae.save_pretrained(root / "vae")
+    save_vae(vae, root / "vae")
     assert train.main(["--stage", "dit", "--data", str(root / "shards"), "--vae", str(root / "vae"),
                        "--out", str(root / "dit"), "--frames", "9",
                        "--size", "32", "--steps", "2", "--batch-size", "2", "--num-workers", "0",

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from bench.common import free_port
 from data.synthetic import SyntheticSpec, generate
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, save_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 20
@@ -72,7 +72,7 @@ def test_a_run_killed_twenty_times_ends_as_the_uninterrupted_one(tmp_path):
     torch.manual_seed(0)
     tokenizer = CausalVAE.from_preset("tiny")
     tokenizer.set_latent_stats(torch.linspace(-0.5, 0.5, 16), torch.linspace(0.5, 2.0, 16))
-    tokenizer.save_pretrained(vae)
+    save_vae(tokenizer, vae)
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
     started = time.perf_counter()

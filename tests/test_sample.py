@@ -15,7 +15,7 @@ import train
 from evaluation.motion_score import read_frames
 from data.synthetic import SyntheticSpec, generate
 from dit3d.flow import sample as flow_sample
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, save_vae
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def run_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     vae = CausalVAE.from_preset("tiny")
     vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
-    vae.save_pretrained(root / "vae")
+    save_vae(vae, root / "vae")
     args = ["--stage", "dit", "--data", str(root / "shards"), "--vae", str(root / "vae"), "--out", str(root / "dit"),
             "--frames", "9", "--size", "32", "--steps", "3", "--batch-size", "2", "--num-workers", "0",
             "--checkpoint-every", "0", "--wandb", "disabled", "--no-progress", "--preview-steps", "2", "--warmup", "1"]

@@ -13,7 +13,7 @@ from data import check_shards
 from errors import InputError
 from data.video_io import size_pair
 from pipeline import Pipeline
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, save_vae
 from tokenizer import encode as encode_cmd
 from tokenizer import evaluate as evaluate_cmd
 from tests.test_train import one_line_error
@@ -26,7 +26,7 @@ FAST = ["--frames", "5", "--wandb", "disabled", "--no-progress", "--warmup", "1"
 def vae_dir(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("vae")
-    CausalVAE.from_preset("tiny").save_pretrained(out)
+    save_vae(CausalVAE.from_preset("tiny"), out)
     return out
 
 

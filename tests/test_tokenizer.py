@@ -8,7 +8,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from tokenizer import CausalCache, CausalVAE, DiagonalGaussian, VAEConfig, preset
+from tokenizer import CausalCache, CausalVAE, DiagonalGaussian, VAEConfig, fit_linear_codec, load_vae, preset, save_vae
 from tokenizer.model import CausalConv3d
 
 
@@ -146,21 +146,21 @@ def test_input_errors_name_the_nearest_valid_values(vae):
 
 def test_save_and_load_round_trip(vae, tmp_path):
     vae.set_latent_stats(torch.linspace(-1, 1, 16), torch.linspace(0.5, 2, 16))
-    vae.save_pretrained(tmp_path / "ckpt")
+    save_vae(vae, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
     record = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert record["kind"] == "tokenizer" and record["config"]["channels"] == [32, 64]
-    loaded = CausalVAE.from_pretrained(tmp_path / "ckpt").eval()
+    loaded = load_vae(tmp_path / "ckpt").eval()
     assert loaded.config == vae.config
     video = torch.rand(1, 3, 9, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(video).mean, vae.encode(video).mean, rtol=0, atol=0)
     torch.testing.assert_close(loaded.latent_std, vae.latent_std)
     with pytest.raises(FileNotFoundError, match="no tokenizer checkpoint at .*missing_dir"):
-        CausalVAE.from_pretrained(tmp_path / "missing_dir")
+        load_vae(tmp_path / "missing_dir")
     (tmp_path / "ckpt" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete tokenizer checkpoint .* model.safetensors is missing"):
-        CausalVAE.from_pretrained(tmp_path / "ckpt")
+        load_vae(tmp_path / "ckpt")
 
 
 def test_latent_normalization(vae):
@@ -254,11 +254,11 @@ def test_linear_codec_init_is_the_best_linear_block_code():
     vae = CausalVAE.from_preset("tiny", linear_context=0, linear_frames=1)  # the decoder sees each block's cell only
     x = torch.rand(4, 3, 9, 32, 32) * 2 - 1
     x = x + torch.linspace(-0.5, 0.5, 32).view(1, 1, 1, 1, 32)  # some structure for PCA to find
-    kept = vae.init_linear_codec(x)
+    kept = fit_linear_codec(vae, x)
     assert 0 < kept < 1
     with torch.no_grad():
         recon = vae.decode(vae.encode(x).mode())
-    blocks = lambda v: rearrange(vae._patchify(v), "b d t (h i) (w j) -> b t (h w) (d i j)", i=2, j=2)  # noqa: E731
+    blocks = lambda v: rearrange(vae.patchify(v), "b d t (h i) (w j) -> b t (h w) (d i j)", i=2, j=2)  # noqa: E731
     data = blocks(x).double()
     _, _, vt = torch.linalg.svd(data.flatten(0, 2), full_matrices=False)
     basis = vt[:16]
@@ -278,13 +278,13 @@ def test_linear_codec_init_with_context_is_the_least_squares_decoder():
     errors = {}
     for context, frames in ((0, 1), (1, 2)):
         vae = CausalVAE.from_preset("tiny", linear_context=context, linear_frames=frames)
-        kept = vae.init_linear_codec(x)
+        kept = fit_linear_codec(vae, x)
         with torch.no_grad():
             errors[context] = (vae.decode(vae.encode(x).mode()) - x).pow(2).mean().item()
         assert 0 < kept < 1
     assert errors[1] < 0.9 * errors[0]
 
-    patches = vae._patchify(x)
+    patches = vae.patchify(x)
     with torch.no_grad():
         z = vae.encoder.linear(patches)
     s = vae.decoder.block
@@ -316,8 +316,8 @@ def test_weights_that_do_not_match_their_config_get_a_one_line_error(tmp_path):
     save_checkpoint(tmp_path, dataclasses.asdict(vae.config), state, "tokenizer")
     with pytest.raises(InputError, match=r"do not match their config: missing \['decoder.linear.conv.weight'\], "
                                          r"unexpected \['decoder.linear.weight'\]"):
-        CausalVAE.from_pretrained(tmp_path)
+        load_vae(tmp_path)
     config = {k: v for k, v in dataclasses.asdict(vae.config).items() if k != "linear_context"}  # an older config
     save_checkpoint(tmp_path, config | {"linear_contxt": 0}, vae.state_dict(), "tokenizer")
     with pytest.raises(InputError, match=r"unknown tokenizer config fields \['linear_contxt'\]"):
-        CausalVAE.from_pretrained(tmp_path)
+        load_vae(tmp_path)

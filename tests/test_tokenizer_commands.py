@@ -11,7 +11,7 @@ import torch
 
 from data import make_loader, probe, read_clip
 from data.make_shards import main as make_shards_main
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, load_vae, save_vae
 from tokenizer.encode import main as encode_main
 from tokenizer.evaluate import main as evaluate_main
 from data.sources import window_starts
@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     vae = randomized(CausalVAE.from_preset("tiny"), seed=1)
     vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
-    vae.save_pretrained(path)
+    save_vae(vae, path)
     return path
 
 
@@ -61,7 +61,7 @@ def test_evaluate_reports_metrics_that_match_a_direct_computation(ckpt, clip_fol
     assert "| carphone.mp4 |" in (out / "report.md").read_text() and "Conventions" in capsys.readouterr().out
 
     # the same numbers computed here, independently of the command's accumulation
-    vae = CausalVAE.from_pretrained(ckpt).eval()
+    vae = load_vae(ckpt).eval()
     windows = [read_clip(CARPHONE, 5, size=32, start=s).to_tensor() for s in (0, 115)]
     x = torch.stack(windows)  # (2, 3, 5, 32, 32)
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_encode_writes_latent_shards_the_loader_reads(ckpt, synthetic_shards, tm
     assert batches[0]["meta"][0]["latent_std"] == [2.0] * 16 and batches[0]["meta"][0]["tokenizer"] == str(ckpt)
     # the stored latents are the tokenizer's posterior mean for the same clip (to float16 precision)
     video = next(iter(make_loader(synthetic_shards, 1, 9, 32, mode="eval", num_workers=0)))
-    vae = CausalVAE.from_pretrained(ckpt).eval()
+    vae = load_vae(ckpt).eval()
     with torch.no_grad():
         expected = vae.encode(video["video"]).mean[0]
     assert batches[0]["key"][0] == video["key"][0]

@@ -24,7 +24,7 @@ from bench.common import free_port
 from training.dit_stage import DiTStage
 from training.options import build_parser
 from data.synthetic import SyntheticSpec, generate
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, load_vae, save_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--frames", "5", "--size", "32", "--wandb", "disabled", "--no-progress", "--warmup", "2", "--lr", "1e-3"]
@@ -44,7 +44,7 @@ def vae_dir(tmp_path_factory) -> Path:
     vae = CausalVAE.from_preset("tiny")
     vae.set_latent_stats(torch.linspace(-0.5, 0.5, 16), torch.linspace(0.5, 2.0, 16))
     out = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(out)
+    save_vae(vae, out)
     return out
 
 
@@ -82,7 +82,7 @@ def test_the_dit_starts_from_the_same_weights_whatever_the_tokenizer(shards, vae
     from parallel import Env
 
     other = tmp_path / "other_vae"
-    CausalVAE.from_preset("tiny", linear_context=1, linear_frames=2, decoder_blocks=2).save_pretrained(other)
+    save_vae(CausalVAE.from_preset("tiny", linear_context=1, linear_frames=2, decoder_blocks=2), other)
     env = Env(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     initial = []
     for vae in (vae_dir, other):
@@ -261,7 +261,7 @@ def test_the_tokenizer_stage_under_fsdp2_equals_one_process(shards, tmp_path):
     run_cli([*common, "--out", str(tmp_path / "fsdp"), "--num-workers", "1", "--parallel", "fsdp"], nproc=2)
     one, sharded = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
     assert [sharded[k] for k in (1, 2)] == pytest.approx([one[k] for k in (1, 2)], rel=1e-4)
-    a, b = CausalVAE.from_pretrained(tmp_path / "one" / "model"), CausalVAE.from_pretrained(tmp_path / "fsdp" / "model")
+    a, b = load_vae(tmp_path / "one" / "model"), load_vae(tmp_path / "fsdp" / "model")
     torch.testing.assert_close(b.latent_std, a.latent_std, rtol=1e-4, atol=1e-5)
 
 
@@ -303,7 +303,7 @@ def test_tokenizer_stage_trains_with_the_discriminator_and_measures_latent_stats
     l1 = [r["l1"] for r in records if "l1" in r]
     assert l1[-1] < 0.6 * l1[0]
     assert any("d_loss" in r and "adaptive_weight" in r for r in records)  # the GAN term switched on
-    vae = CausalVAE.from_pretrained(out / "model")
+    vae = load_vae(out / "model")
     assert not torch.allclose(vae.latent_std, torch.ones(16))  # measured, not the defaults
     z = vae.normalize(vae.encode(torch.zeros(1, 3, 5, 32, 32)).mode())
     assert z.shape == (1, 16, 2, 4, 4)

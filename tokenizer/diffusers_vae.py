@@ -1,6 +1,6 @@
 """The field's video autoencoders, from local diffusers folders, behind our tokenizer's interface.
 
-    vae = load_tokenizer("path/to/Wan2.1-T2V-1.3B-Diffusers/vae")   # or one of ours: the same calls
+    vae = load_tokenizer("path/to/Wan2.1-T2V-1.3B-Diffusers/vae")   # (tokenizer/checkpoint.py) or one of ours
     z = vae.encode(video).mean               # video (B, 3, T, H, W) in [-1, 1]; T follows the model's rule
     video = vae.decode(z)
     z_dit = vae.normalize(z)                 # the latent scale the model's own pipeline hands its transformer
@@ -38,7 +38,7 @@ from torch import nn
 from checkpoint_io import replace_folder
 from errors import InputError, MissingInputError
 
-from .model import CausalVAE, DiagonalGaussian, check_video_shape
+from .model import DiagonalGaussian, check_video_shape
 
 TILE_ATTRIBUTES = ("tile_sample_min_height", "tile_sample_min_width", "tile_sample_min_num_frames",
                    "tile_sample_stride_height", "tile_sample_stride_width", "tile_sample_stride_num_frames")
@@ -197,10 +197,3 @@ def is_diffusers_folder(directory: str | Path) -> bool:
         return config.is_file() and "_class_name" in json.loads(config.read_text())
     except json.JSONDecodeError:
         return False
-
-
-def load_tokenizer(directory: str | Path, map_location: str | torch.device = "cpu") -> CausalVAE | DiffusersVAE:
-    """Our CausalVAE from its folder, or a diffusers video autoencoder from a save_pretrained folder."""
-    if is_diffusers_folder(directory):
-        return DiffusersVAE.from_pretrained(directory, map_location)
-    return CausalVAE.from_pretrained(directory, map_location)

@@ -29,7 +29,8 @@ from data.buckets import Bucket, check_divisible, parse_buckets
 from data.video_io import check_frame_count, size_pair
 from errors import InputError
 
-from .diffusers_vae import DiffusersVAE, load_tokenizer
+from .checkpoint import load_tokenizer
+from .diffusers_vae import DiffusersVAE
 from .model import CausalVAE
 
 

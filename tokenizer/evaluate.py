@@ -48,7 +48,8 @@ from evaluation.metrics import (equal_floats_baseline, frame_errors, psnr_from_m
                                 to_unit_range)
 from evaluation.peak_memory import PeakMemory
 
-from .diffusers_vae import DiffusersVAE, load_tokenizer
+from .checkpoint import load_tokenizer
+from .diffusers_vae import DiffusersVAE
 from .model import CausalVAE
 
 log = logging.getLogger("tokenizer.evaluate")

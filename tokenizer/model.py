@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 
-from checkpoint_io import load_model, save_model
 from errors import InputError
 
 from .config import VAEConfig, preset
@@ -211,7 +210,7 @@ class Decoder(nn.Module):
         if cfg.linear_codec:  # each cell's block of patches from the cells around it, then depth-to-space
             k = 2 * cfg.linear_context + 1
             self.linear = CausalConv3d(cfg.latent_channels, patch_dim * self.block**2, (cfg.linear_frames, k, k))
-            nn.init.zeros_(self.linear.conv.weight)  # silent until fitted (init_linear_codec) or trained
+            nn.init.zeros_(self.linear.conv.weight)  # silent until fitted (tokenizer.linear_codec.fit_linear_codec) or trained
             nn.init.zeros_(self.linear.conv.bias)
 
     def forward(self, z: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
@@ -295,7 +294,7 @@ class CausalVAE(nn.Module):
         cfg = self.config
         return cfg.latent_channels, 1 + (frames - 1) // cfg.temporal_factor, height // cfg.spatial_factor, width // cfg.spatial_factor
 
-    def _patchify(self, video: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def patchify(self, video: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Latent frames [start, stop) of the space-to-depth input, folded from only the pixel frames they hold
         (a chunk never copies the whole clip): frame 0 is replicated to fill the first group."""
         cfg = self.config
@@ -309,7 +308,7 @@ class CausalVAE(nn.Module):
         return rearrange(part, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w", pt=tf, ph=cfg.patch_size,
                          pw=cfg.patch_size)
 
-    def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         return rearrange(patches, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)",
                          c=cfg.in_channels, pt=cfg.temporal_factor, ph=cfg.patch_size, pw=cfg.patch_size)
@@ -317,7 +316,7 @@ class CausalVAE(nn.Module):
     def _pixels(self, patches: torch.Tensor, first: bool) -> torch.Tensor:
         """The decoder's output patches as frames (without the replicated copies of frame 0 where `first`, the
         clip's first chunk), refined at the pixel resolution where the config asks."""
-        video = self._unpatchify(patches)
+        video = self.unpatchify(patches)
         if first:
             video = video[:, :, self.config.temporal_factor - 1 :]
         return video if self.refine is None else self.refine(video)
@@ -384,9 +383,9 @@ class CausalVAE(nn.Module):
             return DiagonalGaussian(*self._tiled(video, tile, self.halo()[0], self.config.spatial_factor, 1, encode_tile))
         frames = self.latent_shape(*video.shape[2:])[1]
         if chunk is None or chunk >= frames:
-            return DiagonalGaussian(*self.encoder(self._patchify(video), None))  # (B, C * pt * p * p, 1 + k, ...)
+            return DiagonalGaussian(*self.encoder(self.patchify(video), None))  # (B, C * pt * p * p, 1 + k, ...)
         cache = CausalCache()
-        parts = [self.encoder(self._patchify(video, i, min(i + chunk, frames)), cache)
+        parts = [self.encoder(self.patchify(video, i, min(i + chunk, frames)), cache)
                  for i in range(0, frames, self._chunk(chunk))]
         return DiagonalGaussian(torch.cat([m for m, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2))
 
@@ -433,60 +432,6 @@ class CausalVAE(nn.Module):
             raise ValueError(f"chunk must be at least 1 latent frame, got {chunk}")
         return chunk
 
-    # ---- initialisation from data ---------------------------------------------------------------
-
-    @torch.no_grad()
-    def init_linear_codec(self, videos: torch.Tensor, ridge: float = 1e-6, batch: int = 16) -> float:
-        """Start as a linear codec fitted to `videos` (B, 3, 1 + 4k, H, W), with the network's output layers
-        zeroed, so that training learns only what a linear code misses. The encoder's linear path becomes the
-        top latent_channels principal directions (uncentred) of the tf x sf x sf pixel blocks; the decoder's,
-        which reads the cells around each block and the previous latent frames, becomes the least-squares
-        decoder of those latents (ridge-regularised by `ridge` times the mean feature energy). With no context
-        (linear_context=0, linear_frames=1) that decoder is the transpose of the encoder: the best linear block
-        code. The sums are accumulated `batch` clips at a time, so memory does not grow with the clip count.
-        Returns the fraction of the blocks' energy the codec reconstructs."""
-        cfg = self.config
-        if not cfg.linear_codec:
-            raise ValueError("this tokenizer has no linear codec path (linear_codec=False)")
-        self.check_video(videos)
-        s = cfg.cell_patches
-        conv = self.decoder.linear
-        kt, k = conv.conv.kernel_size[0], conv.conv.kernel_size[1]
-
-        def blocks_of(part):  # (cells, D s s): every latent cell's pixel block, and the patches
-            patches = self._patchify(part.float())  # (b, D, t, H/p, W/p)
-            return rearrange(patches, "b d t (h i) (w j) -> (b t h w) (d i j)", i=s, j=s).double(), patches
-
-        def features_of(patches):  # (cells, L kt k k): the decoder conv's causal, zero-padded input at each cell
-            latents = self.encoder.linear(patches)  # (b, L, t, h, w)
-            past = latents[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
-            padded = F.pad(torch.cat([past, latents], dim=2), (k // 2,) * 4)
-            t, h, w = latents.shape[2:]
-            taps = [padded[:, :, a : a + t, b : b + h, c : c + w] for a in range(kt) for b in range(k) for c in range(k)]
-            return rearrange(torch.stack(taps, 2), "b l n t h w -> (b t h w) (l n)").double()
-
-        parts = videos.split(batch)
-        energy = sum(blocks.T @ blocks for blocks, _ in map(blocks_of, parts))  # (D s s, D s s)
-        _, eigenvectors = torch.linalg.eigh(energy)  # eigenvalues ascending
-        basis = eigenvectors[:, -cfg.latent_channels :].flip(1).T  # (L, D s s), strongest first
-        self.encoder.linear.weight.copy_(basis.reshape(cfg.latent_channels, -1, 1, s, s))
-
-        gram = cross = 0
-        for blocks, patches in map(blocks_of, parts):
-            features = features_of(patches)
-            gram, cross = gram + features.T @ features, cross + features.T @ blocks
-        regularised = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-        solution = torch.linalg.solve(regularised, cross)  # (L kt k k, D s s)
-        conv.conv.weight.copy_(solution.T.reshape(conv.conv.weight.shape))
-        conv.conv.bias.zero_()  # no intercept: with no context the fit is then exactly the encoder's transpose
-        for out in (self.encoder.conv_out.conv, self.decoder.conv_out.conv):
-            out.weight.zero_()
-        self.encoder.conv_out.conv.bias[: cfg.latent_channels].zero_()
-        self.decoder.conv_out.conv.bias.zero_()
-        # |B - F S|^2 = |B|^2 - 2 <S, F'B> + <S, F'F S>
-        residual = energy.trace() - 2 * (solution * cross).sum() + (solution * (gram @ solution)).sum()
-        return float(1 - residual / energy.trace())
-
     # ---- latent statistics ----------------------------------------------------------------------
 
     def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -499,12 +444,3 @@ class CausalVAE(nn.Module):
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.latent_std.view(1, -1, 1, 1, 1) + self.latent_mean.view(1, -1, 1, 1, 1)
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-
-    def save_pretrained(self, directory) -> None:
-        save_model(self, directory, kind="tokenizer")
-
-    @classmethod
-    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "CausalVAE":
-        return load_model(cls, VAEConfig, directory, kind="tokenizer", map_location=map_location)

@@ -22,7 +22,7 @@ from errors import InputError
 from evaluation.lpips import LPIPS
 from evaluation.metrics import psnr
 from parallel import Env, ParallelOptions, parallelize, unsharded, unwrap
-from tokenizer import CausalVAE
+from tokenizer import CausalVAE, fit_linear_codec
 from tokenizer import preset as vae_preset
 from tokenizer.latent_stats import latent_moments, stats_from_moments
 from tokenizer.losses import (LossConfig, PatchDiscriminator3D, adaptive_weight, hinge_d_loss,
@@ -92,7 +92,7 @@ class TokenizerStage:
                 break
         if not clips:
             raise InputError(f"no readable clips in {self.args.data} to initialise the tokenizer from")
-        kept = self.model.init_linear_codec(torch.cat(clips)[:n].to(self.env.device))
+        kept = fit_linear_codec(self.model, torch.cat(clips)[:n].to(self.env.device))
         if self.env.main:
             log.info("initialised as the linear codec of %d clips (%.2f%% of their energy reconstructed)",
                      min(n, sum(len(c) for c in clips)), 100 * kept)
