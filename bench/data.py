@@ -120,7 +120,7 @@ def resume_startup(shards: Path, batch_size: int, steps: list[int], repeats: int
     """Seconds from make_loader + load_state_dict to the first batch, resumed at each step, by reader state and
     by replay; and the raw samples each read."""
     import data.loader as loader_module
-    from data.loader import expand_urls
+    from data.tar_reader import expand_urls
     from data.stream import ReaderStream
 
     urls, rows = expand_urls(str(shards)), []

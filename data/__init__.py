@@ -3,7 +3,9 @@
 `data` is the bottom layer: `tokenizer`, `dit3d`, `train.py` and `sample.py` may import it; it imports none of them.
 """
 
-from .loader import ShardLoader, SkipRecord, expand_urls, iter_shard_samples, make_loader
+from .loader import ShardLoader, make_loader
+from .samples import SkipRecord
+from .tar_reader import expand_urls, iter_shard_samples
 from .shards import LATENT_EXT, ShardWriter, latent_sample
 from .video_io import (
     Clip,
@@ -11,7 +13,6 @@ from .video_io import (
     VideoInfo,
     VideoReadError,
     check_frame_count,
-    encode_mp4,
     frames_to_tensor,
     probe,
     read_clip,
@@ -19,8 +20,8 @@ from .video_io import (
     read_last_frames,
     read_video,
     tensor_to_frames,
-    write_video,
 )
+from .video_write import encode_mp4, write_video
 
 __all__ = [
     "Clip",

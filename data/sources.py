@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .loader import iter_shard_samples, media_member
+from .tar_reader import iter_shard_samples, media_member
 from .video_io import MEDIA_EXTENSIONS, VideoInfo, VideoReadError, last_window_start, probe, window_stride
 
 

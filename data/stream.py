@@ -22,6 +22,8 @@ from __future__ import annotations
 import random
 from typing import Callable, Iterator
 
+from . import tar_reader
+
 
 class StaleState(ValueError):
     """A saved state names a sample its shard no longer holds (the shards were rewritten)."""
@@ -39,9 +41,6 @@ def _set_rng_state(rng: random.Random, state: list) -> None:
 class ReaderStream:
     def __init__(self, urls: list[str], seed: int, reader: int, buffer: int,
                  on_error: Callable[[str, Exception, int], None], state: dict | None = None):
-        from .loader import shard_samples  # the tar reader (data/loader.py imports this module)
-
-        self._read = shard_samples
         self.urls, self.bufsize, self.initial = list(urls), buffer, min(buffer // 4, buffer)
         self.on_error = on_error
         self.order_rng = random.Random(f"shards-{seed}-{reader}")
@@ -68,7 +67,7 @@ class ReaderStream:
             if self.order is None or self.index >= len(self.order):
                 self._new_pass()
             url = self.order[self.index]
-            for i, sample in enumerate(self._read([{"url": url}], self.on_error)):
+            for i, sample in enumerate(tar_reader.shard_samples([{"url": url}], self.on_error)):
                 if i < self.taken:
                     continue
                 self.taken = i + 1
@@ -110,7 +109,7 @@ class ReaderStream:
         found: dict[tuple[str, int], dict] = {}
         for url in dict.fromkeys(u for u, _ in wanted):
             last = max(i for u, i in wanted if u == url)
-            for i, sample in enumerate(self._read([{"url": url}], lambda *_: None)):
+            for i, sample in enumerate(tar_reader.shard_samples([{"url": url}], lambda *_: None)):
                 if (url, i) in wanted:
                     found[(url, i)] = sample | {"__index__": i}
                 if i >= last:

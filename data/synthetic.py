@@ -32,7 +32,8 @@ from checkpoint_io import write_json_atomic
 from errors import InputError
 
 from .shards import ShardWriter
-from .video_io import check_frame_count, encode_mp4, size_pair
+from .video_io import check_frame_count, size_pair
+from .video_write import encode_mp4
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),

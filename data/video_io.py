@@ -1,4 +1,5 @@
-"""Video I/O with PyAV: probe a file, read a window of `1 + 4k` frames at a target fps, write mp4.
+"""Video reading with PyAV: probe a file, read a window of `1 + 4k` frames at a target fps (writing mp4 is
+data/video_write.py).
 
 Every reader here takes a path or the file's bytes (a shard member), decodes with frame threading
 (`thread_type="AUTO"`), seeks to the keyframe before the window instead of decoding from the start,
@@ -16,7 +17,6 @@ import math
 import numbers
 import os
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Union
 
@@ -25,7 +25,6 @@ from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
-from checkpoint_io import write_bytes_atomic
 from errors import InputError, MissingInputError
 
 Source = Union[str, os.PathLike, bytes]
@@ -464,43 +463,3 @@ def read_last_frames(path: Path, height: int, width: int, fps: float, factor: in
         return read_clip(path, count, fps=fps, size=(height, width), start=start, info=info).to_tensor()
     except (VideoReadError, ValueError) as e:
         raise InputError(f"cannot read the video {path}: {e}") from None
-
-
-def _as_frames(video) -> np.ndarray:
-    if isinstance(video, torch.Tensor):
-        if video.dtype == torch.uint8:
-            video = video.cpu().numpy()
-        else:
-            return tensor_to_frames(video)
-    video = np.asarray(video)
-    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(
-            f"expected uint8 frames (T, H, W, 3) or a float tensor (3, T, H, W) in [-1, 1]; got {video.dtype} {video.shape}"
-        )
-    return video
-
-
-def encode_mp4(video, fps: float, crf: int = 18, codec: str = "libx264") -> bytes:
-    """Encode frames as h264 (yuv420p) mp4 bytes. `video`: uint8 (T, H, W, 3) or float (3, T, H, W) in [-1, 1]."""
-    frames = _as_frames(video)
-    _, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"h264 with yuv420p needs an even width and height; got {w}x{h}: crop or pad one pixel")
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        container.mux(stream.encode())
-    return buf.getvalue()
-
-
-def write_video(path: str | os.PathLike, video, fps: float, crf: int = 18) -> Path:
-    """Write an mp4 atomically (temporary file, then rename): a crash never leaves half a video."""
-    path = Path(path)
-    write_bytes_atomic(path, encode_mp4(video, fps, crf=crf))
-    return path

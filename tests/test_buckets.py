@@ -364,7 +364,9 @@ def test_a_packed_batch_trains_as_each_clip_alone(mixed, tmp_path):
 
 
 def test_the_scan_reads_each_samples_json_and_probes_only_those_without(mixed, tmp_path):
-    from data.loader import buckets_for, expand_urls, scan_buckets, shard_samples
+    from data.loader import scan_buckets
+    from data.samples import buckets_for
+    from data.tar_reader import expand_urls, shard_samples
 
     urls, bucket_file = mixed
     buckets = parse_buckets(str(bucket_file))

@@ -18,7 +18,8 @@ import sample
 import train
 from evaluation.motion_score import read_frames
 from data.synthetic import SyntheticSpec, generate
-from data.video_io import read_clip, read_image, read_last_frames, write_video
+from data.video_io import read_clip, read_image, read_last_frames
+from data.video_write import write_video
 from dit3d import DiT3D
 from dit3d.condition import ConditionConfig, FrameSelection, given_mask
 from dit3d.flow import flow_loss, sample as flow_sample

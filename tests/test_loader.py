@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 
 from bench.common import free_port
 from data import LATENT_EXT, ShardWriter, latent_sample, make_loader, read_clip
-from data import loader as loader_module
+from data import shard_stream as stream_module
 from data.make_shards import main as make_shards_main
-from data.video_io import encode_mp4
+from data.video_write import encode_mp4
 from parallel import teardown_distributed
 
 from .conftest import BIKES, CARPHONE, copy_clip, truncated_copy
@@ -129,7 +129,7 @@ def test_unreadable_shard_is_skipped(tmp_path, synthetic_shards):
 
 
 def test_a_reader_that_skips_everything_stops_with_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(loader_module, "MAX_CONSECUTIVE_SKIPS", 25)
+    monkeypatch.setattr(stream_module, "MAX_CONSECUTIVE_SKIPS", 25)
     with ShardWriter(tmp_path / "s", 2) as w:
         w.write({"__key__": "a", "mp4": b"text", "txt": "x"})
         w.write({"__key__": "b", "mp4": b"text", "txt": "y"})
@@ -329,7 +329,7 @@ def _legacy_stream(urls, seed, reader, buffer):
 
     import webdataset as wds
 
-    from data.loader import shard_samples
+    from data.tar_reader import shard_samples
 
     def source():
         rng = random.Random(f"shards-{seed}-{reader}")
@@ -374,7 +374,7 @@ def test_a_resumed_reader_stream_continues_exactly_and_reads_about_one_shard_and
                                                                                             monkeypatch):
     """Resumed after 10 or after 2,000 samples (7 passes over the shards), the stream continues with the
     uninterrupted one's samples, and reading them back costs about a shard and the buffer, not the 2,000."""
-    import data.loader
+    import data.tar_reader
     from data.stream import ReaderStream
 
     buffer = 16
@@ -385,14 +385,14 @@ def test_a_resumed_reader_stream_continues_exactly_and_reads_about_one_shard_and
     assert [next(it)["__key__"] for _ in range(drawn)] == head
     state = json.loads(json.dumps(first.state()))
     read = [0]
-    original = data.loader.shard_samples
+    original = data.tar_reader.shard_samples
 
     def counting(sources, on_error):
         for sample in original(sources, on_error):
             read[0] += 1
             yield sample
 
-    monkeypatch.setattr(data.loader, "shard_samples", counting)
+    monkeypatch.setattr(data.tar_reader, "shard_samples", counting)
     resumed = iter(ReaderStream(many_shards, 0, 0, buffer, lambda *_: None, state=state))
     nxt = next(resumed)
     cost = read[0]  # samples read to give the first one

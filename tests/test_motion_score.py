@@ -10,7 +10,7 @@ import pytest
 
 from evaluation.motion_score import main, object_centres, score_dir, score_frames
 from data.synthetic import BACKGROUND, COLORS, DEFAULT_HOLDOUT, SyntheticSpec, render_object_track, render_sample
-from data.video_io import write_video
+from data.video_write import write_video
 
 
 def synthetic(caption: str, seed: int = 0) -> np.ndarray:

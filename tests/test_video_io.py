@@ -14,13 +14,12 @@ from data.video_io import (
     _resize_plan,
     VideoReadError,
     check_frame_count,
-    encode_mp4,
     probe,
     read_clip,
     read_video,
     tensor_to_frames,
-    write_video,
 )
+from data.video_write import encode_mp4, write_video
 
 from .conftest import BIKES, CARPHONE, truncated_copy, write_faststart_mp4
 
