@@ -38,7 +38,6 @@ traffic per rank, and the smallest one whose memory fits this device.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from tqdm import tqdm
 from checkpoint_io import atomic_path, check_writable, write_text_atomic
 from data import read_image, read_last_frames, tensor_to_frames, write_video
 from data.buckets import nearest_bucket
+from data.sources import video_name
 from data.video_io import check_frame_count
 from dit3d.model import DiTBlock
 from errors import InputError, MissingInputError
@@ -122,10 +122,6 @@ def read_prompts(args) -> list[str]:
     if not prompts and not args.dry_run:
         raise InputError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
-
-
-def slug(text: str, limit: int = 60) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "video"
 
 
 def dry_run(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, text_tokens: int,
@@ -275,7 +271,7 @@ def run(args) -> list[Path]:
     steps = d["sampler"]["steps"] if args.steps is None else args.steps
     guidance = d["sampler"]["guidance"] if args.cfg is None else args.cfg
     fps = d["fps"] if args.fps is None else args.fps
-    jobs = [(p, args.seed + i, f"{slug(p)}_{args.seed + i}" if args.num > 1 else slug(p)) for p in prompts for i in range(args.num)]
+    jobs = [(p, args.seed + i, video_name(p, args.seed + i if args.num > 1 else None)) for p in prompts for i in range(args.num)]
     batch = max(1, min(args.batch_size, len(jobs) or 1))
     text_tokens = pipe.text_tokens(prompts + ([args.negative_prompt] if args.negative_prompt else []))
     if args.dry_run:

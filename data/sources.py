@@ -1,14 +1,25 @@
 """The videos under a path (a folder searched recursively, one file, or shards) and evenly spaced windows in
-them: what the evaluation commands read, the same way for a tokenizer's originals and a generator's reference."""
+them: what the evaluation commands read, the same way for a tokenizer's originals and a generator's reference;
+and the name a generated video gets in a folder of them (NAME.mp4 beside its prompt in NAME.txt), one rule for
+every command that writes such a folder (sample.py, evaluation.generator) and every one that reads it."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .tar_reader import iter_shard_samples, media_member
 from .video_io import MEDIA_EXTENSIONS, VideoInfo, VideoReadError, last_window_start, probe, window_stride
+
+
+def video_name(prompt: str, seed: int | None = None, limit: int = 60) -> str:
+    """The file stem of a generated video: the prompt's runs of letters and digits joined by underscores (at
+    most `limit` characters), then `_SEED` when a seed is given. It holds no path separator and no dot, so no
+    prompt can name a file outside the output folder."""
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:limit].strip("_") or "video"
+    return stem if seed is None else f"{stem}_{seed}"
 
 
 @dataclass

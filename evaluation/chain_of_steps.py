@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from data import tensor_to_frames
+from data.sources import video_name
 from evaluation.motion_score import caption_groups, group_of, score_frames
 
 ATTRIBUTES = ("presence", "color", "shape", "direction", "linearity", "position")
@@ -109,8 +110,6 @@ class StepRecorder:
         self.width = 0
 
     def add(self, jobs: list[tuple[str, int]], trajectory: list[tuple[int, float, "object"]]) -> None:
-        from evaluation.generator import video_name  # the command imports this module when it samples
-
         captions = [c for c, _ in jobs]
         groups = [group_of(c, self.held, self.train) for c in captions]
         names = [video_name(c, s) for c, s in jobs]  # the names sample_run gives the videos

@@ -38,7 +38,7 @@ import torch
 
 from checkpoint_io import atomic_path, check_writable, write_json_atomic, write_text_atomic
 from data import ClipTooShortError, VideoReadError, frames_to_tensor, probe, read_clip, write_video
-from data.sources import find_videos, window_starts
+from data.sources import find_videos, video_name, window_starts
 from data.synthetic import ALL_CAPTIONS, parse_caption
 from errors import InputError
 from evaluation.clip_score import ClipScore
@@ -140,10 +140,6 @@ def captions_for(which: str, manifest: str | Path | None) -> list[str]:
         return sorted(held)
     train_list = sorted(train) if train else list(ALL_CAPTIONS)
     return train_list if which == "train" else sorted(held) + train_list
-
-
-def video_name(caption: str, seed: int) -> str:
-    return f"{caption.replace(' ', '_')}_{seed}"
 
 
 def sample_run(pipe, captions: list[str], k: int, out: Path, sampler: dict, batch: int = 16,

@@ -107,3 +107,100 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypat
     monkeypatch.setattr(train, "train", broken)
     with pytest.raises(ValueError, match="an internal invariant broke"):
         train.main(["--stage", "dit", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+
+
+def _project_modules() -> dict[str, Path]:
+    """The project's own modules (libraries, commands, entry points; not tests or benches), by dotted name."""
+    mods = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", "bench") or rel.parts[0].startswith("."):
+            continue
+        name = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = path
+    return mods
+
+
+def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
+    """The project modules `name` imports, at the top or inside a function (a lazy import is still a dependency)."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
+                base = ".".join(parts + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in mods:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def test_no_import_circle_between_the_projects_modules():
+    """Import circles hide which idea depends on which; each one found is named with its members."""
+    mods = _project_modules()
+    graph = {m: _imports(m, p, mods) for m, p in mods.items()}
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not circles, f"import circles: {circles}"
+
+
+def test_the_dependency_rules_hold():
+    """dit3d and tokenizer never import each other, and neither imports the trainer, the pipeline or the commands
+    that compose them (evaluation's metrics they may use: tokenizer.evaluate reports with them)."""
+    mods = _project_modules()
+    composers = ("training", "pipeline", "sample", "train", "quickstart")
+    for lib, other in (("dit3d", "tokenizer"), ("tokenizer", "dit3d")):
+        for name, path in mods.items():
+            if name == lib or name.startswith(lib + "."):
+                bad = [m for m in _imports(name, path, mods) if m.split(".")[0] in (other, *composers)]
+                assert not bad, f"{name} imports {bad}"
+
+
+def test_no_source_file_is_over_500_lines():
+    """A file holds one idea; past 500 lines it holds several (tests and benches aside)."""
+    long = {str(p.relative_to(ROOT)): n for p in _project_modules().values()
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"split these along the ideas they hold: {long}"
+
+
+def test_every_source_file_is_on_the_design_page():
+    """docs/design.md's layout names every module (or its package's row), so the map and the code agree."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    missing = [str(p.relative_to(ROOT)) for p in _project_modules().values() if p.name != "__init__.py"
+               and f"`{p.relative_to(ROOT)}`" not in design and f"| `{p.parent.relative_to(ROOT)}/` |" not in design]
+    assert not missing, f"add to docs/design.md's layout: {missing}"
