@@ -57,16 +57,16 @@ def quickstart_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(QUICKSTART_DIR), help="folder for everything it writes")
     p.add_argument("--clips", type=int, default=1200, help="synthetic clips to generate")
-    p.add_argument("--tokenizer-steps", type=int, default=TOKENIZER_STEPS)
-    p.add_argument("--dit-steps", type=int, default=2000)
+    p.add_argument("--tokenizer-steps", type=int, default=TOKENIZER_STEPS, help='tokenizer training steps')
+    p.add_argument("--dit-steps", type=int, default=2000, help='DiT training steps')
     p.add_argument("--sample-steps", type=int, default=30, help="sampler steps for the final samples")
     p.add_argument("--samples-per-prompt", type=int, default=8, help="videos per prompt (seeds 0, 1, ...)")
     p.add_argument("--seed", type=int, default=0, help="seed of both training stages (initial weights, data order, "
                    "noise); the synthetic set is the same for every seed. Give each seed its own --out")
     p.add_argument("--shapes", nargs="+", default=[], metavar="FxHxW",
                    help="mix these clip shapes (e.g. 17x64x64 17x64x96 17x96x64) and train in buckets of them")
-    p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled", help='wandb mode for both stages (online needs WANDB_API_KEY)')
+    p.add_argument("--no-progress", action="store_true", help='no progress bars')
     return p
 
 

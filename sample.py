@@ -71,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos-per-prompt", "--num", dest="num", type=int, default=1,
                    help="videos per prompt (seeds seed, seed + 1, ...); under torchrun spell it out, as torchrun "
                         "reads --num as an abbreviation of its own --numa-binding")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first prompt video's seed; video i of a prompt uses seed + i")
     p.add_argument("--frames", type=int, default=None, help="1 + 4k (default: the training clips')")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--fps", type=float, default=None)
+    p.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the training clips')")
+    p.add_argument("--width", type=int, default=None, help="frame width in pixels (default: the training clips')")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the written video (default: the training clips')")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the run's preview setting)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--solver", choices=["euler", "heun"], default="euler")
+    p.add_argument("--solver", choices=["euler", "heun"], default="euler", help='ODE solver: euler (one pass a step) or heun (two)')
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: as in training)")
     p.add_argument("--batch-size", type=int, default=8, help="videos generated together")
     p.add_argument("--decode-chunk", type=int, default=2, help="latent frames decoded per step (memory)")
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sp-size", type=int, default=1,
                    help="under torchrun: ranks that split each video's tokens (sequence parallelism); must divide "
                         "the process count and the DiT's heads")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help='no progress bar')
     return p
 
 

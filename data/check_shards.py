@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, nargs="+", default=[64], metavar="PX",
                         help="crop size: one side (a square) or HEIGHT WIDTH (default 64)")
     parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8, help='clips per batch read back')
+    parser.add_argument("--workers", type=int, default=2, help='loader worker processes')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 

@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=[], metavar="FxHxW",
                         help="mix these (frames, height, width) shapes, one drawn per clip, e.g. 17x64x96 17x96x64 1x64x64")
     parser.add_argument("--fps", type=float, default=8.0, help="frame rate written in the mp4 (default 8)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the clips' colours, shapes, directions, speeds and noise")
     parser.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards and manifest of a non-empty --out")
     parser.add_argument("--speed", type=float, nargs=2, default=(0.45, 0.65), metavar=("MIN", "MAX"),

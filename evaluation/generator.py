@@ -288,11 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="solver steps (default: the run's)")
     g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's)")
     g.add_argument("--shift", type=float, default=None, help="timestep shift (default: the run's)")
-    g.add_argument("--solver", default="euler", choices=["euler", "heun"])
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--solver", default="euler", choices=["euler", "heun"], help="with --run: the ODE solver (default: the run's)")
+    g.add_argument("--batch-size", type=int, default=16, help='with --run: videos sampled together (memory, never the result)')
     g.add_argument("--trajectory", action="store_true",
                    help="also score the clean-video prediction at every solver step (the chain-of-steps study)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help='cpu, cuda, cuda:N (default: cuda when available)')
     return p
 
 

@@ -176,3 +176,21 @@ def test_the_readme_is_a_guide():
 def test_the_ci_runs_the_readmes_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-1].strip() == "python -m pytest"
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_every_option_of_every_documented_command_has_help(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    parsers = {}
+    for page in PAGES:
+        for words in commands(page.read_text()):
+            found = target(words)
+            if found is None or found[0] == "file" or found[1].startswith("bench/"):
+                continue  # the benches' options are their docstrings' business
+            kind, name, args = found
+            leading = (("quickstart",) if args[:1] == ["quickstart"] else ("--stage", "dit")) if name == "train.py" else ()
+            parsers[(name, leading[:1])] = parser_of(kind, name, leading)
+    bare = {f"{name} {' '.join(lead)}".strip(): [a.option_strings[0] for a in p._actions
+                                                 if a.option_strings and not a.help and not isinstance(a, argparse._HelpAction)]
+            for (name, lead), p in parsers.items()}
+    assert len(parsers) >= 10 and not {k: v for k, v in bare.items() if v}, bare

@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buckets", default=None, metavar="PRESET|FILE",
                         help="encode each clip at its bucket's shape (train.py --buckets takes the same); --frames and "
                              "--size are then unused")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help='clips encoded together')
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode step (bounded memory)")
-    parser.add_argument("--shard-size", type=int, default=100)
+    parser.add_argument("--shard-size", type=int, default=100, help='samples per latent shard')
     parser.add_argument("--overwrite", action="store_true", help="replace the shards and manifest of a non-empty --out")
     parser.add_argument("--workers", type=int, default=2, help="decoding worker processes")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help='cpu, cuda, cuda:N (default: cuda when available)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     keep_freed_memory()

@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=_tile, default=None,
                         help="spatial tiles of this many pixels (ours: exact; a diffusers model's own tiling: blended), "
                              "or auto: each diffusers model's own default tiling for long or large clips, ours whole")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help='cpu, cuda, cuda:N (default: cuda when available)')
     parser.add_argument("--no-videos", action="store_true", help="do not write the side-by-side videos")
     parser.add_argument("--lpips-vgg", help="local VGG16 ImageNet weights (torchvision's state dict) to report LPIPS")
     parser.add_argument("--lpips-heads", help="local LPIPS v0.1 linear-head weights (the lpips package's vgg.pth)")

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", help="the dit stage's trained tokenizer: a tokenizer run folder, or its model/")
     g.add_argument("--latents", action="store_true", help="--data holds latent shards (python -m tokenizer.encode)")
     g.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation, the data order and every sample's noise, time and dropout")
     g = p.add_argument_group("data")
     g.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k")
     g.add_argument("--size", type=int, nargs="+", default=[64], metavar="PX",
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bucket-backlog", type=int, default=64,
                    help="with --buckets: samples each bucket may hold (raw bytes) while waiting for its turn")
     g.add_argument("--num-workers", type=int, default=2, help="decoding worker processes per rank")
-    g.add_argument("--shuffle-buffer", type=int, default=64)
+    g.add_argument("--shuffle-buffer", type=int, default=64, help='samples each training reader holds to shuffle across shards (raw bytes: memory per worker is about this times the mean file size)')
     g.add_argument("--image-prob", type=float, default=0.0, help="fraction of steps that train on images (first frames)")
     g.add_argument("--zoom", type=float, nargs=2, default=[1.0, 1.0], metavar=("LO", "HI"),
                    help="take each training crop from the frame scaled to cover --size times a factor drawn from "
@@ -53,16 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose captions name left and right)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000, help="optimiser steps in all")
-    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr", type=float, default=1e-4, help='peak learning rate (AdamW), reached after --warmup steps')
     g.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     g.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="after the warm-up")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine: final LR over --lr")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.99)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW's first-moment decay")
+    g.add_argument("--beta2", type=float, default=0.99, help="AdamW's second-moment decay")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
-    g.add_argument("--ema-decay", type=float, default=0.999)
+    g.add_argument("--ema-decay", type=float, default=0.999, help='decay of the exponential moving average of the weights that model/ exports (0: the weights themselves)')
     g = p.add_argument_group("parallelism and speed")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="with several processes")
     g.add_argument("--sp-size", type=int, default=1,
@@ -76,20 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-activations", action="store_true", help="recompute blocks in backward (memory)")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps (0: only at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--keep-checkpoints", type=int, default=2, help='checkpoints kept on disk; older ones are deleted once a newer one is complete')
     g.add_argument("--exit-after", type=int, default=0,
                    help="checkpoint and exit after this many steps of this invocation (fixed-length job slots); 0: off")
     g.add_argument("--max-minutes", type=float, default=0,
                    help="end the run properly (statistics, export, final checkpoint) after this many minutes; 0: off")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--log-every", type=int, default=10, help='steps between metrics lines (loss, LR, grad norm, throughput, memory) in metrics.jsonl and wandb; the loss is read back from the device only then')
     g.add_argument("--preview-every", type=int, default=0, help="steps between preview videos (0: at the end only)")
     g.add_argument("--preview-prompts", nargs="*", default=None, help="dit: prompts (default: from the data's manifest)")
     g.add_argument("--preview-steps", type=int, default=30, help="dit: sampler steps of the previews")
     g.add_argument("--guidance", type=float, default=5.0, help="dit: classifier-free guidance scale of the previews, and sample.py's default")
     g.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="auto",
                    help="auto: online with WANDB_API_KEY set, else offline (WANDB_MODE overrides)")
-    g.add_argument("--wandb-project", default="dit3d-video")
-    g.add_argument("--wandb-run-name", default=None)
+    g.add_argument("--wandb-project", default="dit3d-video", help='wandb project name')
+    g.add_argument("--wandb-run-name", default=None, help="wandb run name")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("dit stage")
     g.add_argument("--text-encoder", default="bytes",
@@ -120,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (peft) instead of all "
                                                             "weights; 0: full fine-tuning")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, a scale of 1)")
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA adapters' input")
     g.add_argument("--lora-targets", default="qkv,proj,q,kv",
                    help="comma-separated DiT layers to adapt: qkv, proj, q, kv (attention), fc1, fc2 (MLP)")
     g.add_argument("--lora-merge", action="store_true",
                    help="export the DiT with the adapters merged into its weights too (model/dit/), beside the adapter")
     g = p.add_argument_group("tokenizer stage")
-    g.add_argument("--kl-weight", type=float, default=1e-6)
+    g.add_argument("--kl-weight", type=float, default=1e-6, help="tokenizer: weight of the posterior's KL term")
     g.add_argument("--recon-loss", choices=["l1", "mse"], default="l1",
                    help="the pixel term: l1, or mse (squared error, what PSNR measures: on the quickstart's held-out "
                         "clips it ended 2.6 dB higher in the same 200 steps; see docs/results/tokenizer.md)")
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lpips-heads", help="local LPIPS linear heads (vgg.pth of the lpips package)")
     g.add_argument("--disc-weight", type=float, default=0.0, help="3D patch discriminator weight (0: none)")
     g.add_argument("--disc-start", type=int, default=2000, help="step at which the adversarial loss switches on")
-    g.add_argument("--disc-lr", type=float, default=1e-4)
+    g.add_argument("--disc-lr", type=float, default=1e-4, help="tokenizer: the discriminator's learning rate")
     g.add_argument("--stats-batches", type=int, default=16, help="batches to measure the latent statistics on")
     g.add_argument("--latent-norm", choices=["channel", "global"], default="channel",
                    help="normalise latents per channel, or by one scale for all (the PCA-like linear code's "
