@@ -2,7 +2,7 @@
 """Text to video from the command line, with a model trained by train.py.
 
     python sample.py --ckpt runs/quickstart/dit --prompt "a red circle moving right" --out samples/
-    python sample.py --ckpt RUN --prompts prompts.txt --videos-per-prompt 4 --steps 50 --cfg 5 --solver heun --out samples/
+    python sample.py --ckpt RUN --prompts prompts.txt --videos-per-prompt 4 --steps 50 --guidance 5 --solver heun --out samples/
     python sample.py --ckpt RUN --prompt "..." --negative-prompt "blurry" --seed 7 --out clip.mp4 --gif --png
     python sample.py --ckpt RUN --prompt "..." --save-trajectory --out study/   # x0 prediction at every step
     python sample.py --ckpt RUN --frames 121 --height 256 --width 256 --dry-run   # the token budget, nothing run
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="frame width in pixels (default: the training clips')")
     p.add_argument("--fps", type=float, default=None, help="frame rate of the written video (default: the training clips')")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the run's preview setting)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--guidance", "--cfg", dest="cfg", type=float, default=None, help="classifier-free guidance scale (1: none)")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help='ODE solver: euler (one pass a step) or heun (two)')
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: as in training)")
     p.add_argument("--batch-size", type=int, default=8, help="videos generated together")
@@ -250,7 +250,7 @@ def check_options(args) -> None:
     if args.fps is not None and not args.fps > 0:
         raise InputError(f"--fps must be positive, got {args.fps}")
     if args.cfg is not None and not args.cfg >= 0:
-        raise InputError(f"--cfg must be at least 0 (1: no guidance), got {args.cfg}")
+        raise InputError(f"--guidance must be at least 0 (1: no guidance), got {args.cfg}")
     if args.shift is not None and not args.shift > 0:
         raise InputError(f"--shift must be positive, got {args.shift}")
 

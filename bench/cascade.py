@@ -1,6 +1,6 @@
 """The cascade experiment: whole-clip generation against keyframes-then-interpolation, at equal training compute.
 
-    python bench/cascade.py [--vae TOKENIZER_DIR] [--steps 2000] [--clips 1200] [--k 8] [--out bench/results/cascade]
+    python bench/cascade.py [--vae TOKENIZER_DIR] [--steps 2000] [--clips 1200] [--videos-per-prompt 8] [--out bench/results/cascade]
 
 Both designs are trained here, on the synthetic set, from the same latent clips: clips of 65 frames (4x the
 17-frame training window) are encoded once by the frozen tokenizer into 17 latent frames each.
@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--k", type=int, default=8, help="seeds per caption")
+    p.add_argument("--videos-per-prompt", "--k", dest="k", type=int, default=8, help="seeds per caption")
     p.add_argument("--seen-captions", type=int, default=3, help="seen captions scored beside the held-out ones")
     p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--guidance", "--cfg", dest="cfg", type=float, default=5.0)
     p.add_argument("--batch", type=int, default=16, help="videos sampled together")
     p.add_argument("--tokenizer-steps", type=int, default=None,
                    help="when a tokenizer has to be trained, with the quickstart's recipe (default: the quickstart's steps)")

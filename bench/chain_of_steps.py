@@ -1,8 +1,8 @@
 """The chain-of-steps study: at which solver step each attribute of a generated video is decided, and how that
 moves with the number of steps, the guidance scale and the timestep shift.
 
-    python bench/chain_of_steps.py [--run runs/quickstart/dit] [--manifest runs/quickstart/shards/manifest.json]
-                                   [--seeds 3] [--seen 10] [--steps 10 60] [--cfg 1 3 5 8] [--shift 1 3 6 12]
+    python bench/chain_of_steps.py [--ckpt runs/quickstart/dit] [--manifest runs/quickstart/shards/manifest.json]
+                                   [--videos-per-prompt 3] [--seen 10] [--steps 10 60] [--guidance 1 3 5 8] [--shift 1 3 6 12]
                                    [--cascade bench/results/cascade] [--out bench/results/chain_of_steps]
 
 For the held-out caption combinations and `--seen` of the seen ones, and seeds 0..N-1, the run samples
@@ -68,14 +68,14 @@ def rows_of(label: str, s: dict) -> list[list]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/chain_of_steps.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=str(ROOT / "runs" / "quickstart" / "dit"))
+    p.add_argument("--ckpt", "--run", dest="run", help="the DiT run folder to study", default=str(ROOT / "runs" / "quickstart" / "dit"))
     p.add_argument("--manifest", default=str(ROOT / "runs" / "quickstart" / "shards" / "manifest.json"))
     p.add_argument("--captions", default="all", help="holdout, train, all or a file of captions")
     p.add_argument("--seen", type=int, default=10,
                    help="with --captions all: the held-out captions and this many seen ones, evenly spread (0: all)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per caption")
+    p.add_argument("--videos-per-prompt", "--seeds", dest="seeds", type=int, default=3, help="seeds 0..N-1 per caption")
     p.add_argument("--steps", type=int, nargs="*", default=[10, 60], help="solver steps tried beside the run's")
-    p.add_argument("--cfg", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="guidance scales tried beside the run's")
+    p.add_argument("--guidance", "--cfg", dest="cfg", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="guidance scales tried beside the run's")
     p.add_argument("--shift", type=float, nargs="*", default=[1.0, 3.0, 12.0], help="timestep shifts tried beside the run's")
     p.add_argument("--cascade", type=Path, default=None, help="a bench/cascade.py output folder (whole/, keyframes/)")
     p.add_argument("--batch", type=int, default=32)

@@ -1,7 +1,7 @@
 """The motion benchmark: sample K videos per caption from trained runs and score them side by side.
 
-    python bench/motion.py --runs runs/quickstart/dit [OTHER_RUN ...] [--manifest SHARDS/manifest.json]
-                           [--captions holdout|all|train] [--k 4] [--steps 30] [--cfg 5] [--shift S]
+    python bench/motion.py --ckpt runs/quickstart/dit [OTHER_RUN ...] [--manifest SHARDS/manifest.json]
+                           [--captions holdout|all|train] [--videos-per-prompt 4] [--steps 30] [--guidance 5] [--shift S]
                            [--solver euler heun] [--out bench/results/motion.json]
 
 Every combination of run x steps x cfg x solver samples K videos (seeds 0..K-1) for each caption and
@@ -51,12 +51,12 @@ def run_setting(run: str, captions: list[str], k: int, steps: int | None, cfg: f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="+", required=True, help="train.py DiT run folders")
+    p.add_argument("--ckpt", "--runs", dest="runs", nargs="+", required=True, help="train.py DiT run folders")
     p.add_argument("--manifest", help="the training shards' manifest.json (seen / held-out split)")
     p.add_argument("--captions", default="all", help="holdout, train, all (the synthetic set's) or a file of captions")
-    p.add_argument("--k", type=int, default=4, help="videos per caption")
+    p.add_argument("--videos-per-prompt", "--k", dest="k", type=int, default=4, help="videos per caption")
     p.add_argument("--steps", type=int, nargs="+", default=[None])
-    p.add_argument("--cfg", type=float, nargs="+", default=[None])
+    p.add_argument("--guidance", "--cfg", dest="cfg", type=float, nargs="+", default=[None])
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--solver", nargs="+", default=["euler"], choices=["euler", "heun"])
     p.add_argument("--batch-size", type=int, default=32)

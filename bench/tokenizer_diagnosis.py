@@ -1,6 +1,6 @@
 """Where a tokenizer's reconstruction error is, and how much of it the network removes beyond the linear codec.
 
-    python bench/tokenizer_diagnosis.py --run runs/quickstart/tokenizer --data ../shared/data/clips \\
+    python bench/tokenizer_diagnosis.py --ckpt runs/quickstart/tokenizer --data ../shared/data/clips \\
         [--frames 17 --size 64 --windows 2 --fit-clips 32] [--out bench/results/tokenizer_diagnosis]
 
 A tokenizer run of ours starts as a linear codec (PCA encoder and least-squares decoder fitted to the
@@ -153,7 +153,7 @@ def fitting_clips(run: Path | None, fit_data: str | None, count: int, frames: in
 
     if fit_data is None:
         if run is None or not (run / "config.json").is_file():
-            raise SystemExit("error: give --fit-data (clips to fit the starting linear codec to) or --run")
+            raise SystemExit("error: give --fit-data (clips to fit the starting linear codec to) or a run folder as --ckpt")
         fit_data = json.loads((run / "config.json").read_text())["args"]["data"]
     loader = make_loader(fit_data, min(count, 16), frames, size, mode="train", num_workers=0, seed=0)
     parts, it = [], iter(loader)
@@ -194,8 +194,9 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, help="a tokenizer run folder (its model/ is evaluated, its data fits the start)")
-    p.add_argument("--ckpt", type=Path, help="a tokenizer folder instead of --run (then give --fit-data)")
+    p.add_argument("--ckpt", "--run", dest="ckpt", type=Path, required=True,
+                   help="a tokenizer run folder (its model/ is evaluated, its data fits the start), or a tokenizer "
+                        "folder (then give --fit-data)")
     p.add_argument("--fit-data", help="clips the starting linear codec is fitted to (default: the run's data)")
     p.add_argument("--fit-clips", type=int, default=None, help="how many (default: the run's --pca-init-clips, or 64)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "clips"), help="held-out footage")
@@ -207,14 +208,15 @@ def main(argv=None) -> int:
     from tokenizer import CausalVAE
 
     torch.manual_seed(0)
-    folder = args.ckpt or (args.run / "model")
+    run = args.ckpt if (args.ckpt / "model").is_dir() else None  # a train.py run folder, or its model alone
+    folder = args.ckpt / "model" if run else args.ckpt
     trained = load_vae(folder).eval()
     if not trained.config.linear_codec:
         raise SystemExit(f"error: {folder} has no linear codec path to compare the network against")
-    run_args = json.loads((args.run / "config.json").read_text())["args"] if args.run else {}
+    run_args = json.loads((run / "config.json").read_text())["args"] if run else {}
     count = args.fit_clips or run_args.get("pca_init_clips") or 64
     start = CausalVAE(trained.config).eval()
-    fit = fitting_clips(args.run, args.fit_data, count, args.frames, args.size)
+    fit = fitting_clips(run, args.fit_data, count, args.frames, args.size)
     kept = fit_linear_codec(start, fit)
     windows, names, captions = read_windows(args.data, args.frames, args.size, args.windows)
     models = {"start": lambda v: start.decode(start.encode(v).mean),
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     report = diagnose(models, windows, trained.config.temporal_factor, captions)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps({"windows": names, "fit_clips": len(fit), "start_energy_kept": kept,
-                                                      "settings": vars(args) | {"run": str(args.run), "ckpt": str(folder)},
+                                                      "settings": vars(args) | {"run": str(run), "ckpt": str(folder)},
                                                       "results": report}, indent=2, default=str) + "\n")
     plot(report, args.out / "diagnosis.png")
     print(f"\n{folder}: {len(windows)} held-out windows of {args.frames} frames at {args.size}x{args.size} "

@@ -1,8 +1,8 @@
 """Evaluate a generator: its videos against a reference set of real clips, and against their captions.
 
     python -m evaluation.generator --videos DIR --reference SHARDS_OR_CLIPS --i3d i3d_torchscript.pt --out REPORT
-    python -m evaluation.generator --run RUN --captions holdout --k 3 --reference SHARDS --i3d I3D --out REPORT
-                                   [--manifest SHARDS/manifest.json] [--clip CLIP_DIR] [--steps 30 --cfg 5 --shift 3]
+    python -m evaluation.generator --ckpt RUN --captions holdout --videos-per-prompt 3 --reference SHARDS --i3d I3D --out REPORT
+                                   [--manifest SHARDS/manifest.json] [--clip CLIP_DIR] [--steps 30 --guidance 5 --shift 3]
                                    [--trajectory]
 
 The generated set is a folder of `NAME.mp4` with the prompt in `NAME.txt` (what `sample.py --out DIR` writes),
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluation.generator", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--videos", type=Path, help="a folder of generated NAME.mp4 with NAME.txt captions")
-    src.add_argument("--run", type=Path, help="a DiT run folder to sample first (K seeds per caption)")
+    src.add_argument("--ckpt", "--run", dest="run", type=Path, help="a DiT run folder to sample first (K seeds per caption)")
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md, contact_sheet.png")
     p.add_argument("--reference", help="real clips for FVD: shards, a folder of videos or one video")
     p.add_argument("--i3d", help="local TorchScript I3D (i3d_torchscript.pt); FVD is computed when given")
@@ -284,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     g = p.add_argument_group("sampling a run first (--run)")
     g.add_argument("--captions", default="all", help="holdout, train, all (the synthetic set's) or a file of captions")
-    g.add_argument("--k", type=int, default=3, help="videos per caption, seeds 0..K-1")
+    g.add_argument("--videos-per-prompt", "--k", dest="k", type=int, default=3, help="videos per caption, seeds 0..K-1")
     g.add_argument("--steps", type=int, default=None, help="solver steps (default: the run's)")
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's)")
+    g.add_argument("--guidance", "--cfg", dest="cfg", type=float, default=None, help="guidance scale (default: the run's)")
     g.add_argument("--shift", type=float, default=None, help="timestep shift (default: the run's)")
     g.add_argument("--solver", default="euler", choices=["euler", "heun"], help="with --run: the ODE solver (default: the run's)")
     g.add_argument("--batch-size", type=int, default=16, help='with --run: videos sampled together (memory, never the result)')

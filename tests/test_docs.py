@@ -194,3 +194,24 @@ def test_every_option_of_every_documented_command_has_help(monkeypatch):
                                                  if a.option_strings and not a.help and not isinstance(a, argparse._HelpAction)]
             for (name, lead), p in parsers.items()}
     assert len(parsers) >= 10 and not {k: v for k, v in bare.items() if v}, bare
+
+
+# One name for each idea across the commands; the old names stay as aliases for a while, never alone.
+VOCABULARY = {"--guidance": {"--cfg"}, "--ckpt": {"--run", "--runs"}, "--videos-per-prompt": {"--num", "--k", "--seeds"}}
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_one_name_per_option_across_the_commands(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    scripts = [("script", "train.py", ("--stage", "dit")), ("script", "sample.py", ())]
+    scripts += [("script", str(p.relative_to(ROOT)), ()) for p in sorted((ROOT / "bench").glob("*.py"))
+                if p.name not in ("__init__.py", "common.py")]
+    scripts += [("module", m, ()) for m in ("evaluation.generator", "evaluation.motion_score", "tokenizer.evaluate",
+                                            "tokenizer.encode", "data.make_shards", "data.check_shards", "dit3d.to_diffusers")]
+    wrong = []
+    for kind, name, leading in scripts:
+        for action in parser_of(kind, name, leading)._actions:
+            for canonical, aliases in VOCABULARY.items():
+                if aliases & set(action.option_strings) and action.option_strings[0] != canonical:
+                    wrong.append(f"{name}: {action.option_strings} (say {canonical} first)")
+    assert not wrong, wrong

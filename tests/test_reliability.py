@@ -203,7 +203,7 @@ def test_sample_checks_its_output_and_options_before_it_samples(dit_run, tmp_pat
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--frames", "0"], "--frames: frames must be a positive integer"),
         (["--height", "0"], "--height must be at least 1, got 0"),
-        (["--cfg", "-3"], "--cfg must be at least 0"),
+        (["--cfg", "-3"], "--guidance must be at least 0"),
     ]
     for extra, message in cases:
         assert sample.main(["--ckpt", str(dit_run), "--prompt", "a red circle moving left", *extra]) == 2
