@@ -11,6 +11,7 @@ the uninterrupted run's steps; SIGTERM, --exit-after and --max-minutes end a run
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -18,6 +19,7 @@ import math
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,7 +71,90 @@ def resolve_run(args, stage, env: Env) -> tuple[dict, Path]:
     return resolved, out
 
 
+@dataclass
+class Run:
+    """Everything a run's steps use, built once by `setup`: the stage and its model (plain, parallelized, EMA),
+    the optimiser and schedule, the data, the checkpoints, and where the run is (step, samples seen)."""
+
+    args: argparse.Namespace
+    env: Env
+    stage: object
+    plain: nn.Module
+    model: nn.Module
+    ema: nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    loader: object
+    ckpts: Checkpoints
+    out: Path
+    resolved: dict
+    strategy: str
+    bucket_index: dict
+    trainable: set
+    options: StateDictOptions | None  # with frozen weights (LoRA), checkpoints hold the trained ones alone
+    step: int = 0
+    samples_seen: int = 0
+
+    def tensor_state(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.opt, options=self.options)
+        ema_sd = get_model_state_dict(self.ema)
+        if self.options is not None:
+            ema_sd = {k: v for k, v in ema_sd.items() if k.removeprefix("module.") in self.trainable or k == "n_averaged"}
+        return {"model": model_sd, "optim": optim_sd, "ema": ema_sd, "stage": self.stage.state_dict()}
+
+    def save_checkpoint(self) -> None:
+        trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "scheduler": self.sched.state_dict()}
+        exported = self.out / "model"
+        path = self.ckpts.save(self.step, self.tensor_state(), trainer_state,
+                               {"rng": rng_state(self.env.device), "data": self.loader.state_dict()},
+                               reserve_bytes=folder_bytes(exported) if exported.is_dir() else 0)
+        full = get_model_state_dict(self.ema.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.env.main:
+            export_model(self.stage, self.ema.module, full, exported, self.step)
+            log.info("checkpoint: %s", path)
+
+
 def train(args) -> Path:
+    """Train one stage to --steps (or until a stop), resuming from the run's last checkpoint; returns --out."""
+    run = setup(args)
+    if not resume(run):
+        return run.out
+    args, env, stage = run.args, run.env, run.stage
+    metrics = MetricsLog(run.out / "metrics.jsonl", env, args, run.resolved, run.step)
+    stops = Stops(args, run.step)
+    bar = tqdm(total=args.steps, initial=run.step, disable=not env.main or args.no_progress, dynamic_ncols=True,
+               desc=args.stage)
+    data, window = iter(run.loader), Window(env.device)
+    last_batch, stopped = None, None  # stopped: why the run ends early with a checkpoint (SIGTERM, --exit-after)
+    try:
+        while run.step < args.steps:
+            last_batch, logs, time_up, stopping = train_step(run, data, window, stops)
+            bar.update(1)
+            if run.step % args.log_every == 0 or run.step == args.steps:
+                record = log_record(run, window, logs)
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                window = Window(env.device)
+            if args.preview_every and run.step % args.preview_every == 0 and run.step < args.steps:
+                paths, logs = run_preview(stage, run.ema, run.step, run.out, last_batch, env)
+                metrics.write({"step": run.step} | logs, paths)
+            if time_up and run.step < args.steps:
+                if env.main:
+                    log.info("--max-minutes %g reached at step %d: finishing the run here", args.max_minutes, run.step)
+                break
+            if (stopped := stops.early(run.step, stopping)):
+                break
+            if args.checkpoint_every and run.step % args.checkpoint_every == 0 and run.step < args.steps:
+                run.save_checkpoint()
+    finally:
+        bar.close()
+        stops.close()
+    finish(run, metrics, last_batch, stopped)
+    return run.out
+
+
+def setup(args) -> Run:
+    """The stage, its model parallelized with an EMA beside it, the optimiser, the data and the run folder."""
     env = setup_distributed(args.device, args.sp_size)
     logging.basicConfig(level=logging.INFO if env.main else logging.WARNING, format="%(message)s", force=True)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -84,12 +169,10 @@ def train(args) -> Path:
         stage.crop = fixed_crop(buckets)
     resolved, out = resolve_run(args, stage, env)
     plain = stage.model
-    n_params = sum(p.numel() for p in plain.parameters() if p.requires_grad)
     ckpts = Checkpoints(out / "checkpoints", env, args.keep_checkpoints)
     if env.main:
         recover_folder(out / "model")  # a swap killed half-way
-    latest = ckpts.latest()
-    if latest is None:
+    if ckpts.latest() is None:
         stage.initialize()
 
     ema = ema_model(plain, args.ema_decay)
@@ -108,152 +191,150 @@ def train(args) -> Path:
                          rank=env.dp_rank, world_size=env.dp_world, buckets=buckets, backlog=args.bucket_backlog,
                          packing=stage.packing(args.pack, args.pack_pool) if args.pack else None)
     stage.buckets, stage.schedule = buckets, loader.dataset.schedule  # the buckets, and how much of the data each holds
-    bucket_index = {b.name: i for i, b in enumerate(buckets or [])}
-
-    # with frozen weights (LoRA), checkpoints hold the trained ones alone: the rest comes from --init on resume
     trainable = {name for name, p in plain.named_parameters() if p.requires_grad}
     partial = len(trainable) < sum(1 for _ in plain.parameters())
     options = StateDictOptions(ignore_frozen_params=True, strict=False) if partial else None
+    return Run(args, env, stage, plain, model, ema, opt, sched, loader, ckpts, out, resolved, strategy,
+               {b.name: i for i, b in enumerate(buckets or [])}, trainable, options)
 
-    def tensor_state() -> dict:
-        model_sd, optim_sd = get_state_dict(model, opt, options=options)
-        ema_sd = get_model_state_dict(ema)
-        if partial:
-            ema_sd = {k: v for k, v in ema_sd.items() if k.removeprefix("module.") in trainable or k == "n_averaged"}
-        return {"model": model_sd, "optim": optim_sd, "ema": ema_sd, "stage": stage.state_dict()}
 
-    step, samples_seen = 0, 0
-    loaded = ckpts.load_newest(tensor_state) if latest is not None else None
-    if loaded is not None:
-        latest, state, trainer_state, rank_state = loaded
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
-        set_model_state_dict(ema, state["ema"], options=options)
-        stage.load_state_dict(state["stage"])
-        sched.load_state_dict(trainer_state["scheduler"])
-        step, samples_seen = trainer_state["step"], trainer_state["samples_seen"]
-        set_rng_state(rank_state["rng"], env.device)
-        exact = loader.load_state_dict(rank_state["data"])
+def resume(run: Run) -> bool:
+    """Continue from the newest intact checkpoint, if any; False when the run is already trained to --steps."""
+    args, env = run.args, run.env
+    loaded = run.ckpts.load_newest(run.tensor_state) if run.ckpts.latest() is not None else None
+    if loaded is None:
         if env.main:
-            log.info("resuming %s from %s (step %d of %d)%s", out, latest, step, args.steps,
-                     "" if exact else "; the data layout changed, so the data stream starts afresh")
-        if step >= args.steps:
-            if env.main:
-                log.info("%s is already trained to step %d; nothing to do (raise --steps to train on)", out, step)
-            return out
-    elif env.main:
-        log.info("training the %s stage (%s preset, %.2fM parameters) on %d process(es)%s, %s, into %s", args.stage,
-                 args.preset, n_params / 1e6, env.world,
-                 f" ({env.dp_world} data-parallel x {env.sp} sequence-parallel)" if env.sp > 1 else "", env.device, out)
-
-    def save_checkpoint() -> None:
-        trainer_state = {"step": step, "samples_seen": samples_seen, "scheduler": sched.state_dict()}
-        exported = out / "model"
-        path = ckpts.save(step, tensor_state(), trainer_state, {"rng": rng_state(env.device), "data": loader.state_dict()},
-                          reserve_bytes=folder_bytes(exported) if exported.is_dir() else 0)
-        full = get_model_state_dict(ema.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            n_params = sum(p.numel() for p in run.plain.parameters() if p.requires_grad)
+            log.info("training the %s stage (%s preset, %.2fM parameters) on %d process(es)%s, %s, into %s", args.stage,
+                     args.preset, n_params / 1e6, env.world,
+                     f" ({env.dp_world} data-parallel x {env.sp} sequence-parallel)" if env.sp > 1 else "", env.device,
+                     run.out)
+        return True
+    latest, state, trainer_state, rank_state = loaded
+    set_state_dict(run.model, run.opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=run.options)
+    set_model_state_dict(run.ema, state["ema"], options=run.options)
+    run.stage.load_state_dict(state["stage"])
+    run.sched.load_state_dict(trainer_state["scheduler"])
+    run.step, run.samples_seen = trainer_state["step"], trainer_state["samples_seen"]
+    set_rng_state(rank_state["rng"], env.device)
+    exact = run.loader.load_state_dict(rank_state["data"])
+    if env.main:
+        log.info("resuming %s from %s (step %d of %d)%s", run.out, latest, run.step, args.steps,
+                 "" if exact else "; the data layout changed, so the data stream starts afresh")
+    if run.step >= args.steps:
         if env.main:
-            export_model(stage, ema.module, full, exported, step)
-            log.info("checkpoint: %s", path)
+            log.info("%s is already trained to step %d; nothing to do (raise --steps to train on)", run.out, run.step)
+        return False
+    return True
 
-    metrics = MetricsLog(out / "metrics.jsonl", env, args, resolved, step)
-    stop = {"signal": 0}
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    stopped_at = args.exit_after and step + args.exit_after
-    bar = tqdm(total=args.steps, initial=step, disable=not env.main or args.no_progress, dynamic_ncols=True, desc=args.stage)
-    data = iter(loader)
-    window = Window(env.device)
-    last_batch, stopped = None, None  # stopped: why the run ends early with a checkpoint (SIGTERM, --exit-after)
-    started = time.perf_counter()
-    try:
-        while step < args.steps:
-            t0 = time.perf_counter()
-            model.train()
-            logs: dict = {}
-            loss_sum, shape_code, step_samples = 0.0, 0.0, 0
-            for micro in range(args.grad_accum):
-                batch = next(data)
-                last_batch = batch
-                last = micro == args.grad_accum - 1
-                sync = contextlib.nullcontext()
-                if not last and isinstance(model, nn.parallel.DistributedDataParallel):
-                    sync = model.no_sync()
-                elif strategy == "fsdp":
-                    model.set_requires_gradient_sync(last)
-                with sync:
-                    loss, micro_logs = stage.loss(model, batch, step)
-                    (loss / args.grad_accum).backward()
-                logs |= micro_logs | stage.after_backward(step, last, args.grad_accum)
-                loss_sum += loss.item()
-                shape_code += (micro + 1) * (1 + bucket_index.get(batch.get("bucket"), -1))
-                step_samples += len(batch["key"])
-                window.samples += len(batch["key"]) * env.dp_world
-                window.tokens += stage.tokens(batch) * len(batch["key"]) * env.dp_world
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            time_up = bool(args.max_minutes) and time.perf_counter() - started > 60 * args.max_minutes
-            total, nonfinite, stopping, time_up, codes, codes_sq, all_samples = all_reduce_sum(  # one collective: every rank decides alike
-                [loss_sum / args.grad_accum, float(not math.isfinite(loss_sum)), float(stop["signal"] != 0), float(time_up),
-                 shape_code, shape_code ** 2, float(step_samples)], env.device)
-            if codes * codes != env.world * codes_sq:  # equal on every rank exactly when the sum of squares says so
-                raise RuntimeError(f"step {step + 1}: the ranks trained different buckets (this rank's last: "
-                                   f"{last_batch.get('bucket')}); the bucket schedule must be the same on every rank")
-            mean_loss = total / env.world
-            if nonfinite or not math.isfinite(float(grad_norm)):
-                kept = ckpts.latest()
-                raise InputError(f"the loss is {mean_loss} (grad norm {float(grad_norm)}) at step {step + 1}; stopped "
-                                 f"before the update. The last good checkpoint is "
-                                 f"{kept or 'none (no checkpoint was written yet)'}; lower --lr or raise --warmup, then "
-                                 f"run the same command to resume from it")
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update_parameters(plain)
-            step += 1
-            samples_seen += round(all_samples) // env.sp  # the ranks of a sequence-parallel group share their clips
-            window.add(time.perf_counter() - t0, mean_loss, float(grad_norm))
-            bar.update(1)
-            if step % args.log_every == 0 or step == args.steps:
-                skipped, distinct, short = all_reduce_sum(
-                    [loader.samples_skipped, len(loader.unique_skips), len(loader.short_files)], env.device)
-                record = {"step": step, "lr": sched.get_last_lr()[0], "skipped_samples": int(skipped),
-                          "skipped_distinct": int(distinct), "short_files": int(short)} | window.record() | logs
-                record |= {f"bucket_samples/{name}": n * env.dp_world for name, n in sorted(loader.bucket_samples.items())}
-                metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                window = Window(env.device)
-            if args.preview_every and step % args.preview_every == 0 and step < args.steps:
-                paths, logs = run_preview(stage, ema, step, out, last_batch, env)
-                metrics.write({"step": step} | logs, paths)
-            if time_up and step < args.steps:
-                if env.main:
-                    log.info("--max-minutes %g reached at step %d: finishing the run here", args.max_minutes, step)
-                break
-            if step < args.steps and (stopping or (stopped_at and step >= stopped_at)):
-                stopped = "preempted (SIGTERM)" if stopping else f"--exit-after {args.exit_after}"
-                break
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.steps:
-                save_checkpoint()
-    finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+
+def train_step(run: Run, data, window: "Window", stops: "Stops") -> tuple[dict, dict, bool, bool]:
+    """One optimiser step of --grad-accum micro-batches; returns (the last batch, the stage's logs, whether
+    --max-minutes is up, whether SIGTERM came), decided alike on every rank. Host syncs: loss.item() per
+    micro-batch and the one collective per step, which every rank needs anyway."""
+    args, env, model, stage = run.args, run.env, run.model, run.stage
+    t0 = time.perf_counter()
+    model.train()
+    logs: dict = {}
+    loss_sum, shape_code, step_samples = 0.0, 0.0, 0
+    for micro in range(args.grad_accum):
+        batch = next(data)
+        last = micro == args.grad_accum - 1
+        sync = contextlib.nullcontext()
+        if not last and isinstance(model, nn.parallel.DistributedDataParallel):
+            sync = model.no_sync()
+        elif run.strategy == "fsdp":
+            model.set_requires_gradient_sync(last)
+        with sync:
+            loss, micro_logs = stage.loss(model, batch, run.step)
+            (loss / args.grad_accum).backward()
+        logs |= micro_logs | stage.after_backward(run.step, last, args.grad_accum)
+        loss_sum += loss.item()
+        shape_code += (micro + 1) * (1 + run.bucket_index.get(batch.get("bucket"), -1))
+        step_samples += len(batch["key"])
+        window.samples += len(batch["key"]) * env.dp_world
+        window.tokens += stage.tokens(batch) * len(batch["key"]) * env.dp_world
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    total, nonfinite, stopping, time_up, codes, codes_sq, all_samples = all_reduce_sum(  # one collective: every rank decides alike
+        [loss_sum / args.grad_accum, float(not math.isfinite(loss_sum)), float(stops.signal != 0),
+         float(stops.time_up()), shape_code, shape_code ** 2, float(step_samples)], env.device)
+    if codes * codes != env.world * codes_sq:  # equal on every rank exactly when the sum of squares says so
+        raise RuntimeError(f"step {run.step + 1}: the ranks trained different buckets (this rank's last: "
+                           f"{batch.get('bucket')}); the bucket schedule must be the same on every rank")
+    mean_loss = total / env.world
+    if nonfinite or not math.isfinite(float(grad_norm)):
+        kept = run.ckpts.latest()
+        raise InputError(f"the loss is {mean_loss} (grad norm {float(grad_norm)}) at step {run.step + 1}; stopped "
+                         f"before the update. The last good checkpoint is "
+                         f"{kept or 'none (no checkpoint was written yet)'}; lower --lr or raise --warmup, then "
+                         f"run the same command to resume from it")
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.ema.update_parameters(run.plain)
+    run.step += 1
+    run.samples_seen += round(all_samples) // env.sp  # the ranks of a sequence-parallel group share their clips
+    window.add(time.perf_counter() - t0, mean_loss, float(grad_norm))
+    return batch, logs, bool(time_up), bool(stopping)
+
+
+def log_record(run: Run, window: "Window", logs: dict) -> dict:
+    """The metrics line of a logging window, with the skip counts summed over the ranks."""
+    loader, env = run.loader, run.env
+    skipped, distinct, short = all_reduce_sum(
+        [loader.samples_skipped, len(loader.unique_skips), len(loader.short_files)], env.device)
+    record = {"step": run.step, "lr": run.sched.get_last_lr()[0], "skipped_samples": int(skipped),
+              "skipped_distinct": int(distinct), "short_files": int(short)} | window.record() | logs
+    return record | {f"bucket_samples/{name}": n * env.dp_world for name, n in sorted(loader.bucket_samples.items())}
+
+
+class Stops:
+    """What ends a run before --steps: SIGTERM (preemption), --exit-after N steps, --max-minutes."""
+
+    def __init__(self, args, step: int):
+        self.args, self.signal = args, 0
+        self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self.stop_at = args.exit_after and step + args.exit_after
+        self.started = time.perf_counter()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signum
+
+    def time_up(self) -> bool:
+        return bool(self.args.max_minutes) and time.perf_counter() - self.started > 60 * self.args.max_minutes
+
+    def early(self, step: int, signalled: bool) -> str | None:
+        """Why the run stops here with a checkpoint, or None to go on."""
+        if step < self.args.steps and (signalled or (self.stop_at and step >= self.stop_at)):
+            return "preempted (SIGTERM)" if signalled else f"--exit-after {self.args.exit_after}"
+        return None
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def finish(run: Run, metrics: MetricsLog, last_batch: dict | None, stopped: str | None) -> None:
+    """The run's end: a checkpoint; when it ran to its end, the stage's last measurements and a preview too."""
+    env = run.env
     if stopped:
-        save_checkpoint()
+        run.save_checkpoint()
         if env.main:
-            log.info("stopped at step %d (%s): checkpoint written; run the same command to resume", step, stopped)
+            log.info("stopped at step %d (%s): checkpoint written; run the same command to resume", run.step, stopped)
     else:
-        stats = stage.finish(ema.module)
+        stats = run.stage.finish(run.ema.module)
         if stats and env.main:
             log.info("latent statistics measured on the data: mean %s, std %s",
                      [round(v, 3) for v in stats["latent_mean"]], [round(v, 3) for v in stats["latent_std"]])
-        save_checkpoint()
+        run.save_checkpoint()
         if last_batch is not None:
-            paths, logs = run_preview(stage, ema, step, out, last_batch, env)
-            metrics.write({"step": step} | logs, paths)
+            paths, logs = run_preview(run.stage, run.ema, run.step, run.out, last_batch, env)
+            metrics.write({"step": run.step} | logs, paths)
         if env.main:
-            log.info("done: %d steps, %s. EMA weights for sampling: %s", step, loader.report(), out / "model")
+            log.info("done: %d steps, %s. EMA weights for sampling: %s", run.step, run.loader.report(), run.out / "model")
     metrics.close()
-    return out
 
 
 def fixed_crop(buckets) -> tuple[int, tuple[int, int]]:
