@@ -92,6 +92,7 @@ class Run:
     bucket_index: dict
     trainable: set
     options: StateDictOptions | None  # with frozen weights (LoRA), checkpoints hold the trained ones alone
+    latest: Path | None  # the newest complete checkpoint when the run started
     step: int = 0
     samples_seen: int = 0
 
@@ -172,7 +173,8 @@ def setup(args) -> Run:
     ckpts = Checkpoints(out / "checkpoints", env, args.keep_checkpoints)
     if env.main:
         recover_folder(out / "model")  # a swap killed half-way
-    if ckpts.latest() is None:
+    latest = ckpts.latest()
+    if latest is None:
         stage.initialize()
 
     ema = ema_model(plain, args.ema_decay)
@@ -195,13 +197,13 @@ def setup(args) -> Run:
     partial = len(trainable) < sum(1 for _ in plain.parameters())
     options = StateDictOptions(ignore_frozen_params=True, strict=False) if partial else None
     return Run(args, env, stage, plain, model, ema, opt, sched, loader, ckpts, out, resolved, strategy,
-               {b.name: i for i, b in enumerate(buckets or [])}, trainable, options)
+               {b.name: i for i, b in enumerate(buckets or [])}, trainable, options, latest)
 
 
 def resume(run: Run) -> bool:
     """Continue from the newest intact checkpoint, if any; False when the run is already trained to --steps."""
     args, env = run.args, run.env
-    loaded = run.ckpts.load_newest(run.tensor_state) if run.ckpts.latest() is not None else None
+    loaded = run.ckpts.load_newest(run.tensor_state) if run.latest is not None else None
     if loaded is None:
         if env.main:
             n_params = sum(p.numel() for p in run.plain.parameters() if p.requires_grad)
