@@ -50,7 +50,7 @@ from checkpoint_io import atomic_path, check_writable, write_text_atomic
 from data import read_image, read_last_frames, tensor_to_frames, write_video
 from data.buckets import nearest_bucket
 from data.sources import video_name
-from data.video_io import check_frame_count
+from data.clip_options import add_clip_options, check_clip_options
 from dit3d.model import DiTBlock
 from errors import InputError, MissingInputError
 from parallel import ParallelOptions, parallelize, run_command, setup_distributed
@@ -72,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="videos per prompt (seeds seed, seed + 1, ...); under torchrun spell it out, as torchrun "
                         "reads --num as an abbreviation of its own --numa-binding")
     p.add_argument("--seed", type=int, default=0, help="the first prompt video's seed; video i of a prompt uses seed + i")
-    p.add_argument("--frames", type=int, default=None, help="1 + 4k (default: the training clips')")
+    add_clip_options(p, frames=None, with_size=False, frames_help="frames, 1 + 4k (default: the training clips')",
+                     fps_help="frame rate of the written video (default: the training clips')")
     p.add_argument("--height", type=int, default=None, help="frame height in pixels (default: the training clips')")
     p.add_argument("--width", type=int, default=None, help="frame width in pixels (default: the training clips')")
-    p.add_argument("--fps", type=float, default=None, help="frame rate of the written video (default: the training clips')")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the run's preview setting)")
     p.add_argument("--guidance", "--cfg", dest="cfg", type=float, default=None, help="classifier-free guidance scale (1: none)")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help='ODE solver: euler (one pass a step) or heun (two)')
@@ -242,13 +242,7 @@ def check_options(args) -> None:
                         ("--width", args.width)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be at least 1, got {value}")
-    if args.frames is not None:
-        try:
-            check_frame_count(args.frames)
-        except InputError as e:
-            raise InputError(f"--frames: {e}") from None
-    if args.fps is not None and not args.fps > 0:
-        raise InputError(f"--fps must be positive, got {args.fps}")
+    check_clip_options(args)
     if args.cfg is not None and not args.cfg >= 0:
         raise InputError(f"--guidance must be at least 0 (1: no guidance), got {args.cfg}")
     if args.shift is not None and not args.shift > 0:

@@ -18,23 +18,21 @@ from collections import Counter
 from errors import InputError
 
 from .loader import make_loader
-from .video_io import size_pair
+from .clip_options import add_clip_options, check_clip_options
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.check_shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", help="a folder of shards, a glob, a brace pattern or a pipe: command")
-    parser.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
-    parser.add_argument("--size", type=int, nargs="+", default=[64], metavar="PX",
-                        help="crop size: one side (a square) or HEIGHT WIDTH (default 64)")
-    parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
+    add_clip_options(parser, frames=17, size=64)
     parser.add_argument("--batch-size", type=int, default=8, help='clips per batch read back')
     parser.add_argument("--workers", type=int, default=2, help='loader worker processes')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     try:
-        loader = make_loader(args.shards, args.batch_size, args.frames, size_pair(args.size), mode="eval",
+        check_clip_options(args)
+        loader = make_loader(args.shards, args.batch_size, args.frames, args.size, mode="eval",
                              num_workers=args.workers, fps=args.fps)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ import numpy as np
 from checkpoint_io import write_json_atomic
 from errors import InputError
 
+from .clip_options import add_clip_options, check_clip_options
 from .shards import ShardWriter
 from .video_io import check_frame_count, size_pair
 from .video_write import encode_mp4
@@ -269,12 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder for the shards")
     parser.add_argument("--num", type=int, required=True, help="number of clips")
-    parser.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
-    parser.add_argument("--size", type=int, nargs="+", default=[64], metavar="PX",
-                        help="frame side in pixels, even, or HEIGHT WIDTH (default 64)")
+    add_clip_options(parser, frames=17, size=64, fps=8.0, size_help="frame side in pixels, even, or HEIGHT WIDTH",
+                     fps_help="frame rate written in the mp4")
     parser.add_argument("--shapes", nargs="+", default=[], metavar="FxHxW",
                         help="mix these (frames, height, width) shapes, one drawn per clip, e.g. 17x64x96 17x96x64 1x64x64")
-    parser.add_argument("--fps", type=float, default=8.0, help="frame rate written in the mp4 (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clips' colours, shapes, directions, speeds and noise")
     parser.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards and manifest of a non-empty --out")
@@ -290,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     holdout = tuple(dict.fromkeys(args.holdout + (list(DEFAULT_HOLDOUT) if args.holdout_default else [])))
     try:
+        check_clip_options(args)
         shapes = tuple(parse_shape(s) for s in args.shapes)
-        spec = SyntheticSpec(args.frames, size_pair(args.size), args.fps, tuple(args.speed), tuple(args.object_size),
+        spec = SyntheticSpec(args.frames, args.size, args.fps, tuple(args.speed), tuple(args.object_size),
                              args.distractor, holdout, shapes=shapes)
         manifest = generate(args.out, args.num, spec, args.seed, args.shard_size, args.overwrite)
     except InputError as e:

@@ -38,6 +38,7 @@ import torch
 
 from checkpoint_io import atomic_path, check_writable, write_json_atomic, write_text_atomic
 from data import ClipTooShortError, VideoReadError, frames_to_tensor, probe, read_clip, write_video
+from data.clip_options import add_clip_options, check_clip_options
 from data.sources import find_videos, video_name, window_starts
 from data.synthetic import ALL_CAPTIONS, parse_caption
 from errors import InputError
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--i3d", help="local TorchScript I3D (i3d_torchscript.pt); FVD is computed when given")
     p.add_argument("--clip", help="local CLIP folder (model, tokenizer, image processor); CLIPSIM when given")
     p.add_argument("--manifest", help="the synthetic set's manifest.json: splits motion scores into seen and held-out")
-    p.add_argument("--fps", type=float, default=None, help="reference frame rate (default: the generated videos')")
+    add_clip_options(p, with_frames=False, with_size=False, fps_help="reference frame rate (default: the generated videos')")
     p.add_argument("--windows", type=int, default=1, help="evenly spaced reference windows per video (default 1)")
     p.add_argument("--reference-clips", type=int, default=None, help="at most this many reference clips")
     p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples of the FVD interval")
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     from evaluation.chain_of_steps import StepRecorder, markdown as steps_markdown, plot_curves
 
+    check_clip_options(args)
     if args.trajectory and args.run is None:
         raise InputError("--trajectory needs --run: the trajectory is recorded while sampling")
     if args.i3d and not args.reference:

@@ -99,7 +99,7 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypat
 
     assert train.main(["--stage", "dit", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--frames", "6"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --frames: frames must be 1 + 4k") and err.count("\n") == 1
+    assert err.startswith("error: --frames must be 1 + 4k") and err.count("\n") == 1
 
     def broken(args):
         raise ValueError("an internal invariant broke")  # a bug, not the user's input

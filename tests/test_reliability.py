@@ -201,7 +201,7 @@ def test_sample_checks_its_output_and_options_before_it_samples(dit_run, tmp_pat
     cases = [
         (["--out", str(blocker / "videos")], f"cannot write to {blocker / 'videos'}"),
         (["--steps", "0"], "--steps must be at least 1, got 0"),
-        (["--frames", "0"], "--frames: frames must be a positive integer"),
+        (["--frames", "0"], "--frames must be a positive integer"),
         (["--height", "0"], "--height must be at least 1, got 0"),
         (["--cfg", "-3"], "--guidance must be at least 0"),
     ]

@@ -333,7 +333,7 @@ def test_bad_options_get_one_line_errors(shards, vae_dir, tmp_path, capsys):
     assert train.main(["--stage", "dit", "--data", str(shards), "--out", str(tmp_path / "a"), *FAST]) == 2
     assert one_line_error(capsys, "--stage dit needs --vae")
     assert train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(tmp_path / "b"), "--frames", "12"]) == 2
-    assert one_line_error(capsys, r"--frames: frames must be 1 \+ 4k.*got 12: use 9 or 13")
+    assert one_line_error(capsys, r"--frames must be 1 \+ 4k.*got 12: use 9 or 13")
     run = tmp_path / "c"
     assert train.main(dit_args(shards, vae_dir, run, "--steps", "1", "--batch-size", "2", "--num-workers", "0")) == 0
     # previews of the manifest's captions are scored by the motion benchmark and logged

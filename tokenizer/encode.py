@@ -26,7 +26,7 @@ import torch
 from cpu_allocator import keep_freed_memory
 from data import ShardWriter, latent_sample, make_loader
 from data.buckets import Bucket, check_divisible, parse_buckets
-from data.video_io import check_frame_count, size_pair
+from data.clip_options import add_clip_options, check_clip_options
 from errors import InputError
 
 from .checkpoint import load_tokenizer
@@ -64,13 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="tokenizer checkpoint folder")
     parser.add_argument("--data", required=True, help="video shards: a folder, a glob or a brace pattern")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the latent shards")
-    parser.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
-    parser.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX",
-                        help="crop size: one side (a square) or HEIGHT WIDTH (default 256)")
-    parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
-    parser.add_argument("--buckets", default=None, metavar="PRESET|FILE",
-                        help="encode each clip at its bucket's shape (train.py --buckets takes the same); --frames and "
-                             "--size are then unused")
+    add_clip_options(parser, frames=17, size=256, buckets=True,
+                     buckets_help="encode each clip at its bucket's shape (train.py --buckets takes the same): a preset "
+                                  "(64p, 256p, 480p) or a file of 'frames height width [batch]' lines; --frames and "
+                                  "--size are then unused")
     parser.add_argument("--batch-size", type=int, default=8, help='clips encoded together')
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode step (bounded memory)")
     parser.add_argument("--shard-size", type=int, default=100, help='samples per latent shard')
@@ -81,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     keep_freed_memory()
     try:
-        check_frame_count(args.frames)
-        args.size = size_pair(args.size)
+        check_clip_options(args)
         vae = load_tokenizer(args.ckpt)
         buckets = parse_buckets(args.buckets, args.batch_size) if args.buckets else None
         if buckets:

@@ -40,6 +40,7 @@ from cpu_allocator import keep_freed_memory
 from data import ClipTooShortError, VideoInfo, VideoReadError, read_clip, write_video
 from data.shards import sanitize_key
 from data.sources import VideoSource, find_videos, window_starts
+from data.clip_options import add_clip_options, check_clip_options
 from data.video_io import size_pair
 from errors import InputError
 from evaluation.fvd import FrechetVideoDistance, fvd_from_features
@@ -366,15 +367,13 @@ def main(argv: list[str] | None = None) -> int:
                              "compare several on the same windows")
     parser.add_argument("--data", required=True, help="a folder of videos, a video file, or shards")
     parser.add_argument("--out", required=True, type=Path, help="folder for report.json, report.md and videos/")
-    parser.add_argument("--frames", type=int, default=17, help="frames per window, one every tokenizer takes (default 17)")
-    parser.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX",
-                        help="square side, or the short side with --aspect native, or HEIGHT WIDTH; multiples of every "
-                             "spatial factor")
+    add_clip_options(parser, frames=17, size=256, frames_help="frames per window, 1 + 4k, a count every tokenizer takes",
+                     size_help="square side, or the short side with --aspect native, or HEIGHT WIDTH; multiples of "
+                               "every spatial factor")
     parser.add_argument("--aspect", choices=["square", "native"], default="square",
                         help="square centre crops, or each video's own aspect ratio (the long side rounded to a "
                              "multiple of every tokenizer's spatial factor)")
     parser.add_argument("--windows", type=int, default=4, help="evenly spaced windows per video (default 4)")
-    parser.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
     parser.add_argument("--chunk", type=int, default=None, help="latent frames per encode/decode step (bounded memory)")
     parser.add_argument("--tile", type=_tile, default=None,
                         help="spatial tiles of this many pixels (ours: exact; a diffusers model's own tiling: blended), "
@@ -388,11 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     keep_freed_memory()
     try:
-        height, width = size_pair(args.size)
-        if len(args.size) == 2 and args.aspect == "native":
+        sides = [args.size] if isinstance(args.size, int) else list(args.size)
+        check_clip_options(args)
+        height, width = args.size
+        if len(sides) == 2 and args.aspect == "native":
             raise InputError("--aspect native sizes each video by its short side: give --size one side, or drop "
                              "--aspect native to crop every window to HEIGHT x WIDTH")
-        args.size = args.size[0] if len(args.size) == 1 else (height, width)
+        args.size = sides[0] if len(sides) == 1 else (height, width)
         tokenizers = []
         for name, ckpt in zip(candidate_names(args.ckpt), args.ckpt):
             model = load_tokenizer(ckpt)

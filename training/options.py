@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from data.video_io import check_frame_count, size_pair
+from data.clip_options import add_clip_options, check_clip_options
 from errors import InputError
 
 
@@ -24,17 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto | cuda | cpu")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation, the data order and every sample's noise, time and dropout")
     g = p.add_argument_group("data")
-    g.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k")
-    g.add_argument("--size", type=int, nargs="+", default=[64], metavar="PX",
-                   help="crop size in pixels: one side (a square) or HEIGHT WIDTH, e.g. --size 48 80")
-    g.add_argument("--fps", type=float, default=None, help="target frame rate (default: each file's own)")
+    add_clip_options(g, frames=17, size=64, buckets=True)
     g.add_argument("--batch-size", type=int, default=8,
                    help="clips per process per micro-batch (with --buckets: the largest bucket's; smaller ones take "
                         "more, so that tokens per batch stay about even)")
-    g.add_argument("--buckets", default=None, metavar="PRESET|FILE",
-                   help="train in buckets of (frames, height, width) instead of one --frames x --size: a preset "
-                        "(64p, 256p, 480p) or a file of 'frames height width [batch]' lines. Each clip goes to the "
-                        "bucket nearest its aspect ratio whose duration it fills; images to one-frame buckets")
     g.add_argument("--pack", type=int, default=0, metavar="TOKENS",
                    help="dit, with --buckets: fill each batch to this many DiT tokens with clips of mixed shapes (each "
                         "at its bucket's shape) run together by forward_varlen, instead of one bucket per batch")
@@ -152,11 +145,7 @@ def check_args(args) -> None:
     for name in ("steps", "batch_size", "grad_accum", "log_every"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    try:
-        check_frame_count(args.frames)
-    except InputError as e:
-        raise InputError(f"--frames: {e}") from None
-    args.size = size_pair(args.size)  # (height, width) from here on
+    check_clip_options(args)  # args.size is (height, width) from here on
     if args.latent_stride < 1 or args.latent_window < 0:
         raise InputError("--latent-stride must be at least 1 and --latent-window at least 0")
     if args.sp_size > 1 and args.stage != "dit":
