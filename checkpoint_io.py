@@ -6,8 +6,9 @@ renamed over its final name only when complete, so a crash leaves the old file o
 torn one, and no temporary is left behind when the write fails. Files keep the user's umask, as any other
 tool's do.
 
-No pickle anywhere: configs are plain JSON and weights are safetensors, so a checkpoint can be inspected,
-diffed and loaded without running code from it. This module needs only torch and safetensors, so `dit3d`
+No pickle in a model folder: configs are plain JSON and weights are safetensors, so a model can be inspected,
+diffed and loaded without running code from it. (Training checkpoints are torch.distributed.checkpoint folders,
+whose index torch writes as a pickle; `training.safe_dcp` reads it admitting only a checkpoint's own classes.) This module needs only torch and safetensors, so `dit3d`
 and `tokenizer` save and load through it without importing the data stack (PyAV, webdataset).
 """
 

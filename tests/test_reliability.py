@@ -91,6 +91,32 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_it_resumed(dit_
     assert losses(run)[3] == pytest.approx(whole[3], rel=1e-6) and losses(run)[4] == pytest.approx(whole[4], rel=1e-6)
 
 
+class RunsACommand:
+    """A hostile `.metadata`: unpickled, it runs a shell command (here it only writes a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_hostile_checkpoint_runs_nothing_and_is_refused_by_name(dit_run, shards, vae_run, tmp_path, capsys):
+    import pickle
+
+    run, marker = tmp_path / "run", tmp_path / "the-command-ran"
+    shutil.copytree(dit_run, run)
+    (run / "checkpoints" / "step_00000004" / ".metadata").write_bytes(pickle.dumps(RunsACommand(marker)))
+    assert train.main(dit(shards, vae_run, run, "--steps", "5", "--checkpoint-every", "2", "--keep-checkpoints", "3")) == 0
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    (warning,) = [line for line in err.splitlines() if "step_00000004" in line and "refused" in line]
+    assert "could run code" in warning and "system" in warning and "Traceback" not in err, err
+    assert any("resuming" in line and "step 2 of 5" in line for line in err.splitlines())
+    exported = {p.suffix for p in (run / "model").rglob("*") if p.is_file()}
+    assert exported <= {".json", ".safetensors", ".txt"}, exported  # what sample.py loads holds no pickle
+
+
 def test_when_every_checkpoint_is_damaged_one_line_names_them(dit_run, shards, vae_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(dit_run, run)

@@ -9,6 +9,9 @@ What survives what:
   never leaves a `step_N/` that looks complete without its tensors.
 - Resuming tries the newest complete checkpoint first; a damaged one (a truncated shard, garbage metadata or
   JSON) is named in a warning and the next one is tried.
+- Loading runs no code from the run folder: the tensors' index and the optimiser's plain values, which
+  torch.distributed.checkpoint keeps as pickles, are read by `training.safe_dcp`, which admits only what a
+  checkpoint holds; a hostile file is refused, named, and the checkpoint before it tried.
 - A full disk: before each checkpoint the free space is checked against the previous checkpoint's size, and a
   write that runs out of space removes its temporary folder; either way one line says so, and the last
   checkpoint is intact.
@@ -32,6 +35,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from checkpoint_io import write_json_atomic, write_text_atomic
 from errors import InputError
 from parallel import Env, all_reduce_sum, barrier
+
+from . import safe_dcp
 
 log = logging.getLogger("train")
 
@@ -94,7 +99,7 @@ class Checkpoints:
 
     def load(self, path: Path, tensors: dict) -> tuple[dict, dict]:
         """Fills `tensors` in place; returns (trainer state, this rank's state)."""
-        dcp.load(tensors, checkpoint_id=path)
+        safe_dcp.load(tensors, path)
         rank_state = json.loads((path / f"rank{self.env.rank}.json").read_text())
         return json.loads((path / "trainer.json").read_text()), rank_state
 
@@ -113,14 +118,17 @@ class Checkpoints:
                 trainer_state, rank_state = self.load(path, tensors)
             except (Exception, CheckpointException) as e:  # a damaged file can fail in any way; try the next one
                 problem = describe(e)
+                if isinstance(e, safe_dcp.UnsafeCheckpointError):  # loading it could run code: never load it
+                    problem = f"refused, as loading it could run code: {e}"
             finally:
                 root_logger.setLevel(level)
             if not all_reduce_sum([float(problem is not None)], self.env.device)[0]:
                 return path, tensors, trainer_state, rank_state
             damaged.append(path.name)
             if self.env.main:
-                log.warning("warning: checkpoint %s is damaged (%s); trying the one before it", path,
-                            problem or "unreadable on another rank")
+                log.warning("warning: checkpoint %s %s; trying the one before it", path,
+                            problem if problem and problem.startswith("refused") else
+                            f"is damaged ({problem or 'unreadable on another rank'})")
         if damaged:
             raise InputError(f"every checkpoint in {self.root} is damaged ({', '.join(damaged)}); nothing to resume "
                              f"from: remove them to start afresh, or restore one from a copy")
