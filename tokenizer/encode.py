@@ -25,6 +25,7 @@ import torch
 
 from cpu_allocator import keep_freed_memory
 from data import ShardWriter, latent_sample, make_loader
+from data.shards import sanitize_key
 from data.buckets import Bucket, check_divisible, parse_buckets
 from data.clip_options import add_clip_options, check_clip_options
 from errors import InputError
@@ -47,16 +48,23 @@ def export_latents(vae: CausalVAE | DiffusersVAE, data, out: Path, frames: int, 
     loader = make_loader(data, batch_size, frames, size, mode="eval", num_workers=num_workers, fps=fps,
                          rank=0, world_size=1, buckets=buckets)
     stats = {"latent_mean": vae.latent_mean.tolist(), "latent_std": vae.latent_std.tolist()}
+    keys, clashes = set(), []  # a key is stored made safe (no path, no dot); two that become one keep the first
     with ShardWriter(out, shard_size, overwrite) as writer:
         for batch in loader:
             t, height, width = batch["video"].shape[2:]
             z = vae.encode(batch["video"].to(device), chunk=chunk).mean.cpu().numpy().astype(np.float16)
             for key, caption, latents, clip_fps in zip(batch["key"], batch["caption"], z, batch["fps"].tolist()):
+                safe = sanitize_key(key)
+                if safe in keys:
+                    clashes.append(f"{key}: duplicate_key: stored as {safe}, as an earlier sample already is")
+                    continue
+                keys.add(safe)
                 meta = {"frames": t, "height": height, "width": width, "fps": clip_fps, "tokenizer": ckpt} | stats
-                writer.write(latent_sample(key, latents, caption, meta))
-    return {"samples": writer.count, "shards": [p.name for p in writer.shards], "skipped": dict(loader.skipped),
+                writer.write(latent_sample(safe, latents, caption, meta))
+    skipped = dict(loader.skipped) | ({"duplicate_key": len(clashes)} if clashes else {})
+    return {"samples": writer.count, "shards": [p.name for p in writer.shards], "skipped": skipped,
             "buckets": dict(loader.bucket_samples),
-            "skip_log": [f"{r.key or r.url}: {r.reason}: {r.detail}" for r in loader.skip_log]}
+            "skip_log": [f"{r.key or r.url}: {r.reason}: {r.detail}" for r in loader.skip_log] + clashes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -289,7 +289,7 @@ class DiTStage:
         prompts = self.preview_prompts() or list(dict.fromkeys(batch["caption"]))[:4]
         frames, size = self.preview_shape()
         videos = self.generate(ema, prompts, frames, size, self.args.preview_steps, self.args.guidance, seed=self.args.seed)
-        items = [(f"{i:02d}_{prompt.replace(' ', '_')[:60]}", video, prompt) for i, (prompt, video) in enumerate(zip(prompts, videos))]
+        items = [(prompt, video, prompt) for prompt, video in zip(prompts, videos)]
         return items, preview_scores(prompts, videos)
 
     def finish(self, ema: nn.Module) -> dict:

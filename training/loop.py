@@ -31,6 +31,7 @@ from tqdm import tqdm
 from checkpoint_io import recover_folder, replace_folder, write_json_atomic, write_text_atomic
 from data import make_loader, write_video
 from data.buckets import check_divisible, parse_buckets
+from data.sources import video_name
 from errors import InputError
 from evaluation.peak_memory import PeakMemory
 from parallel import Env, ParallelOptions, all_reduce_sum, parallelize, setup_distributed
@@ -394,8 +395,8 @@ def run_preview(stage, ema, step: int, out: Path, batch: dict, env: Env) -> tupl
     directory = out / "previews" / f"step_{step:08d}"
     fps = float(stage.args.fps or batch["fps"][0].item() or 8.0)  # the training --fps, else the clips' own, else 8
     paths = []
-    for name, video, caption in items:
-        paths.append(write_video(directory / f"{name}.mp4", video, fps=fps))
+    for i, (name, video, caption) in enumerate(items):  # names are shard keys and captions: made safe, never a path
+        paths.append(write_video(directory / f"{i:02d}_{video_name(name)}.mp4", video, fps=fps))
         if caption is not None:
             write_text_atomic(paths[-1].with_suffix(".txt"), caption + "\n")
     log.info("previews: %s%s", directory, "".join(f", {k} {v:.3f}" for k, v in logs.items()))
