@@ -21,6 +21,11 @@ from .loader import make_loader
 from .clip_options import add_clip_options, check_clip_options
 
 
+def _shown(caption: str, limit: int = 200) -> str:
+    """A caption as printed: quoted, and cut at `limit` characters with its full length named."""
+    return repr(caption) if len(caption) <= limit else f"{caption[:limit]!r}... ({len(caption):,} characters)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.check_shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("shards", help="a folder of shards, a glob, a brace pattern or a pipe: command")
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if count:
         print(f"sample shape {shape}, values in [{lo:.3f}, {hi:.3f}], {len(captions)} distinct captions, e.g.:")
         for caption, n in captions.most_common(3):
-            print(f"  {n:4d} x {caption!r}")
+            print(f"  {n:4d} x {_shown(caption)}")
     print(loader.report())
     for rec in loader.skip_log:
         print(f"  {rec.key or rec.url}: {rec.reason}: {rec.detail}")

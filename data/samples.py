@@ -35,7 +35,7 @@ class SkipSample(Exception):
 
 @dataclass(frozen=True)
 class SkipRecord:
-    reason: str  # corrupt | too_short | no_caption | no_video | bad_latents | bad_shard | truncated_shard
+    reason: str  # corrupt | too_short | no_caption | bad_caption | no_video | bad_latents | bad_shard | truncated_shard
     key: str
     url: str
     detail: str
@@ -64,9 +64,12 @@ def sample_meta(sample: dict) -> dict:
     if "json" not in sample:
         return {}
     try:
-        return json.loads(sample["json"])
+        meta = json.loads(sample["json"])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SkipSample("corrupt", f"KEY.json does not parse: {e}") from e
+    if not isinstance(meta, dict):
+        raise SkipSample("corrupt", f"KEY.json holds a {type(meta).__name__}, not an object of fields")
+    return meta
 
 
 def require_media(sample: dict) -> str:
@@ -98,7 +101,11 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator) -> dic
     """The sample decoded with `rng` drawing its window, crop and flip; SkipSample when it cannot be used."""
     key = sample.get("__key__", "?")
     caption = sample.get("txt")
-    caption = caption.decode("utf-8", errors="replace").strip() if isinstance(caption, bytes) else None
+    try:
+        caption = caption.decode("utf-8").strip() if isinstance(caption, bytes) else None
+    except UnicodeDecodeError as e:
+        raise SkipSample("bad_caption", f"KEY.txt is not UTF-8 text (offset {e.start}); a caption is read as "
+                                        f"UTF-8, never guessed") from e
     if not caption:
         raise SkipSample("no_caption", "the sample has no KEY.txt caption, or it is empty")
     meta = sample_meta(sample)

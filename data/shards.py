@@ -1,7 +1,8 @@
 """Writing WebDataset shards: numbered tars, written atomically and byte-for-byte reproducibly.
 
 A sample is a dict `{"__key__": KEY, EXT: payload, ...}` that becomes the members `KEY.EXT` of a
-tar. Payloads are bytes, str (utf-8) or, for `json`, a dict (serialised with sorted keys).
+tar. Payloads are bytes, str (utf-8), a Path (the file's bytes, copied in chunks, so a file larger than
+memory can be stored) or, for `json`, a dict (serialised with sorted keys).
 Shards are `OUT/000000.tar`, `OUT/000001.tar`, ..., so that `OUT/{000000..000009}.tar` names them.
 """
 
@@ -12,10 +13,10 @@ import io
 import json
 import os
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from checkpoint_io import atomic_path
 from errors import InputError
@@ -32,7 +33,9 @@ def sanitize_key(name: str) -> str:
     return _KEY_UNSAFE.sub("_", name) or "_"
 
 
-def encode_payload(ext: str, value) -> bytes:
+def encode_payload(ext: str, value) -> bytes | Path:
+    if isinstance(value, Path):
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str):
@@ -75,23 +78,26 @@ class ShardWriter:
     A folder that holds anything is refused unless `overwrite`: then the numbered shards an earlier, longer
     run left there are removed on close, so it holds exactly this run's shards, and nothing else in it is
     touched (a run that wrote nothing leaves the folder alone).
+    `resume` names the shards an interrupted writer finished (in order): they are kept and numbering goes on
+    after them, the folder's other contents notwithstanding; `keys` are the keys they hold.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, shard_size: int = 100, overwrite: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, shard_size: int = 100, overwrite: bool = False,
+                 resume: list[str] | None = None, keys: list[str] | None = None, count: int = 0):
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1, got {shard_size}")
         self.out_dir = Path(out_dir)
-        if self.out_dir.is_dir() and not overwrite:
+        if self.out_dir.is_dir() and not overwrite and resume is None:
             present = sorted(p.name for p in self.out_dir.iterdir())
             if present:
                 raise InputError(f"{self.out_dir} is not empty ({len(present)} entries, e.g. {present[0]}): give a new "
                                  f"or empty folder, or --overwrite to replace the shards and manifest in it")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
-        self.shards: list[Path] = []
-        self.count = 0
-        self._keys: set[str] = set()
-        self._tar: wds.TarWriter | None = None
+        self.shards: list[Path] = [self.out_dir / name for name in resume or []]
+        self.count = count
+        self._keys: set[str] = set(keys or [])
+        self._tar: tarfile.TarFile | None = None
         self._file = None
         self._in_shard = 0
 
@@ -113,9 +119,8 @@ class ShardWriter:
         self._keys.add(key)
         if self._tar is None:
             self._open_next()
-        record = {"__key__": key}
-        record.update({ext: encode_payload(ext, v) for ext, v in sample.items() if not ext.startswith("__")})
-        self._tar.write(record)
+        for ext in sorted(e for e in sample if not e.startswith("__")):  # members in name order, as webdataset writes them
+            self._add_member(f"{key}.{ext}", encode_payload(ext, sample[ext]))
         self.count += 1
         self._in_shard += 1
         if self._in_shard == self.shard_size:
@@ -125,9 +130,20 @@ class ShardWriter:
         path = self.out_dir / SHARD_PATTERN.format(len(self.shards))
         self._shard = contextlib.ExitStack()  # the shard's atomic write: renamed on close, removed on abort
         self._file = self._shard.enter_context(open(self._shard.enter_context(atomic_path(path)), "wb"))
-        self._tar = wds.TarWriter(self._file, user="", group="", mode=0o644, encoder=False, mtime=0.0)
+        self._tar = tarfile.open(fileobj=self._file, mode="w")
         self._path = path
         self._in_shard = 0
+
+    def _add_member(self, name: str, payload: bytes | Path) -> None:
+        info = tarfile.TarInfo(name)
+        info.mtime, info.mode, info.uname, info.gname = 0.0, 0o644, "", ""  # the same bytes whenever written
+        if isinstance(payload, Path):
+            with open(payload, "rb") as f:
+                info.size = os.fstat(f.fileno()).st_size
+                self._tar.addfile(info, f)  # copied in blocks, never read whole
+        else:
+            info.size = len(payload)
+            self._tar.addfile(info, io.BytesIO(payload))
 
     def _finish_shard(self) -> None:
         self._tar.close()

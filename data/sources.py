@@ -44,11 +44,14 @@ def find_videos(path: str | Path) -> tuple[list[VideoSource], list[tuple[str, st
                 continue
             try:
                 meta = json.loads(sample["json"]) if "json" in sample else {}
-                info = VideoInfo.from_meta(meta) or probe(sample[ext])
+                info = (VideoInfo.from_meta(meta) if isinstance(meta, dict) else None) or probe(sample[ext])
             except (VideoReadError, ValueError) as e:
                 skipped.append((sample["__key__"], str(e)))
                 continue
-            caption = sample["txt"].decode("utf-8").strip() if isinstance(sample.get("txt"), bytes) else None
+            try:
+                caption = sample["txt"].decode("utf-8").strip() if isinstance(sample.get("txt"), bytes) else None
+            except UnicodeDecodeError:
+                caption = None  # not text: the video is still measured, with no caption to show beside it
             videos.append(VideoSource(sample["__key__"], sample[ext], info, caption))
         return videos, skipped
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix.lower().lstrip(".") in MEDIA_EXTENSIONS)

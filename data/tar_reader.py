@@ -17,9 +17,11 @@ import braceexpand
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from errors import MissingInputError
+from errors import InputError, MissingInputError
 
 from .video_io import MEDIA_EXTENSIONS
+
+PARTIAL_MANIFEST = "manifest.partial.json"  # in a shard folder while make_shards writes it (see data.make_shards)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ def expand_urls(urls: str | os.PathLike | Sequence) -> list[str]:
                 raise MissingInputError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if not out:
         raise MissingInputError(f"no shards found at {urls!r}: give a folder of .tar shards, a glob, a brace pattern, pipe: commands or a list")
+    for folder in sorted({os.path.dirname(u) or "." for u in out if not u.startswith("pipe:") and "://" not in u}):
+        if os.path.isfile(os.path.join(folder, PARTIAL_MANIFEST)):
+            raise InputError(f"{folder} is incomplete: make_shards was interrupted while writing it (it holds "
+                             f"{PARTIAL_MANIFEST}); run the same make_shards command again to finish it")
     return out
 
 

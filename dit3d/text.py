@@ -18,6 +18,7 @@ empty caption.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import zlib
@@ -28,6 +29,8 @@ import torch
 import torch.nn as nn
 
 from checkpoint_io import load_model, save_model
+
+log = logging.getLogger(__name__)
 
 
 class TextEncoder(Protocol):
@@ -59,12 +62,26 @@ class _LearnedTextEncoder(nn.Module):
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, L) and mask (B, L), padded to the longest caption (at least one token each)."""
-        encoded = [self.token_ids(c)[: self.position.shape[0]] for c in captions]
+        limit = self.position.shape[0]
+        encoded = [self.token_ids(c) for c in captions]
+        for caption, e in zip(captions, encoded):
+            if len(e) > limit:
+                self._report_cut(caption, len(e), limit)
+        encoded = [e[:limit] for e in encoded]
         length = max(len(e) for e in encoded)
         ids = torch.full((len(captions), length), self.PAD, dtype=torch.long)
         for i, e in enumerate(encoded):
             ids[i, : len(e)] = torch.tensor(e)
         return ids, ids != self.PAD
+
+    def _report_cut(self, caption: str, length: int, limit: int) -> None:
+        """Warn, once per encoder, that captions are cut to what it reads; count every one in `cut_captions`."""
+        self.cut_captions = getattr(self, "cut_captions", 0) + 1
+        if self.cut_captions == 1:
+            unit = "bytes" if self.KIND == "text-bytes" else "words"
+            log.warning("a caption of %d %s is cut to the %d the built-in %s encoder reads (%r...); later cuts are "
+                        "counted, not shown. Shorten the captions, or train with a pretrained --text-encoder",
+                        length, unit, limit, self.KIND, caption[:60])
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids) + self.position[: ids.shape[1]]
