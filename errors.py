@@ -13,3 +13,7 @@ class InputError(ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the user named is not there."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, once the command has kept what it could; the message says what was kept and how to go on."""

@@ -52,7 +52,7 @@ from data.buckets import nearest_bucket
 from data.sources import video_name
 from data.clip_options import add_clip_options, check_clip_options
 from dit3d.model import DiTBlock
-from errors import InputError, MissingInputError
+from errors import InputError, Interrupted, MissingInputError
 from parallel import ParallelOptions, parallelize, run_command, setup_distributed
 from pipeline import Pipeline
 
@@ -291,29 +291,34 @@ def run(args) -> list[Path]:
     written = []
     bar = tqdm(total=sum(len(jobs[s : s + batch]) for s in starts) * steps * known.passes,
                disable=args.no_progress or not env.main, desc="sampling", unit="step")
-    for start in starts:
-        group = jobs[start : start + batch]
-        trajectory: list[tuple[int, torch.Tensor]] = []
+    try:
+        for start in starts:
+            group = jobs[start : start + batch]
+            trajectory: list[tuple[int, torch.Tensor]] = []
 
-        def on_step(i, t, x0):
-            bar.update(len(group))
-            if args.save_trajectory:
-                trajectory.append((i, x0.detach().clone()))
+            def on_step(i, t, x0):
+                bar.update(len(group))
+                if args.save_trajectory:
+                    trajectory.append((i, x0.detach().clone()))
 
-        sampler = dict(steps=steps, guidance=guidance, negative=args.negative_prompt, shift=args.shift,
-                       solver=args.solver, on_step=on_step)
-        z = known.generate([p for p, _, _ in group], [s for _, s, _ in group], sampler)
-        if not writer:
-            continue
-        videos = pipe.decode(z, chunk=args.decode_chunk)
-        for k, ((prompt, _, name), video) in enumerate(zip(group, videos)):
-            path = args.out if single else out_dir / f"{name}.mp4"
-            write_outputs(path, video, prompt, fps, args)
-            written.append(path)
-            for i, x0 in trajectory:
-                write_video(path.with_suffix(".trajectory") / f"step_{i:03d}.mp4",
-                            pipe.decode(x0[k : k + 1], chunk=args.decode_chunk)[0], fps=fps)
-    bar.close()
+            sampler = dict(steps=steps, guidance=guidance, negative=args.negative_prompt, shift=args.shift,
+                           solver=args.solver, on_step=on_step)
+            z = known.generate([p for p, _, _ in group], [s for _, s, _ in group], sampler)
+            if not writer:
+                continue
+            videos = pipe.decode(z, chunk=args.decode_chunk)
+            for k, ((prompt, _, name), video) in enumerate(zip(group, videos)):
+                path = args.out if single else out_dir / f"{name}.mp4"
+                write_outputs(path, video, prompt, fps, args)
+                written.append(path)
+                for i, x0 in trajectory:
+                    write_video(path.with_suffix(".trajectory") / f"step_{i:03d}.mp4",
+                                pipe.decode(x0[k : k + 1], chunk=args.decode_chunk)[0], fps=fps)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted (Ctrl-C): {len(written)} of {len(jobs)} videos written, each whole, in "
+                          f"{out_dir}") from None
+    finally:
+        bar.close()
     return written
 
 

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import tarfile
 from collections import Counter
 from typing import Callable, Iterator, Sequence
@@ -61,6 +62,13 @@ def dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Decoding workers leave Ctrl-C to the process that owns them: a terminal sends it to the whole process
+    group, and a worker that died of it would take the stream down before the trainer saves its checkpoint.
+    They end with their parent, as DataLoader workers do."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterable of batches over shards, with skip accounting gathered from all worker processes.
 
@@ -75,7 +83,7 @@ class ShardLoader:
         self.num_workers = num_workers
         kwargs = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                  persistent_workers=False, **kwargs)
+                                  persistent_workers=False, worker_init_fn=_ignore_ctrl_c, **kwargs)
         self.skipped: Counter = Counter()
         self.skip_log: list[SkipRecord] = []  # every skipped sample, in the order met
         self.unique_skips: set[tuple[str, str, str]] = set()  # (reason, url, key) of each bad sample or shard

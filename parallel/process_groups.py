@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from cpu_allocator import keep_freed_memory
-from errors import InputError
+from errors import InputError, Interrupted
 
 T = TypeVar("T")
 
@@ -101,8 +101,20 @@ def run_command(command: Callable[[], T]) -> tuple[int, T | None]:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2, None
+    except KeyboardInterrupt as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(interrupted_line(e), file=sys.stderr)
+        return 130, None
     finally:
         teardown_distributed(ok)
+
+
+def interrupted_line(e: KeyboardInterrupt) -> str:
+    """The one line a command ends with on Ctrl-C: what it kept (an `Interrupted` says), else that every file it
+    wrote is whole (each is written under a temporary name and renamed)."""
+    if isinstance(e, Interrupted) and str(e):
+        return str(e)
+    return "interrupted (Ctrl-C): stopped; every file written so far is complete, nothing is half-written"
 
 
 def barrier() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import shutil
@@ -28,11 +27,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from tqdm import tqdm
 
-from checkpoint_io import recover_folder, replace_folder, write_json_atomic, write_text_atomic
+from checkpoint_io import recover_folder, replace_folder, write_text_atomic
 from data import make_loader, write_video
 from data.buckets import check_divisible, parse_buckets
 from data.sources import video_name
-from errors import InputError
+from errors import InputError, Interrupted
 from evaluation.peak_memory import PeakMemory
 from parallel import Env, ParallelOptions, all_reduce_sum, parallelize, setup_distributed
 
@@ -40,36 +39,13 @@ from .checkpoint import Checkpoints, folder_bytes, mount_point, out_of_space, rn
 from .dit_stage import DiTStage
 from .metrics import MetricsLog
 from .optim import build_optimizer, ema_model
-from .options import build_parser
+from .run_folder import RunLock, record_resume, resolve_run
 from .stage import compute_dtype, cpu_has_native_bf16
 from .tokenizer_stage import TokenizerStage
 
 log = logging.getLogger("train")
 
 STAGES = {"tokenizer": TokenizerStage, "dit": DiTStage}
-# options that change nothing a run computes: changing them on resume is not worth a warning
-COSMETIC = {"no_progress", "wandb", "wandb_project", "wandb_run_name", "log_every", "preview_every", "num_workers"}
-
-
-def resolve_run(args, stage, env: Env) -> tuple[dict, Path]:
-    """Write (or check) OUT/config.json; a different stage or model in an existing run is an error."""
-    out = Path(args.out)
-    resolved = json.loads(json.dumps({"args": vars(args), "model": stage.config_dict(), "world_size": env.world},
-                                     default=str))  # as it reads back from disk
-    config_path = out / "config.json"
-    if config_path.is_file():
-        old = json.loads(config_path.read_text())
-        if old["args"]["stage"] != args.stage or old["model"] != resolved["model"]:
-            raise InputError(f"{out} holds a {old['args']['stage']} run with another model configuration; give "
-                             f"another --out, or the same --stage, --preset and --override to resume it")
-        parser = build_parser()  # an option newer than the run is unchanged where it keeps its default
-        before = lambda k: old["args"][k] if k in old["args"] else json.loads(json.dumps(parser.get_default(k)))  # noqa: E731
-        changed = sorted(k for k, v in resolved["args"].items() if before(k) != v and k not in COSMETIC)
-        if changed and env.main:
-            log.warning("options changed since %s was started: %s", out, ", ".join(changed))
-    if env.main:
-        write_json_atomic(config_path, resolved, sort_keys=False)
-    return resolved, out
 
 
 @dataclass
@@ -94,6 +70,8 @@ class Run:
     trainable: set
     options: StateDictOptions | None  # with frozen weights (LoRA), checkpoints hold the trained ones alone
     latest: Path | None  # the newest complete checkpoint when the run started
+    lock: RunLock | None  # rank 0's hold on the run folder
+    resume_entry: dict | None  # what this resume changes, recorded in config.json once the checkpoint loads
     step: int = 0
     samples_seen: int = 0
 
@@ -119,8 +97,17 @@ class Run:
 def train(args) -> Path:
     """Train one stage to --steps (or until a stop), resuming from the run's last checkpoint; returns --out."""
     run = setup(args)
-    if not resume(run):
-        return run.out
+    try:
+        if resume(run):
+            run_steps(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+    return run.out
+
+
+def run_steps(run: Run) -> None:
+    """The steps from where the run is to --steps, or to a stop, and the run's end."""
     args, env, stage = run.args, run.env, run.stage
     metrics = MetricsLog(run.out / "metrics.jsonl", env, args, run.resolved, run.step)
     stops = Stops(args, run.step)
@@ -152,13 +139,35 @@ def train(args) -> Path:
         bar.close()
         stops.close()
     finish(run, metrics, last_batch, stopped)
-    return run.out
 
 
 def setup(args) -> Run:
     """The stage, its model parallelized with an EMA beside it, the optimiser, the data and the run folder."""
     env = setup_distributed(args.device, args.sp_size)
     logging.basicConfig(level=logging.INFO if env.main else logging.WARNING, format="%(message)s", force=True)
+    lock = hold_run_folder(Path(args.out), env)
+    try:
+        return _setup(args, env, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def hold_run_folder(out: Path, env: Env) -> RunLock | None:
+    """Rank 0's lock on the run folder; every rank stops with one line when another train.py holds it."""
+    lock, refusal = None, None
+    if env.main:
+        try:
+            lock = RunLock(out)
+        except InputError as e:
+            refusal = e
+    if all_reduce_sum([float(refusal is not None)], env.device)[0]:
+        raise refusal or InputError(f"{out} is in use by another train.py")
+    return lock
+
+
+def _setup(args, env: Env, lock: RunLock | None) -> Run:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     stage = STAGES[args.stage](args, env)
     if args.precision == "bf16" and env.device.type == "cpu" and env.main and not cpu_has_native_bf16():
@@ -169,12 +178,13 @@ def setup(args) -> Run:
         buckets = parse_buckets(args.buckets, args.batch_size)
         check_divisible(buckets, stage.shape_multiple(), stage.check_frames)
         stage.crop = fixed_crop(buckets)
-    resolved, out = resolve_run(args, stage, env)
-    plain = stage.model
+    out = Path(args.out)
     ckpts = Checkpoints(out / "checkpoints", env, args.keep_checkpoints)
+    latest = ckpts.latest()
+    resolved, resume_entry = resolve_run(args, stage, env, resuming=latest is not None)
+    plain = stage.model
     if env.main:
         recover_folder(out / "model")  # a swap killed half-way
-    latest = ckpts.latest()
     if latest is None:
         stage.initialize()
 
@@ -198,7 +208,7 @@ def setup(args) -> Run:
     partial = len(trainable) < sum(1 for _ in plain.parameters())
     options = StateDictOptions(ignore_frozen_params=True, strict=False) if partial else None
     return Run(args, env, stage, plain, model, ema, opt, sched, loader, ckpts, out, resolved, strategy,
-               {b.name: i for i, b in enumerate(buckets or [])}, trainable, options, latest)
+               {b.name: i for i, b in enumerate(buckets or [])}, trainable, options, latest, lock, resume_entry)
 
 
 def resume(run: Run) -> bool:
@@ -220,6 +230,7 @@ def resume(run: Run) -> bool:
     run.stage.load_state_dict(state["stage"])
     run.sched.load_state_dict(trainer_state["scheduler"])
     run.step, run.samples_seen = trainer_state["step"], trainer_state["samples_seen"]
+    run.resolved = record_resume(run.resolved, run.resume_entry, run.step, run.out, env.main)
     set_rng_state(rank_state["rng"], env.device)
     exact = run.loader.load_state_dict(rank_state["data"])
     if env.main:
@@ -295,16 +306,19 @@ def log_record(run: Run, window: "Window", logs: dict) -> dict:
 
 
 class Stops:
-    """What ends a run before --steps: SIGTERM (preemption), --exit-after N steps, --max-minutes."""
+    """What ends a run before --steps: SIGTERM (preemption), Ctrl-C (SIGINT), --exit-after N steps, --max-minutes.
+    Either signal ends the run at the end of the step with a checkpoint; a second Ctrl-C stops it at once."""
 
     def __init__(self, args, step: int):
         self.args, self.signal = args, 0
-        self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.stop_at = args.exit_after and step + args.exit_after
         self.started = time.perf_counter()
 
     def _on_signal(self, signum, frame) -> None:
         self.signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C: KeyboardInterrupt
 
     def time_up(self) -> bool:
         return bool(self.args.max_minutes) and time.perf_counter() - self.started > 60 * self.args.max_minutes
@@ -312,11 +326,17 @@ class Stops:
     def early(self, step: int, signalled: bool) -> str | None:
         """Why the run stops here with a checkpoint, or None to go on."""
         if step < self.args.steps and (signalled or (self.stop_at and step >= self.stop_at)):
-            return "preempted (SIGTERM)" if signalled else f"--exit-after {self.args.exit_after}"
+            if not signalled:
+                return f"--exit-after {self.args.exit_after}"
+            return INTERRUPTED if self.signal == signal.SIGINT else "preempted (SIGTERM)"
         return None
 
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+INTERRUPTED = "interrupted (Ctrl-C)"
 
 
 def finish(run: Run, metrics: MetricsLog, last_batch: dict | None, stopped: str | None) -> None:
@@ -324,6 +344,10 @@ def finish(run: Run, metrics: MetricsLog, last_batch: dict | None, stopped: str 
     env = run.env
     if stopped:
         run.save_checkpoint()
+        if stopped == INTERRUPTED:
+            metrics.close()
+            raise Interrupted(f"interrupted at step {run.step} (Ctrl-C): checkpoint written; run the same command to "
+                              f"resume")
         if env.main:
             log.info("stopped at step %d (%s): checkpoint written; run the same command to resume", run.step, stopped)
     else:
