@@ -156,7 +156,7 @@ def _resume_state(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | No
         raise InputError(f"{out_dir} holds an interrupted make_shards of other input (or other --shard-size): give "
                          f"that input to finish it, or --overwrite to start afresh")
     if not all((out_dir / name).is_file() for name in state["shards"]):
-        return None  # a finished shard has gone: start afresh (still the same shards in the end)
+        return None  # a finished shard has gone: nothing to go on from, so the folder is refused as not empty
     return state
 
 

@@ -111,15 +111,13 @@ def resolve_run(args, stage, env, resuming: bool) -> tuple[dict, dict | None]:
                                      "identity": identity}, default=str))  # as it reads back from disk
     current = started["args"]
     config_path = out / "config.json"
-    if not config_path.is_file() or not resuming:
-        if config_path.is_file():
-            old = json.loads(config_path.read_text())
-            _check_model(old, args, started["model"], out)
+    old = json.loads(config_path.read_text()) if config_path.is_file() else None
+    if old is not None:
+        _check_model(old, args, started["model"], out)
+    if old is None or not resuming:
         if env.main:
             write_json_atomic(config_path, started, sort_keys=False)
         return started, None
-    old = json.loads(config_path.read_text())
-    _check_model(old, args, started["model"], out)
     parser = build_parser()  # an option newer than the run is unchanged where it keeps its default
     before = effective_args(old)
     was = lambda k: before[k] if k in before else json.loads(json.dumps(parser.get_default(k), default=str))  # noqa: E731
@@ -133,9 +131,8 @@ def resolve_run(args, stage, env, resuming: bool) -> tuple[dict, dict | None]:
     changed = {k: v for k, v in current.items() if was(k) != v and k not in COSMETIC and k not in SHAPING}
     if changed and env.main:
         log.warning("options changed since %s was started: %s", out, ", ".join(sorted(changed)))
-    record = old | {"resumes": list(old.get("resumes", []))}
     entry = {"changed": changed, "world_size": env.world} if changed or env.world != old.get("world_size") else None
-    return record, entry
+    return old, entry
 
 
 def _check_model(old: dict, args, model: dict, out: Path) -> None:
