@@ -107,11 +107,13 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def text_inputs(model: TextToVideo, frozen: HFTextEncoder | None, captions: list[str],
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """What `model.forward` takes as text: token ids (built-in encoder) or the frozen encoder's tokens."""
+                device: torch.device, fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `model.forward` takes as text: token ids (built-in encoder) or the frozen encoder's tokens. fixed=True
+    pads to the encoder's most rather than the batch's longest caption: sampling does, so that a video does not
+    depend on the prompts beside it (masked padding of another length sums in another order)."""
     if frozen is not None:
-        return frozen.encode(captions)
-    ids, mask = model.text.tokenize(captions)
+        return frozen.encode(captions, fixed=fixed)
+    ids, mask = model.text.tokenize(captions, fixed=fixed)
     return ids.to(device), mask.to(device)
 
 
@@ -291,14 +293,11 @@ class Pipeline:
                 "all_to_all_gb_per_step": all_to_all_bytes(cfg, n, sp, clips, dtype_bytes, training=False) / 2**30,
                 "attention_matrix_gb_if_materialised": clips * cfg.heads * n * n * dtype_bytes / 2**30}
 
-    def text_tokens(self, prompts: list[str]) -> int:
-        """Text tokens a batch of these prompts is padded to (the encoder's most when there are none)."""
+    def text_tokens(self, prompts: list[str] | None = None) -> int:
+        """Text tokens a sampling batch is padded to: always the encoder's most (see `text_inputs`)."""
         if self.frozen_text is not None:
-            if not prompts:
-                return self.frozen_text.max_length
-            return self.frozen_text.tokenizer(prompts, padding="longest", truncation=True,
-                                              max_length=self.frozen_text.max_length, return_tensors="pt").input_ids.shape[1]
-        return self.model.text.tokenize(prompts)[0].shape[1] if prompts else self.model.text.position.shape[0]
+            return self.frozen_text.max_length
+        return self.model.text.position.shape[0]
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, *, steps: int, guidance: float,
                  seeds: list[int], negative: str | None = None, shift: float | None = None, solver: str = "euler",
@@ -316,7 +315,7 @@ class Pipeline:
         (DiT3D says so with an InputError otherwise)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
         negative = self.defaults.get("negative_prompt") if negative is None else negative
-        return generate_latents(self.model, lambda c: text_inputs(self.model, self.frozen_text, c, self.device), prompts,
+        return generate_latents(self.model, lambda c: text_inputs(self.model, self.frozen_text, c, self.device, fixed=True), prompts,
                                 shape, steps=steps, guidance=guidance, negative=negative, seeds=seeds, solver=solver,
                                 schedule=self.defaults["sampler"].get("schedule", "uniform"),
                                 shift=self.flow.shift_for(self.tokens(shape)) if shift is None else shift,
@@ -327,8 +326,10 @@ class Pipeline:
     @torch.no_grad()
     def encode(self, video: torch.Tensor, chunk: int = 2) -> torch.Tensor:
         """Normalised latents (B, C, t, h, w) of videos (B, 3, 1 + 4k, H, W) in [-1, 1] (the posterior means),
-        encoded chunk by chunk. The tokenizer is causal, so the first latent frame is the first frame's alone."""
-        return self.vae.normalize(self.vae.encode(video.to(self.device).float(), chunk=chunk).mean)
+        encoded chunk by chunk and one video at a time (as `decode`). The tokenizer is causal, so the first latent
+        frame is the first frame's alone."""
+        return torch.cat([self.vae.normalize(self.vae.encode(v[None].to(self.device).float(), chunk=chunk).mean)
+                          for v in video])
 
     @torch.no_grad()
     def held_latent(self, images: torch.Tensor) -> torch.Tensor:
@@ -374,5 +375,7 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:
-        """Videos (B, 3, T, H, W) in [-1, 1] from normalised latents, decoded chunk by chunk (bounded memory)."""
-        return self.vae.decode(self.vae.denormalize(latents.float()), chunk=chunk).clamp(-1, 1)
+        """Videos (B, 3, T, H, W) in [-1, 1] from normalised latents, decoded chunk by chunk (bounded memory) and
+        one video at a time: a convolution's algorithm, and so its last bits, can depend on the batch size."""
+        return torch.cat([self.vae.decode(self.vae.denormalize(z[None].float()), chunk=chunk).clamp(-1, 1)
+                          for z in latents])

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="videos generated together")
     p.add_argument("--decode-chunk", type=int, default=2, help="latent frames decoded per step (memory)")
     p.add_argument("--out", type=Path, default=Path("samples"), help="a folder, or FILE.mp4 for a single video")
+    p.add_argument("--lossless", action="store_true",
+                   help="write RGB h264 at qp 0 (libx264rgb): the mp4 decodes to exactly the generated frames, for "
+                        "comparing samples bit for bit (about 3x larger; FFmpeg-based players play it, some others not)")
     p.add_argument("--gif", action="store_true", help="also write NAME.gif")
     p.add_argument("--png", action="store_true", help="also write NAME.png, a contact sheet of the frames")
     p.add_argument("--save-trajectory", action="store_true",
@@ -174,7 +177,7 @@ def contact_sheet(video: torch.Tensor, columns: int = 8) -> np.ndarray:
 
 
 def write_outputs(path: Path, video: torch.Tensor, prompt: str, fps: float, args) -> None:
-    write_video(path, video, fps=fps)
+    write_video(path, video, fps=fps, lossless=args.lossless)
     if args.out.suffix != ".mp4":
         write_text_atomic(path.with_suffix(".txt"), prompt + "\n")
     if args.gif or args.png:
@@ -306,14 +309,14 @@ def run(args) -> list[Path]:
             z = known.generate([p for p, _, _ in group], [s for _, s, _ in group], sampler)
             if not writer:
                 continue
-            videos = pipe.decode(z, chunk=args.decode_chunk)
-            for k, ((prompt, _, name), video) in enumerate(zip(group, videos)):
+            for k, (prompt, _, name) in enumerate(group):  # one video decoded and written at a time
+                video = pipe.decode(z[k : k + 1], chunk=args.decode_chunk)[0]
                 path = args.out if single else out_dir / f"{name}.mp4"
                 write_outputs(path, video, prompt, fps, args)
                 written.append(path)
                 for i, x0 in trajectory:
                     write_video(path.with_suffix(".trajectory") / f"step_{i:03d}.mp4",
-                                pipe.decode(x0[k : k + 1], chunk=args.decode_chunk)[0], fps=fps)
+                                pipe.decode(x0[k : k + 1], chunk=args.decode_chunk)[0], fps=fps, lossless=args.lossless)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted (Ctrl-C): {len(written)} of {len(jobs)} videos written, each whole, in "
                           f"{out_dir}") from None

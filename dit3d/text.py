@@ -60,15 +60,16 @@ class _LearnedTextEncoder(nn.Module):
         """One caption's ids, unpadded and at least one; each subclass cuts text its own way."""
         raise NotImplementedError
 
-    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, L) and mask (B, L), padded to the longest caption (at least one token each)."""
+    def tokenize(self, captions: list[str], fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) and mask (B, L), padded to the longest caption (at least one token each), or with
+        fixed=True to the most the encoder reads, so that a caption's tokens do not depend on its batch."""
         limit = self.position.shape[0]
         encoded = [self.token_ids(c) for c in captions]
         for caption, e in zip(captions, encoded):
             if len(e) > limit:
                 self._report_cut(caption, len(e), limit)
         encoded = [e[:limit] for e in encoded]
-        length = max(len(e) for e in encoded)
+        length = limit if fixed else max(len(e) for e in encoded)
         ids = torch.full((len(captions), length), self.PAD, dtype=torch.long)
         for i, e in enumerate(encoded):
             ids[i, : len(e)] = torch.tensor(e)
@@ -191,8 +192,11 @@ class HFTextEncoder:
         self.device = torch.device(device)
 
     @torch.no_grad()
-    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_length,
+    def encode(self, captions: list[str], fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, L, dim) and mask (B, L); fixed=True pads every caption to max_length, so that its tokens do
+        not depend on the other captions in its batch (sampling)."""
+        batch = self.tokenizer(captions, padding="max_length" if fixed else "longest", truncation=True,
+                               max_length=self.max_length,
                                return_tensors="pt").to(self.device)
         mask = batch["attention_mask"].bool()
         tokens = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
