@@ -158,6 +158,11 @@ def load_checkpoint(directory: str | os.PathLike, kind: str) -> tuple[dict, dict
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not directory.is_dir():
         raise MissingInputError(f"no {kind} checkpoint at {directory}: the directory does not exist")
+    for exported in (directory, directory / "model"):
+        if kind != "dit" and (exported / "pipeline.json").is_file():  # a train.py DiT run or its model/
+            hint = f"; the tokenizer it was trained with is {exported / kind}" if (exported / kind / CONFIG_NAME).is_file() else ""
+            raise InputError(f"{directory} is a trained text-to-video model (a DiT run), not a {kind} checkpoint: give "
+                             f"a {kind} run folder{hint}")
     for path in (config_path, weights_path):
         if not path.is_file():
             raise MissingInputError(f"incomplete {kind} checkpoint at {directory}: {path.name} is missing "

@@ -186,6 +186,13 @@ class Pipeline:
         except (ValueError, UnicodeDecodeError) as e:
             raise InputError(f"{root / PIPELINE_FILE} is not valid JSON ({e}): re-export the model or pick another "
                              f"checkpoint") from None
+        missing = [k for k in ("text_encoder", "flow") if not isinstance(spec, dict) or k not in spec]
+        if missing:
+            raise InputError(f"{root / PIPELINE_FILE} has no {' or '.join(repr(k) for k in missing)} (it names the text "
+                             f"encoder and flow the DiT was trained with): export the model again, or pick another")
+        if text_encoder is not None and spec["text_encoder"] in BUILTIN_TEXT_ENCODERS:
+            raise InputError(f"{path} was trained with the built-in {spec['text_encoder']!r} text encoder, whose "
+                             f"weights it holds; --text-encoder replaces a frozen pretrained one only: drop it")
         has_dit = (root / "dit" / "config.json").is_file()
         parts = {"pipeline.json": spec.get("step"), "lora" if "lora" in spec else "dit":
                  checkpoint_step(root / "dit") if has_dit else spec.get("lora_step")}

@@ -176,6 +176,21 @@ def contact_sheet(video: torch.Tensor, columns: int = 8) -> np.ndarray:
     return sheet
 
 
+LATENT_LIMIT = 1e4  # normalised latents are about unit scale; beyond this they are no video
+
+
+def check_sampled(x: torch.Tensor, what: str, prompt: str, args, guidance: float) -> None:
+    """A video that is not finite would be written as black frames (NaN becomes 0 in uint8): say so instead."""
+    finite = bool(torch.isfinite(x).all())
+    if finite and (what != "latents" or float(x.abs().max()) <= LATENT_LIMIT):
+        return
+    found = "not finite (NaN or inf)" if not finite else f"up to {float(x.abs().max()):.3g} (normalised latents are about 1)"
+    source = args.vae if what == "decoded video" and args.vae else args.ckpt
+    raise InputError(f"the {what} sampled for {prompt[:60]!r} {'are' if what == 'latents' else 'is'} {found}: the model "
+                     f"at {source} has diverged (its model/run.json says how its run ended) or --guidance {guidance:g} "
+                     f"is far too large; sample from an earlier checkpoint's export, or with guidance about 1-10")
+
+
 def write_outputs(path: Path, video: torch.Tensor, prompt: str, fps: float, args) -> None:
     write_video(path, video, fps=fps, lossless=args.lossless)
     if args.out.suffix != ".mp4":
@@ -301,6 +316,8 @@ def run(args) -> list[Path]:
 
             def on_step(i, t, x0):
                 bar.update(len(group))
+                for k in range(len(group)):  # stop at the first step that leaves the video, not after the last
+                    check_sampled(x0[k], "latents", group[k][0], args, guidance)
                 if args.save_trajectory:
                     trajectory.append((i, x0.detach().clone()))
 
@@ -310,7 +327,9 @@ def run(args) -> list[Path]:
             if not writer:
                 continue
             for k, (prompt, _, name) in enumerate(group):  # one video decoded and written at a time
+                check_sampled(z[k], "latents", prompt, args, guidance)
                 video = pipe.decode(z[k : k + 1], chunk=args.decode_chunk)[0]
+                check_sampled(video, "decoded video", prompt, args, guidance)
                 path = args.out if single else out_dir / f"{name}.mp4"
                 write_outputs(path, video, prompt, fps, args)
                 written.append(path)

@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint_io import write_json_atomic
+from checkpoint_io import check_writable, write_json_atomic
 from errors import InputError
 
 from .shards import ShardWriter, sanitize_key
@@ -165,6 +165,7 @@ def make_shards(candidates: list[Candidate], out_dir: Path, shard_size: int = 10
     """Probe every candidate, write the usable ones and return the manifest. A non-empty `out_dir` is refused
     unless `overwrite` (see ShardWriter), or unless it holds an interrupted run of this same input: then the
     run goes on after its last finished shard."""
+    check_writable(out_dir)  # a read-only or impossible --out is one line before any file is probed
     fingerprint = _fingerprint(candidates, shard_size)
     state = _resume_state(out_dir, fingerprint, overwrite)
     done = state["done"] if state else 0
@@ -186,8 +187,8 @@ def make_shards(candidates: list[Candidate], out_dir: Path, shard_size: int = 10
         for i in range(done, len(candidates)):
             c = candidates[i]
             if c.caption is None or not c.path.is_file():
-                skipped.append(Skipped(c.name, c.missing_reason if c.path.is_file() or c.path.is_symlink()
-                                       else "file not found"))
+                skipped.append(Skipped(c.name, c.missing_reason or (
+                    f"a link to {os.readlink(c.path)}, which does not exist" if c.path.is_symlink() else "file not found")))
                 continue
             try:
                 info = probe(c.path)  # from the file: demuxed, never read into memory whole

@@ -45,7 +45,12 @@ def expand_urls(urls: str | os.PathLike | Sequence) -> list[str]:
                 raise MissingInputError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if not out:
         raise MissingInputError(f"no shards found at {urls!r}: give a folder of .tar shards, a glob, a brace pattern, pipe: commands or a list")
-    for folder in sorted({os.path.dirname(u) or "." for u in out if not u.startswith("pipe:") and "://" not in u}):
+    local = [u for u in out if not u.startswith("pipe:") and "://" not in u]
+    empty = [u for u in local if os.path.isfile(u) and os.path.getsize(u) == 0]
+    if empty and len(empty) == len(out):  # one empty shard among good ones is skipped and counted as bad_shard
+        raise InputError(f"{empty[0]} is empty (0 bytes)" + (f", as are all {len(out)} shards" if len(out) > 1 else "")
+                         + ": it was never written or was cut off; write the shards again with data.make_shards")
+    for folder in sorted({os.path.dirname(u) or "." for u in local}):
         if os.path.isfile(os.path.join(folder, PARTIAL_MANIFEST)):
             raise InputError(f"{folder} is incomplete: make_shards was interrupted while writing it (it holds "
                              f"{PARTIAL_MANIFEST}); run the same make_shards command again to finish it")

@@ -50,6 +50,8 @@ def test_links_leaving_the_input_folder_are_refused_and_reported(tmp_path, capsy
     _clip(CARPHONE, src / "real" / "car.mp4", "a man on a phone")
     (src / "inside.mp4").symlink_to(src / "real" / "car.mp4")  # a link that stays inside is fine
     (src / "inside.txt").write_text("the same clip, by a link inside the folder")
+    (src / "dangling.mp4").symlink_to(src / "real" / "gone.mp4")  # inside, to nothing
+    (src / "dangling.txt").write_text("a clip that is not there")
 
     out = tmp_path / "shards"
     assert main(["--input", str(src), "--out", str(out)]) == 0
@@ -58,12 +60,13 @@ def test_links_leaving_the_input_folder_are_refused_and_reported(tmp_path, capsy
     assert f"bikes.mp4: caption bikes.txt is a link to {secret / 'passwd'}, outside --input: refused" in report
     assert f"private.mp4: a link to {secret / 'private.mp4'}, outside --input: refused" in report
     assert f"outside_folder: a link to the folder {secret}: not followed" in report
+    assert f"dangling.mp4: a link to {src / 'real' / 'gone.mp4'}, which does not exist" in report
     members = _members(out)
     assert sorted(members) == ["inside.json", "inside.mp4", "inside.txt", "real_car.json", "real_car.mp4", "real_car.txt"]
     assert not any(b"root:x:0:0" in v for v in members.values())
     assert members["inside.mp4"] == CARPHONE.read_bytes()
     skipped = {s["file"] for s in json.loads((out / "manifest.json").read_text())["skipped"]}
-    assert skipped == {"bikes.mp4", "private.mp4", "outside_folder"}
+    assert skipped == {"bikes.mp4", "private.mp4", "outside_folder", "dangling.mp4"}
 
 
 def test_a_caption_that_is_not_utf8_is_refused_not_garbled(tmp_path, capsys):

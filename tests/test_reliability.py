@@ -270,3 +270,100 @@ def test_under_torchrun_bad_input_is_said_once_and_every_rank_exits_2(shards, tm
     # every rank exits 2 (torchrun reports the first to finish, and may stop the other before it does)
     assert "exitcode  : 2" in proc.stderr and "exitcode  : 1 " not in proc.stderr
     assert 'train.py", line' not in proc.stderr  # no rank printed a traceback (torchrun prints its own report)
+
+
+def test_careless_hands_get_one_line_each(dit_run, vae_run, shards, tmp_path, capsys):
+    """Issue 50, item 11: each of these was a traceback or silently wrong."""
+    from tokenizer.evaluate import main as evaluate_main
+    from data.make_shards import main as make_shards_main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    # an --out that cannot be written: one line from every command, before anything is built or read
+    assert train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(blocker / "run"), *FAST]) == 2
+    assert f"cannot write to {blocker / 'run'}" in errors_in(capsys.readouterr().err)[0]
+    footage = tmp_path / "footage"
+    footage.mkdir()
+    shutil.copy(Path(__file__).parent / "assets" / "clips" / "bikes.mp4", footage / "bikes.mp4")
+    (footage / "bikes.txt").write_text("bikes")
+    assert make_shards_main(["--input", str(footage), "--out", str(blocker / "shards")]) == 2
+    assert f"cannot write to {blocker / 'shards'}" in errors_in(capsys.readouterr().err)[0]
+    assert evaluate_main(["--ckpt", str(vae_run), "--data", str(footage), "--out", str(blocker / "eval"),
+                          "--frames", "9", "--size", "32", "--windows", "1"]) == 2
+    assert f"cannot write to {blocker / 'eval'}" in errors_in(capsys.readouterr().err)[0]
+    # a DiT run given where a tokenizer goes is named as one, with the way to its tokenizer
+    assert sample.main(["--ckpt", str(dit_run), "--prompt", "a red circle", "--vae", str(dit_run),
+                        "--out", str(tmp_path / "s1")]) == 2
+    (line,) = errors_in(capsys.readouterr().err)
+    assert "is a trained text-to-video model (a DiT run), not a tokenizer checkpoint" in line
+    assert str(dit_run / "model" / "tokenizer") in line
+    # --text-encoder on a run whose encoder is built in is refused, not ignored
+    assert sample.main(["--ckpt", str(dit_run), "--prompt", "a red circle", "--text-encoder", str(tmp_path),
+                        "--out", str(tmp_path / "s2")]) == 2
+    assert "trained with the built-in 'bytes' text encoder" in errors_in(capsys.readouterr().err)[0]
+    # a pipeline.json without its text encoder
+    broken = tmp_path / "broken"
+    shutil.copytree(dit_run / "model", broken)
+    spec = json.loads((broken / "pipeline.json").read_text())
+    del spec["text_encoder"]
+    (broken / "pipeline.json").write_text(json.dumps(spec))
+    assert sample.main(["--ckpt", str(broken), "--prompt", "a red circle", "--out", str(tmp_path / "s3")]) == 2
+    assert "pipeline.json has no 'text_encoder'" in errors_in(capsys.readouterr().err)[0]
+    # a zero-byte .tar as --data
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    assert train.main(["--stage", "tokenizer", "--data", str(empty), "--out", str(tmp_path / "r"), *FAST]) == 2
+    assert "empty.tar" in errors_in(capsys.readouterr().err)[0]
+
+
+def _poisoned(model_dir: Path, target: Path, scale: float) -> Path:
+    """A copy of an export whose every weight is multiplied by `scale` (inf or NaN when it overflows): the weights
+    of a run that diverged."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, target)
+    for weights in target.rglob("model.safetensors"):
+        save_file({k: v * scale if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}, str(weights))
+    return target
+
+
+def test_a_diverged_model_or_absurd_guidance_is_an_error_not_a_black_video(dit_run, vae_run, tmp_path, capsys):
+    from tokenizer.evaluate import main as evaluate_main
+
+    common = ["--prompt", "a red circle moving left", "--steps", "2", "--no-progress"]
+    diverged = _poisoned(dit_run / "model", tmp_path / "diverged", float("nan"))
+    out = tmp_path / "s.mp4"
+    assert sample.main(["--ckpt", str(diverged), *common, "--out", str(out)]) == 2
+    (line,) = errors_in(capsys.readouterr().err)
+    assert "are not finite (NaN or inf): the model at" in line and str(diverged) in line
+    assert not out.exists()
+    assert sample.main(["--ckpt", str(dit_run), *common, "--cfg", "1e30", "--out", str(out)]) == 2
+    (line,) = errors_in(capsys.readouterr().err)
+    assert "--guidance 1e+30 is far too large" in line and not out.exists()
+    # a tokenizer whose weights blew up is named, not scored
+    footage = tmp_path / "footage"
+    footage.mkdir()
+    shutil.copy(Path(__file__).parent / "assets" / "clips" / "bikes.mp4", footage / "bikes.mp4")
+    blown = _poisoned(vae_run / "model", tmp_path / "blown", 1e30)
+    assert evaluate_main(["--ckpt", str(blown), "--data", str(footage), "--out", str(tmp_path / "eval"),
+                          "--frames", "9", "--size", "32", "--windows", "1"]) == 2
+    (line,) = errors_in(capsys.readouterr().err)
+    assert f"({blown}): its latents of bikes.mp4 are" in line and "the tokenizer has diverged" in line
+    assert not (tmp_path / "eval" / "report.json").exists()
+
+
+def test_ctrl_c_in_tokenizer_evaluate_is_one_line(vae_run, tmp_path, monkeypatch, capsys):
+    import tokenizer.evaluate as ev
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate", interrupted)
+    footage = tmp_path / "footage"
+    footage.mkdir()
+    shutil.copy(Path(__file__).parent / "assets" / "clips" / "bikes.mp4", footage / "bikes.mp4")
+    assert ev.main(["--ckpt", str(vae_run), "--data", str(footage), "--out", str(tmp_path / "eval"),
+                    "--frames", "9", "--size", "32"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"interrupted (Ctrl-C): no report written; the side-by-side videos finished so far are in {tmp_path / 'eval' / 'videos'}"]

@@ -321,7 +321,7 @@ def test_a_nan_loss_stops_the_run_and_names_the_step(shards, vae_dir, tmp_path, 
     out = tmp_path / "nan"
     assert train.main(dit_args(shards, vae_dir, out, "--steps", "8", "--batch-size", "2", "--num-workers", "0",
                                "--checkpoint-every", "2")) == 2
-    assert one_line_error(capsys, r"the loss is nan .* at step 4; .*step_00000002")
+    assert one_line_error(capsys, r"the loss is nan .* at step 4: the run has diverged; .*step_00000002")
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert max(losses(out)) == 3
 
@@ -395,3 +395,47 @@ def test_compiled_blocks_under_sequence_parallelism_train_like_eager_ones(shards
     run_cli(dit_args(shards, vae_dir, tmp_path / "sp", *common, "--compile", "--sp-size", "2"), nproc=2)
     eager, sp = losses(tmp_path / "eager"), losses(tmp_path / "sp")
     assert [sp[k] for k in (1, 2)] == pytest.approx([eager[k] for k in (1, 2)], rel=1e-3)
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--lr", "nan", r"--lr must be in \(0, inf\), got nan"), ("--lr", "-1", r"--lr must be in \(0, inf\), got -1"),
+    ("--beta1", "1.5", r"--beta1 must be in \[0, 1\), got 1.5"), ("--num-workers", "-1", r"--num-workers must be in \[0"),
+    ("--ema-decay", "2", r"--ema-decay must be in \[0, 1\), got 2"), ("--weight-decay", "-1", r"--weight-decay must be in"),
+    ("--warmup", "-3", r"--warmup must be in \[0, inf\), got -3"), ("--grad-clip", "inf", r"--grad-clip must be in"),
+    ("--keep-checkpoints", "0", r"--keep-checkpoints must be in \[1"), ("--image-prob", "1.5", "--image-prob must be in"),
+])
+def test_numbers_out_of_range_are_one_line_before_anything_runs(shards, tmp_path, capsys, option, value, says):
+    out = tmp_path / "run"
+    assert train.main(["--stage", "tokenizer", "--data", str(shards), "--out", str(out), *FAST, option, value]) == 2
+    assert one_line_error(capsys, says)
+    assert not out.exists()
+
+
+def test_an_exploding_loss_stops_the_run_before_its_weights_are_exported(shards, vae_dir, tmp_path, capsys):
+    """--lr 1e6: the loss goes from about 2 to 1e15 in one step, still finite, and to NaN in the next. The run
+    stops at the jump; the checkpoint and export of the weights that gave it are set aside, never resumed or
+    sampled from; the export that is left records a finite run."""
+    out = tmp_path / "diverging"
+    args = dit_args(shards, vae_dir, out, "--steps", "8", "--batch-size", "2", "--num-workers", "0",
+                    "--checkpoint-every", "1", "--warmup", "0", "--keep-checkpoints", "8")
+    args[args.index("--lr") + 1] = "1e6"
+    assert train.main(args) == 2
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert re.search(r"the loss is \S+, \S+ times the median of the last \d+ steps' .* the run has diverged", line), line
+    bad = int(re.search(r"at step (\d+)", line).group(1)) - 1  # the weights of this step gave the exploding loss
+    assert all(math.isfinite(l) and l < 1e3 for s, l in losses(out).items() if s <= bad)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert f"diverged_step_{bad:08d}" in ckpts and f"step_{bad:08d}" not in ckpts
+    if bad > 1:
+        assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{bad - 1:08d}"
+        assert f"The last good checkpoint is {out / 'checkpoints' / f'step_{bad - 1:08d}'}" in line
+    else:
+        assert not (out / "checkpoints" / "latest").exists() and "The last good checkpoint is none" in line
+    assert (out / f"model.diverged_step_{bad:08d}").is_dir() and not (out / "model").exists()
+    record = json.loads((out / f"model.diverged_step_{bad:08d}" / "run.json").read_text())
+    assert record["step"] == bad and record["losses_finite"] and not record["finished"]
+    # resuming with a learning rate that does not diverge goes on from the last good checkpoint
+    args[args.index("--lr") + 1] = "1e-3"
+    assert train.main(args) == 0
+    assert json.loads((out / "model" / "run.json").read_text()) | {"recent_loss": 0} == {
+        "step": 8, "steps": 8, "finished": True, "recent_loss": 0, "losses_finite": True}

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint_io import atomic_path, write_json_atomic, write_text_atomic
+from checkpoint_io import atomic_path, check_writable, write_json_atomic, write_text_atomic
 from cpu_allocator import keep_freed_memory
 from data import ClipTooShortError, VideoInfo, VideoReadError, read_clip, write_video
 from data.shards import sanitize_key
@@ -117,6 +117,21 @@ class _Tally:
         self.chunk_gap = 0.0  # largest |chunked or tiled - whole| seen on first windows
 
 
+LATENT_LIMIT = 1e4  # a working video autoencoder's latents are units to tens; a diverged one's are not
+
+
+def check_output(x: torch.Tensor, what: str, cand: Candidate, video: str) -> None:
+    """A tokenizer whose output is not finite (or whose latents are astronomically large) has diverged: its
+    scores would be a number that means nothing (NaN is black once clamped and rounded), so say so instead."""
+    finite = bool(torch.isfinite(x).all())
+    if finite and (what != "latents" or float(x.abs().max()) <= LATENT_LIMIT):
+        return
+    found = "not finite (NaN or inf)" if not finite else f"up to {float(x.abs().max()):.3g}"
+    raise InputError(f"{cand.name} ({cand.ckpt}): its {what} of {video} {'are' if what == 'latents' else 'is'} "
+                     f"{found}: the tokenizer has diverged (its model/run.json says how its run ended); evaluate "
+                     f"an earlier checkpoint's export")
+
+
 @torch.no_grad()
 def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int, size: int | tuple[int, int],
              *, aspect: str = "square", fps: float | None = None, windows: int = 4, chunk: int | None = None,
@@ -159,7 +174,10 @@ def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int
                 z = vae.encode(x, chunk=chunk, tile=tiles).mean
                 _sync(device)
                 t1 = time.perf_counter()
-                y = vae.decode(z, chunk=chunk, tile=tiles).clamp(-1, 1)
+                check_output(z, "latents", cand, v.name)
+                y = vae.decode(z, chunk=chunk, tile=tiles)
+                check_output(y, "reconstruction", cand, v.name)
+                y = y.clamp(-1, 1)
                 _sync(device)
                 tally.enc, tally.dec = tally.enc + t1 - t0, tally.dec + time.perf_counter() - t1
                 tally.frames += frames
@@ -389,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sides = [args.size] if isinstance(args.size, int) else list(args.size)
         check_clip_options(args)
+        check_writable(args.out)  # a read-only or impossible --out is one line before any model loads
         height, width = args.size
         if len(sides) == 2 and args.aspect == "native":
             raise InputError("--aspect native sizes each video by its short side: give --size one side, or drop "
@@ -413,11 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     if not videos:
         print(f"error: no readable video under {args.data}" + "".join(f"\n  {n}: {r}" for n, r in skipped), file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = evaluate(tokenizers, videos, args.frames, args.size, aspect=args.aspect, fps=args.fps, windows=args.windows,
-                      chunk=args.chunk, tile=args.tile, device=args.device,
-                      video_dir=None if args.no_videos else args.out / "videos", plot=args.out / "psnr_per_frame.png",
-                      lpips=lpips, fvd=fvd)
+    try:
+        report = evaluate(tokenizers, videos, args.frames, args.size, aspect=args.aspect, fps=args.fps,
+                          windows=args.windows, chunk=args.chunk, tile=args.tile, device=args.device,
+                          video_dir=None if args.no_videos else args.out / "videos",
+                          plot=args.out / "psnr_per_frame.png", lpips=lpips, fvd=fvd)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C): no report written; the side-by-side videos finished so far are in "
+              f"{args.out / 'videos'}", file=sys.stderr)
+        return 130
     report["skipped"] = [{"video": n, "reason": r} for n, r in skipped] + report["skipped"]
     report["data"] = str(args.data)
     write_json_atomic(args.out / "report.json", report)

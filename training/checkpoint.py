@@ -91,6 +91,23 @@ class Checkpoints:
         barrier()
         return final
 
+    def set_aside(self, from_step: int) -> list[Path]:
+        """Rename the checkpoints of `from_step` on to diverged_step_N (kept for a look; never resumed from) and
+        point `latest` at the newest one left. Rank 0 only."""
+        aside = []
+        for ckpt in self.complete():
+            if int(ckpt.name.removeprefix("step_")) >= from_step:
+                target = ckpt.with_name("diverged_" + ckpt.name)
+                shutil.rmtree(target, ignore_errors=True)
+                aside.append(ckpt.rename(target))
+        if aside:
+            newest = self.latest()
+            if newest is None:
+                (self.root / "latest").unlink(missing_ok=True)
+            else:
+                write_text_atomic(self.root / "latest", newest.name + "\n")
+        return aside
+
     def remove(self, path: Path) -> None:
         """Delete a checkpoint: renamed aside first, so that no partly deleted folder looks complete."""
         aside = path.with_name(f".{path.name}.old")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -27,13 +28,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from tqdm import tqdm
 
-from checkpoint_io import recover_folder, replace_folder, write_text_atomic
+from checkpoint_io import recover_folder, replace_folder, write_json_atomic, write_text_atomic
 from data import make_loader, write_video
 from data.buckets import check_divisible, parse_buckets
 from data.sources import video_name
 from errors import InputError, Interrupted
 from evaluation.peak_memory import PeakMemory
-from parallel import Env, ParallelOptions, all_reduce_sum, parallelize, setup_distributed
+from parallel import Env, ParallelOptions, all_reduce_sum, barrier, parallelize, setup_distributed
 
 from .checkpoint import Checkpoints, folder_bytes, mount_point, out_of_space, rng_state, set_rng_state
 from .dit_stage import DiTStage
@@ -74,6 +75,10 @@ class Run:
     resume_entry: dict | None  # what this resume changes, recorded in config.json once the checkpoint loads
     step: int = 0
     samples_seen: int = 0
+    recent_losses: list = None  # the last DIVERGENCE_HISTORY steps' mean losses (the divergence guard's reference)
+
+    def __post_init__(self):
+        self.recent_losses = self.recent_losses or []
 
     def tensor_state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.opt, options=self.options)
@@ -82,15 +87,22 @@ class Run:
             ema_sd = {k: v for k, v in ema_sd.items() if k.removeprefix("module.") in self.trainable or k == "n_averaged"}
         return {"model": model_sd, "optim": optim_sd, "ema": ema_sd, "stage": self.stage.state_dict()}
 
+    def state_record(self) -> dict:
+        """What an export says of the run it came from (model/run.json)."""
+        recent = self.recent_losses[-self.args.log_every:]
+        return {"step": self.step, "steps": self.args.steps, "finished": self.step >= self.args.steps,
+                "recent_loss": sum(recent) / len(recent) if recent else None, "losses_finite": True}
+
     def save_checkpoint(self) -> None:
-        trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "scheduler": self.sched.state_dict()}
+        trainer_state = {"step": self.step, "samples_seen": self.samples_seen, "scheduler": self.sched.state_dict(),
+                         "recent_losses": self.recent_losses}
         exported = self.out / "model"
         path = self.ckpts.save(self.step, self.tensor_state(), trainer_state,
                                {"rng": rng_state(self.env.device), "data": self.loader.state_dict()},
                                reserve_bytes=folder_bytes(exported) if exported.is_dir() else 0)
         full = get_model_state_dict(self.ema.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.env.main:
-            export_model(self.stage, self.ema.module, full, exported, self.step)
+            export_model(self.stage, self.ema.module, full, exported, self.step, self.state_record())
             log.info("checkpoint: %s", path)
 
 
@@ -230,6 +242,7 @@ def resume(run: Run) -> bool:
     run.stage.load_state_dict(state["stage"])
     run.sched.load_state_dict(trainer_state["scheduler"])
     run.step, run.samples_seen = trainer_state["step"], trainer_state["samples_seen"]
+    run.recent_losses = list(trainer_state.get("recent_losses", []))
     run.resolved = record_resume(run.resolved, run.resume_entry, run.step, run.out, env.main)
     set_rng_state(rank_state["rng"], env.device)
     exact = run.loader.load_state_dict(rank_state["data"])
@@ -279,12 +292,10 @@ def train_step(run: Run, data, window: "Window", stops: "Stops") -> tuple[dict, 
         raise RuntimeError(f"step {run.step + 1}: the ranks trained different buckets (this rank's last: "
                            f"{batch.get('bucket')}); the bucket schedule must be the same on every rank")
     mean_loss = total / env.world
-    if nonfinite or not math.isfinite(float(grad_norm)):
-        kept = run.ckpts.latest()
-        raise InputError(f"the loss is {mean_loss} (grad norm {float(grad_norm)}) at step {run.step + 1}; stopped "
-                         f"before the update. The last good checkpoint is "
-                         f"{kept or 'none (no checkpoint was written yet)'}; lower --lr or raise --warmup, then "
-                         f"run the same command to resume from it")
+    why = divergence(mean_loss, float(grad_norm), bool(nonfinite), run.recent_losses, args.divergence_factor)
+    if why:
+        stop_diverged(run, why)
+    run.recent_losses = (run.recent_losses + [mean_loss])[-DIVERGENCE_HISTORY:]
     run.opt.step()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
@@ -293,6 +304,46 @@ def train_step(run: Run, data, window: "Window", stops: "Stops") -> tuple[dict, 
     run.samples_seen += round(all_samples) // env.sp  # the ranks of a sequence-parallel group share their clips
     window.add(time.perf_counter() - t0, mean_loss, float(grad_norm))
     return batch, logs, bool(time_up), bool(stopping)
+
+
+DIVERGENCE_HISTORY = 50  # steps whose median loss an exploding one is measured against
+
+
+def divergence(loss: float, grad_norm: float, nonfinite: bool, recent: list[float], factor: float) -> str | None:
+    """Why this step's loss says the run has diverged, or None: a loss or gradient that is not finite, or (with
+    factor > 0) a loss above factor times the median of the recent steps', long before it overflows (lr 1e6
+    went from 2 to 1.9e15 in one step, and to NaN in the next)."""
+    if nonfinite or not math.isfinite(loss) or not math.isfinite(grad_norm):
+        return f"the loss is {loss:g} (grad norm {grad_norm:g})"
+    if factor > 0 and recent:
+        median = sorted(recent)[len(recent) // 2]
+        if median > 0 and loss > factor * median:
+            return (f"the loss is {loss:.4g}, {loss / median:.3g} times the median of the last {len(recent)} steps' "
+                    f"({median:.4g}; --divergence-factor {factor:g})")
+    return None
+
+
+def stop_diverged(run: Run, why: str) -> None:
+    """Stop before the update. The weights that gave this loss are the current step's: a checkpoint of this step
+    and an export of it are set aside (renamed diverged_*, kept for a look, never resumed or sampled from), so the
+    run resumes from the last checkpoint before it and nothing exported from diverged weights is left in model/."""
+    bad_step, aside = run.step, []
+    if run.env.main:
+        aside = run.ckpts.set_aside(bad_step)
+        exported = run.out / "model"
+        record = exported / "run.json"
+        step = json.loads(record.read_text()).get("step") if record.is_file() else None
+        if exported.is_dir() and (step is None or step >= bad_step):
+            target = run.out / f"model.diverged_step_{bad_step:08d}"
+            shutil.rmtree(target, ignore_errors=True)
+            aside.append(exported.rename(target))
+    barrier()
+    kept = run.ckpts.latest()
+    raise InputError(f"{why} at step {run.step + 1}: the run has diverged; stopped before the update"
+                     + (f", and set aside what holds step {bad_step}'s weights ({', '.join(p.name for p in aside)})"
+                        if aside else "")
+                     + f". The last good checkpoint is {kept or 'none (no checkpoint before it)'}; lower --lr or raise "
+                     f"--warmup, then run the same command to resume from it")
 
 
 def log_record(run: Run, window: "Window", logs: dict) -> dict:
@@ -393,13 +444,15 @@ class Window:
                 "memory_peak_gb": self.memory.peak_mb / 1024}
 
 
-def export_model(stage, ema: nn.Module, state: dict, target: Path, step: int) -> None:
+def export_model(stage, ema: nn.Module, state: dict, target: Path, step: int, record: dict | None = None) -> None:
     """OUT/model as a whole: the stage writes a sibling folder, which then takes model/'s place, so model/ is
-    always one step's weights, complete (see checkpoint_io.replace_folder)."""
+    always one step's weights, complete (see checkpoint_io.replace_folder); `record` (the run's state: step,
+    whether it finished, its recent loss) goes beside them as run.json."""
     staging = target.with_name(f".{target.name}.next")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         stage.export(ema, state, staging, step, previous=target if target.is_dir() else None)
+        write_json_atomic(staging / "run.json", record or {"step": step})
         replace_folder(staging, target)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from data.clip_options import add_clip_options, check_clip_options
 from errors import InputError
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta2", type=float, default=0.99, help="AdamW's second-moment decay")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    g.add_argument("--divergence-factor", type=float, default=100.0,
+                   help="stop when a step's loss exceeds this many times the median of the last 50 steps' (or is not "
+                        "finite), before the update, setting aside what holds the weights that gave it; 0: only a "
+                        "loss that is not finite")
     g.add_argument("--ema-decay", type=float, default=0.999, help='decay of the exponential moving average of the weights that model/ exports (0: the weights themselves)')
     g = p.add_argument_group("parallelism and speed")
     g.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="with several processes")
@@ -141,10 +146,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Each number's allowed range, as (option, low, high, low open, high open, what to give): checked before torch or
+# the loader sees them, where a NaN, a negative count or a decay above 1 is a traceback or a run that diverges.
+RANGES = (
+    ("lr", 0.0, math.inf, True, True, "a positive learning rate such as 1e-4"),
+    ("warmup", 0, math.inf, False, True, "0 for none"),
+    ("min_lr_ratio", 0.0, 1.0, False, False, "a fraction of --lr between 0 and 1"),
+    ("weight_decay", 0.0, math.inf, False, True, "0 for none, or a small positive number such as 0.01"),
+    ("beta1", 0.0, 1.0, False, True, "a decay in [0, 1), such as 0.9"),
+    ("beta2", 0.0, 1.0, False, True, "a decay in [0, 1), such as 0.99"),
+    ("grad_clip", 0.0, math.inf, False, True, "0 for none, or a positive norm such as 1.0"),
+    ("divergence_factor", 0.0, math.inf, False, True, "0 to stop on a non-finite loss alone, or a factor such as 100"),
+    ("ema_decay", 0.0, 1.0, False, True, "a decay in [0, 1) such as 0.999, or 0 to export the weights themselves"),
+    ("num_workers", 0, math.inf, False, True, "0 to decode in the training process"),
+    ("shuffle_buffer", 1, math.inf, False, True, "a number of samples, such as 64"),
+    ("bucket_backlog", 1, math.inf, False, True, "a number of samples, such as 64"),
+    ("image_prob", 0.0, 1.0, False, False, "a fraction between 0 and 1"),
+    ("checkpoint_every", 0, math.inf, False, True, "0 for only at the end"),
+    ("keep_checkpoints", 1, math.inf, False, True, "at least 1"),
+    ("exit_after", 0, math.inf, False, True, "0 for off"),
+    ("max_minutes", 0.0, math.inf, False, True, "0 for off"),
+    ("preview_every", 0, math.inf, False, True, "0 for at the end only"),
+    ("preview_steps", 1, math.inf, False, True, "at least 1"),
+)
+
+
+def check_ranges(args) -> None:
+    for name, low, high, low_open, high_open, advice in RANGES:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        inside = math.isfinite(value) and (low < value if low_open else low <= value) and (
+            value < high if high_open else value <= high)
+        if not inside:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise InputError(f"--{name.replace('_', '-')} must be in {bounds}, got {value:g}: give {advice}")
+
+
 def check_args(args) -> None:
     for name in ("steps", "batch_size", "grad_accum", "log_every"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_ranges(args)
     check_clip_options(args)  # args.size is (height, width) from here on
     if args.latent_stride < 1 or args.latent_window < 0:
         raise InputError("--latent-stride must be at least 1 and --latent-window at least 0")

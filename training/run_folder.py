@@ -22,7 +22,7 @@ import os
 import socket
 from pathlib import Path
 
-from checkpoint_io import write_json_atomic
+from checkpoint_io import check_writable, write_json_atomic
 from errors import InputError
 
 from .options import build_parser
@@ -42,7 +42,7 @@ class RunLock:
     """An exclusive lock on OUT/train.lock while this process trains into OUT (see the module's docstring)."""
 
     def __init__(self, out: Path):
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)  # a read-only or impossible --out is one line before anything is built
         self.path = out / LOCK_NAME
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
