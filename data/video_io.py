@@ -81,6 +81,8 @@ class VideoInfo:
     duration: float  # seconds; 0.0 for an image
     codec: str
     declared_frames: int = 0  # what the header claims, when probing found fewer (0: no shortfall)
+    orientation: str = ""  # how frames are turned for display (a phone's display matrix, see ORIENTATIONS); width
+    # and height are the displayed ones
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -100,6 +102,7 @@ class VideoInfo:
             duration=float(d.get("duration", 0.0)),
             codec=str(d.get("codec", "")),
             declared_frames=int(d.get("declared_frames", 0)),
+            orientation=d["orientation"] if d.get("orientation") in ORIENTATIONS else "",
         )
 
 
@@ -146,6 +149,44 @@ def _header_info(container, stream) -> VideoInfo:
     return VideoInfo(fps, frames, stream.width, stream.height, duration, stream.codec_context.name)
 
 
+# What a display matrix asks of the stored frame, as FFmpeg's command line applies it (autorotate), on an
+# (H, W, 3) array. Phones store a portrait clip as landscape frames and a matrix that turns them.
+ORIENTATIONS = {
+    "": lambda a: a,
+    "rot90": lambda a: np.rot90(a, 1),  # a quarter turn counterclockwise
+    "rot270": lambda a: np.rot90(a, -1),  # a quarter turn clockwise
+    "rot180": lambda a: a[::-1, ::-1],
+    "hflip": lambda a: a[:, ::-1],
+    "vflip": lambda a: a[::-1],
+    "transpose": lambda a: a.swapaxes(0, 1),
+    "antitranspose": lambda a: np.rot90(a, -1)[::-1],
+}
+SWAPS_SIDES = {"rot90", "rot270", "transpose", "antitranspose"}
+
+
+def frame_orientation(frame) -> str:
+    """The ORIENTATIONS key of a decoded frame's display matrix ("" without one, or for a turn that is not a
+    multiple of 90 degrees), decided as FFmpeg's autorotate decides it."""
+    matrix = None
+    for data in frame.side_data:
+        if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            matrix = np.frombuffer(bytes(data), dtype=np.int32)
+    if matrix is None or len(matrix) != 9:
+        return ""
+    m = [float(v) for v in matrix]
+    s0, s1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if s0 == 0 or s1 == 0:
+        return ""
+    clockwise = round(math.degrees(math.atan2(m[1] / s1, m[0] / s0))) % 360  # FFmpeg's get_rotation
+    if abs(clockwise - 90) < 1:
+        return "transpose" if m[3] > 0 else "rot270"
+    if abs(clockwise - 270) < 1:
+        return "antitranspose" if m[3] < 0 else "rot90"
+    if abs(clockwise - 180) < 1:
+        return {(True, True): "rot180", (True, False): "hflip", (False, True): "vflip"}.get((m[0] < 0, m[4] < 0), "")
+    return "vflip" if clockwise == 0 and m[4] < 0 else ""
+
+
 def probe(source: Source) -> VideoInfo:
     """Check that `source` is a decodable video and measure it.
 
@@ -168,12 +209,13 @@ def probe(source: Source) -> VideoInfo:
         declared = stream.frames if stream.frames and stream.frames > packets else 0
         container.seek(0)
         try:
-            next(container.decode(stream))
+            orientation = frame_orientation(next(container.decode(stream)))
         except (av.FFmpegError, StopIteration) as e:
             raise VideoReadError(f"the first frame does not decode: {_reason(e)}") from e
         frames = 1 if _is_image_format(container) else packets
         duration = frames / info.fps if info.fps > 0 and (declared or info.duration <= 0) else info.duration
-        return VideoInfo(info.fps, frames, info.width, info.height, duration, info.codec, declared)
+        width, height = (info.height, info.width) if orientation in SWAPS_SIDES else (info.width, info.height)
+        return VideoInfo(info.fps, frames, width, height, duration, info.codec, declared, orientation)
     finally:
         container.close()
 
@@ -327,24 +369,29 @@ def read_clip(
             total, src_fps = 1, 0.0
         stride = window_stride(src_fps, fps)
         indices = _window_indices(total, num_frames, stride, start, rng)
-        rh, rw, top, left, th, tw = _resize_plan(header.height, header.width, size, crop, rng, zoom)
         stream.thread_type = "AUTO"
         if threads > 0:
             stream.codec_context.thread_count = threads
-        available = None
-        try:
-            frames, decoded = _decode_indices(container, stream, indices, rw, rh, seek)
-        except _StreamEnded as end:  # fewer frames decode than the file claims: the window moves into them
-            available = end.available
-            last_start = last_window_start(available, num_frames, stride)  # ClipTooShortError if none fits
-            first = min(indices[0], last_start) if isinstance(start, int) else start
-            indices = _window_indices(available, num_frames, stride, first, rng)
-            container.seek(0)
+        # The display orientation: the shard's record says it; otherwise the first decoded frame's display matrix
+        # does, and a window planned for another orientation is read again for the right one.
+        orientation = info.orientation if info is not None else ""
+        state = rng.bit_generator.state if rng is not None else None
+        for attempt in range(2):
+            if state is not None:
+                rng.bit_generator.state = state  # the same crop draws for the orientation found
+            plan = _oriented_plan(header, orientation, size, crop, rng, zoom)
             try:
-                frames, decoded = _decode_indices(container, stream, indices, rw, rh, seek=False)
-            except _StreamEnded as again:
-                raise VideoReadError(f"decoding stopped at frame {again.available}, before frame "
-                                     f"{available} where it stopped the first time") from None
+                frames, decoded, available = _decode_window(container, stream, indices, plan, seek, num_frames,
+                                                            stride, start, rng, orientation)
+                break
+            except _Reoriented as turned:
+                orientation = turned.orientation
+                container.seek(0)
+        else:
+            raise VideoReadError("the display matrix changes between frames")
+        if available is not None:
+            available, indices = available
+        rh, rw, top, left, th, tw = plan[:6]
         out = np.stack([f[top : top + th, left : left + tw] for f in frames])  # (T, H, W, 3)
         eff_fps = src_fps / stride if src_fps > 0 else 0.0
         return Clip(frames=out, fps=eff_fps, start=indices[0], stride=stride, decoded=decoded, available=available)
@@ -354,11 +401,51 @@ def read_clip(
         container.close()
 
 
-def _decode_indices(container, stream, indices: list[int], width: int, height: int, seek: bool) -> tuple[list[np.ndarray], int]:
-    """Decode the frames at the sorted source indices, converting only those to RGB at (height, width).
+def _oriented_plan(header: VideoInfo, orientation: str, size, crop, rng, zoom) -> tuple:
+    """The resize plan in the displayed orientation, and the (width, height) to convert stored frames to."""
+    swap = orientation in SWAPS_SIDES
+    height, width = (header.width, header.height) if swap else (header.height, header.width)
+    rh, rw, top, left, th, tw = _resize_plan(height, width, size, crop, rng, zoom)
+    return rh, rw, top, left, th, tw, (rh, rw) if swap else (rw, rh)
+
+
+def _decode_window(container, stream, indices, plan, seek, num_frames, stride, start, rng, orientation):
+    """(frames, decoded, None), or when fewer frames decode than the file claims, the window moved into them:
+    (frames, decoded, (available, its indices))."""
+    width, height = plan[6]
+    try:
+        frames, decoded = _decode_indices(container, stream, indices, width, height, seek, orientation)
+        return frames, decoded, None
+    except _StreamEnded as end:  # fewer frames decode than the file claims: the window moves into them
+        available = end.available
+        last_start = last_window_start(available, num_frames, stride)  # ClipTooShortError if none fits
+        first = min(indices[0], last_start) if isinstance(start, int) else start
+        indices = _window_indices(available, num_frames, stride, first, rng)
+        container.seek(0)
+        try:
+            frames, decoded = _decode_indices(container, stream, indices, width, height, False, orientation)
+        except _StreamEnded as again:
+            raise VideoReadError(f"decoding stopped at frame {again.available}, before frame "
+                                 f"{available} where it stopped the first time") from None
+        return frames, decoded, (available, indices)
+
+
+class _Reoriented(Exception):
+    """The frames' display matrix says another orientation than the window was planned for."""
+
+    def __init__(self, orientation: str):
+        super().__init__(orientation)
+        self.orientation = orientation
+
+
+def _decode_indices(container, stream, indices: list[int], width: int, height: int, seek: bool,
+                    orientation: str = "") -> tuple[list[np.ndarray], int]:
+    """Decode the frames at the sorted source indices, converting only those to RGB at (height, width) as
+    stored, then turning them for display (`orientation`, which the first frame's display matrix must confirm).
 
     Returns the frames and the number of frames decoded to get them.
     """
+    turn = ORIENTATIONS[orientation]
     fps = _stream_fps(stream)
     t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     can_seek = seek and indices[0] > 0 and fps > 0 and stream.time_base is not None
@@ -374,38 +461,59 @@ def _decode_indices(container, stream, indices: list[int], width: int, height: i
     reformatter = VideoReformatter()
     want = 0
     counted = -1
-    last = -1  # index of the last frame that decoded
+    shown = None  # (position, frame, its RGB once converted): the frame on screen at the slots being filled
+    last = -1.0  # position of the last frame that decoded
+
+    def take(frame, rgb):
+        if rgb is None:
+            rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+            rgb = turn(rgb)
+        out.append(rgb)
+        return rgb
+
+    # Slot i of the window is time t0 + i / fps, and takes the frame on screen then: the last one whose timestamp
+    # is at most SLOT_TOLERANCE of a slot after it (timestamps rounded to a coarse time base jitter). A constant-rate file's frame i is slot i; in a variable-rate file, slots
+    # where frames are sparse repeat the frame shown, and frames where they are dense are passed over, so a window
+    # is sampled by time, not by frame count.
     for frame in _frames_until_damage(container.decode(stream)):
         counted += 1
+        if counted == 0 and frame_orientation(frame) != orientation:
+            raise _Reoriented(frame_orientation(frame))
         if frame.time is not None and fps > 0:
-            idx = int(round((frame.time - t0) * fps))
+            pos = (frame.time - t0) * fps
         elif not can_seek:
-            idx = counted  # no timestamps: count frames from the start
+            pos = float(counted)  # no timestamps: count frames from the start
         else:
-            idx = None
-        if can_seek and counted == 0 and (idx is None or idx > indices[0]):
+            pos = None
+        if can_seek and counted == 0 and (pos is None or pos > indices[0] + SLOT_TOLERANCE):
             # No timestamps to place the frame, or the demuxer overshot (a bad index): decode from the start.
             container.seek(0)
-            frames, decoded = _decode_indices(container, stream, indices, width, height, seek=False)
+            frames, decoded = _decode_indices(container, stream, indices, width, height, False, orientation)
             return frames, decoded + 1
-        if idx is None:
+        if pos is None:
             raise VideoReadError("a frame without a timestamp after seeking; read this file with seek=False")
-        last = idx
-        if idx < indices[want]:
-            continue
-        rgb = None
-        # `<=` so that a frame missing from a variable-rate stream is filled by the next one.
-        while want < len(indices) and indices[want] <= idx:
-            if rgb is None:
-                rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
-            out.append(rgb)
+        last = max(last, pos)
+        while shown is not None and want < len(indices) and pos > indices[want] + SLOT_TOLERANCE:
+            shown[2] = take(shown[1], shown[2])  # slots before this frame: the one shown until it
+            want += 1
+        if want == len(indices):
+            return out, counted + 1
+        shown = [pos, frame, None]
+        # A frame within the tolerance of a slot is that slot's (a constant-rate file's frame i is slot i): taken
+        # now, without decoding the next frame to learn that it comes after; so is the first frame decoded when
+        # it is already past the slot.
+        while want < len(indices) and (pos >= indices[want] - SLOT_TOLERANCE or counted == 0 and pos > indices[want]):
+            shown[2] = take(frame, shown[2])
             want += 1
         if want == len(indices):
             return out, counted + 1
     # The window was checked against the frame count, so fewer frames decode than the file holds or claims.
     if last < 0:
         raise VideoReadError("no frame decodes")
-    raise _StreamEnded(last + 1)
+    raise _StreamEnded(int(math.floor(last + 0.5)) + 1)
+
+
+SLOT_TOLERANCE = 0.25  # of a frame interval at the stream's average rate
 
 
 class _StreamEnded(Exception):

@@ -11,6 +11,7 @@ import torch
 
 from data.video_io import (
     ClipTooShortError,
+    VideoInfo,
     _resize_plan,
     VideoReadError,
     check_frame_count,
@@ -246,3 +247,78 @@ def test_files_whose_headers_lie_are_read_for_the_frames_that_decode(tmp_path):
     assert last.available is not None and last.available < 40 and last.start == last.available - 17
     reference = read_clip(whole, 17, start=last.start)
     assert np.abs(last.frames.astype(int) - reference.frames.astype(int)).max() == 0  # the frames that decode, exactly
+
+
+def _variable_rate_clip(path, times: list[float]) -> None:
+    """Frame i shows a bar at x = 5 i, at time times[i] (milliseconds in the file)."""
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 256, 32, "yuv420p"
+        s.codec_context.time_base = s.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times):
+            img = np.zeros((32, 256, 3), np.uint8)
+            img[:, 5 * i : 5 * i + 5] = 255
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = round(t * 1000), Fraction(1, 1000)
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+
+
+@pytest.mark.parametrize("start", ["start", "center", 20, 23])
+def test_variable_rate_video_is_sampled_by_time(tmp_path, start):
+    """A phone clip's rate varies: here 30 frames a second for a second, then 5 a second for three. Each frame of
+    a window is the one on screen at its time, not the next one and not a count of frames."""
+    times = [i / 30 for i in range(30)] + [1 + i / 5 for i in range(15)]
+    path = tmp_path / "vfr.mp4"
+    _variable_rate_clip(path, times)
+    info = probe(path)
+    clip = read_clip(path, 5, fps=2.5, start=start)
+    shown = [int(np.argmax(f[16, :, 0] > 128)) // 5 for f in clip.frames]
+    rate = info.fps
+    for j, index in enumerate(shown):
+        slot = clip.start + round(j * clip.stride)
+        at = slot / rate + 0.25 / rate  # the slot's time, with the reader's tolerance of a quarter of a slot
+        on_screen = max(i for i, t in enumerate(times) if t <= at)
+        assert index == on_screen, (start, j, slot, index, on_screen)
+
+
+def _with_display_matrix(src, path, degrees: float, hflip: bool = False) -> None:
+    """`src`'s own packets, remuxed with a display matrix (what a phone writes for a portrait clip)."""
+    with av.open(str(src)) as inp, av.open(str(path), "w") as out:
+        stream = inp.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        copy.set_display_rotation(degrees, hflip=hflip)  # counterclockwise, then mirrored (PyAV's convention)
+        for packet in inp.demux(stream):
+            if packet.dts is not None:
+                packet.stream = copy
+                out.mux(packet)
+
+
+@pytest.mark.parametrize("degrees, hflip, name", [
+    (-90, False, "rot270"), (90, False, "rot90"), (180, False, "rot180"), (0, True, "hflip"),
+    (90, True, "antitranspose"), (-90, True, "transpose")])
+def test_a_clip_with_a_display_matrix_is_read_as_it_is_shown(tmp_path, degrees, hflip, name):
+    """A real clip given a display matrix reads as a player shows it: turned counterclockwise by `degrees`, then
+    mirrored, with the width and height of the shown frame (a portrait phone clip buckets and trains upright)."""
+    path = tmp_path / "phone.mp4"
+    _with_display_matrix(BIKES, path, degrees, hflip)
+    stored = read_clip(BIKES, 5).frames  # (T, 272, 640, 3)
+
+    def shown(frames):
+        turned = np.rot90(frames, round(degrees / 90), axes=(1, 2))
+        return turned[:, :, ::-1] if hflip else turned
+
+    info, plain = probe(path), probe(BIKES)
+    assert info.orientation == name
+    swapped = abs(degrees) == 90
+    assert (info.width, info.height) == ((plain.height, plain.width) if swapped else (plain.width, plain.height))
+    assert np.array_equal(read_clip(path, 5).frames, shown(stored))
+    # resized and cropped to a shape in the shown orientation: the stored frames at the turned shape, turned
+    # (34 x 64: the 640 x 272 frame scales to 80 x 34, 8 columns cropped on each side, so the crops are alike)
+    size = (64, 34) if swapped else (34, 64)
+    expect = shown(read_clip(BIKES, 5, size=(34, 64)).frames)
+    assert np.array_equal(read_clip(path, 5, size=size).frames, expect)
+    assert np.array_equal(read_clip(path, 5, size=size, info=info).frames, expect)  # as a shard's record says
+    assert VideoInfo.from_json(info.to_json()) == info
