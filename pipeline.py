@@ -279,24 +279,34 @@ class Pipeline:
         return math.prod(self.model.dit.token_grid(shape[1:]))
 
     def budget(self, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, text_tokens: int,
-               sp: int = 1) -> dict:
+               sp: int = 1, decode_chunk: int = 2) -> dict:
         """Tokens, FLOPs and memory of one denoising step and of the run (forward passes only; see dit3d/budget.py),
         per rank when the tokens are split over `sp` ranks: each holds N / sp tokens between blocks and does
-        1 / sp of the work."""
+        1 / sp of the work. Memory counts what the command holds: every model's weights (the DiT, the text
+        encoder, the tokenizer), then the larger of the denoising (one block's activations, the batch's latents)
+        and the decoding (one chunk of `decode_chunk` latent frames; the video goes to disk chunk by chunk)."""
         cfg = self.model.dit.config
         shape = self.latent_shape(frames, height, width)
         n = self.tokens(shape)
         clips = batch * (2 if guidance != 1.0 else 1)  # guidance runs each prompt and its unconditional twin
         flops = forward_flops(cfg, sum(p.numel() for p in self.model.dit.parameters()), n, text_tokens)
         dtype_bytes = 2 if self.device.type == "cuda" else 4
-        weights = sum(p.numel() for p in self.model.parameters()) * dtype_bytes
+        models = [self.model, self.vae] + ([self.frozen_text.model] if self.frozen_text is not None else [])
+        weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
         activations = inference_activation_bytes(cfg, n, clips, dtype_bytes)
+        latents = 4 * clips * math.prod(shape) * 4  # the state, its noise, the velocity and the prediction, float32
+        if isinstance(self.vae, CausalVAE):
+            decode = self.vae.decode_bytes(height, width, decode_chunk)
+        else:
+            decode = self.vae.decode_bytes(height, width, decode_chunk, frames=frames)
         return {"sp": sp, "latent": shape, "tokens": n, "tokens_per_rank": n // sp, "text_tokens": text_tokens,
                 "tokens_without_temporal_compression": n * frames // shape[1],
                 "attention_tflop_per_step": clips * flops["attention"] / sp / 1e12,
                 "total_tflop_per_step": clips * flops["total"] / sp / 1e12,
                 "total_tflop_run": clips * flops["total"] * steps / sp / 1e12,
-                "memory_gb": (weights + activations / sp) / 2**30,
+                "memory_gb": (weights + latents + max(activations / sp, decode)) / 2**30,
+                "weights_gb": weights / 2**30, "denoise_gb": (activations / sp + latents) / 2**30,
+                "decode_gb": decode / 2**30,
                 "all_to_all_gb_per_step": all_to_all_bytes(cfg, n, sp, clips, dtype_bytes, training=False) / 2**30,
                 "attention_matrix_gb_if_materialised": clips * cfg.heads * n * n * dtype_bytes / 2**30}
 
@@ -379,6 +389,18 @@ class Pipeline:
             out = torch.cat([out, z[:, :, context:]], dim=2)
             step += 1
         return out[:, :, :latents.shape[2] + add]
+
+    @torch.no_grad()
+    def decode_chunks(self, latents: torch.Tensor, chunk: int = 2):
+        """One video's frames (3, n, H, W) in [-1, 1], a chunk of `chunk` latent frames at a time, from its
+        normalised latents (C, t, h, w): a long video need never be held whole (ours decode chunk by chunk; the
+        field's tokenizers, which walk time themselves, give the whole video as one chunk)."""
+        z = self.vae.denormalize(latents[None].float())
+        if isinstance(self.vae, CausalVAE):
+            for part in self.vae.decode_chunks(z, chunk):
+                yield part[0].clamp(-1, 1)
+        else:
+            yield self.vae.decode(z, chunk=chunk)[0].clamp(-1, 1)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int = 2) -> torch.Tensor:

@@ -38,6 +38,7 @@ traffic per rank, and the smallest one whose memory fits this device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint_io import atomic_path, check_writable, write_text_atomic
-from data import read_image, read_last_frames, tensor_to_frames, write_video
+from data import read_image, read_last_frames, tensor_to_frames, video_writer, write_video
 from data.buckets import nearest_bucket
 from data.sources import video_name
 from data.clip_options import add_clip_options, check_clip_options
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --video: latent frames of the clip's tail given to each window (default: half "
                             "the training window)")
     p.add_argument("--dry-run", action="store_true", help="print the token budget and exit")
+    p.add_argument("--force", action="store_true",
+                   help="sample even when the memory estimate is more than the device has free (refused otherwise)")
     p.add_argument("--sp-size", type=int, default=1,
                    help="under torchrun: ranks that split each video's tokens (sequence parallelism); must divide "
                         "the process count and the DiT's heads")
@@ -128,30 +131,54 @@ def read_prompts(args) -> list[str]:
 
 
 def dry_run(pipe, frames: int, height: int, width: int, steps: int, guidance: float, batch: int, text_tokens: int,
-            device) -> None:
-    """Print the token budget, and per --sp-size (the divisors of the heads, up to 64) what each rank carries."""
-    b = pipe.budget(frames, height, width, steps, guidance, batch, text_tokens)
+            device, decode_chunk: int = 2) -> None:
+    """Print the token budget, and per --sp-size (the divisors of the heads, up to 64) what each rank carries,
+    with the smallest split that runs on this host (its GPUs, or its memory shared by every process on the CPU)."""
+    b = pipe.budget(frames, height, width, steps, guidance, batch, text_tokens, 1, decode_chunk)
     c, t, h, w = b["latent"]
     print(f"{frames} frames at {height}x{width} -> latents ({c}, {t}, {h}, {w}) -> {b['tokens']:,} tokens "
           f"({b['tokens_without_temporal_compression']:,} without temporal compression)")
     print(f"per step (batch {batch}{', x2 for guidance' if guidance != 1.0 else ''}, {text_tokens} text tokens): "
           f"{b['total_tflop_per_step']:.3g} TFLOP "
           f"({b['attention_tflop_per_step']:.3g} in attention); {steps} steps: {b['total_tflop_run']:.3g} TFLOP")
-    print(f"memory: about {b['memory_gb']:.2f} GiB (weights and one block's activations; attention never holds "
-          f"the {b['attention_matrix_gb_if_materialised']:.2f} GiB score matrix)")
+    print(f"memory: about {b['memory_gb']:.2f} GiB: weights {b['weights_gb']:.2f} (DiT, text encoder, tokenizer), "
+          f"then denoising {b['denoise_gb']:.2f} (one block's activations and the latents; attention never holds "
+          f"the {b['attention_matrix_gb_if_materialised']:.2f} GiB score matrix) or decoding {b['decode_gb']:.2f} "
+          f"(--decode-chunk {decode_chunk}; the video goes to disk chunk by chunk), whichever is more")
     free = free_memory_gb(device)
     heads = pipe.model.dit.config.heads
-    rows = [pipe.budget(frames, height, width, steps, guidance, batch, text_tokens, sp)
+    rows = [pipe.budget(frames, height, width, steps, guidance, batch, text_tokens, sp, decode_chunk)
             for sp in range(1, min(heads, 64) + 1) if heads % sp == 0 and b["tokens"] % sp == 0]
-    print(f"\nsequence parallelism (torchrun ... sample.py --sp-size N); {free:.1f} GiB free on {device}:")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    where = f"{free:.1f} GiB free on {device}" + (f", {gpus} GPU(s) on this host" if gpus else
+                                                  ", shared by every process on this host")
+    print(f"\nsequence parallelism (torchrun ... sample.py --sp-size N); {where}:")
     print("| --sp-size | tokens per rank | TFLOP per step per rank | memory per rank GiB | all-to-all GiB per step per rank |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['sp']} | {r['tokens_per_rank']:,} | {r['total_tflop_per_step']:.3g} | {r['memory_gb']:.2f} | "
               f"{r['all_to_all_gb_per_step']:.3g} |")
-    fits = [r["sp"] for r in rows if r["memory_gb"] <= free]
-    print(f"smallest --sp-size that fits here: {fits[0]}" if fits else
-          "no --sp-size fits here: lower --batch-size, --frames or the size")
+    print(smallest_split(rows, free, gpus))
+
+
+def smallest_split(rows: list[dict], free: float, gpus: int) -> str:
+    """Which --sp-size runs here: on GPUs, one whose per-rank memory fits a GPU, with a GPU per rank on this
+    host (a larger split needs more hosts); on the CPU every rank holds its own copy of the weights in the one
+    memory, so the split must fit sp times over."""
+    if gpus:
+        fits = [r for r in rows if r["memory_gb"] <= free]
+        here = [r for r in fits if r["sp"] <= gpus]
+        if here:
+            return f"smallest --sp-size that fits here: {here[0]['sp']} (of this host's {gpus} GPU(s))"
+        if fits:
+            return (f"no --sp-size fits on this host's {gpus} GPU(s): --sp-size {fits[0]['sp']} fits GPUs like this "
+                    f"one, across hosts (torchrun --nnodes), or lower --batch-size, --frames or the size")
+        return "no --sp-size fits here: lower --batch-size, --frames or the size"
+    here = [r for r in rows if r["memory_gb"] * r["sp"] <= free]
+    if here:
+        return f"smallest --sp-size that fits here: {here[0]['sp']} ({here[0]['sp']} processes sharing this memory)"
+    return ("no --sp-size fits in this host's memory (each process holds the weights): lower --batch-size, --frames "
+            "or the size, or --decode-chunk")
 
 
 def free_memory_gb(device: torch.device) -> float:
@@ -166,8 +193,8 @@ def free_memory_gb(device: torch.device) -> float:
     return float("inf")
 
 
-def contact_sheet(video: torch.Tensor, columns: int = 8) -> np.ndarray:
-    frames = tensor_to_frames(video)  # (T, H, W, 3)
+def contact_sheet(frames: np.ndarray, columns: int = 8) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) in rows of `columns`."""
     t, h, w, _ = frames.shape
     rows = -(-t // columns)
     sheet = np.zeros((rows * h, min(t, columns) * w, 3), dtype=np.uint8)
@@ -191,20 +218,35 @@ def check_sampled(x: torch.Tensor, what: str, prompt: str, args, guidance: float
                      f"is far too large; sample from an earlier checkpoint's export, or with guidance about 1-10")
 
 
-def write_outputs(path: Path, video: torch.Tensor, prompt: str, fps: float, args) -> None:
-    write_video(path, video, fps=fps, lossless=args.lossless)
+def write_outputs(path: Path, chunks, prompt: str, fps: float, args, guidance: float) -> None:
+    """The video, decoded chunk by chunk (`chunks`: (3, n, H, W) in [-1, 1]) and written as it comes, so a long
+    one is never held whole (only with --gif or --png are its 8-bit frames kept, for those); its prompt beside."""
+    frames = [] if args.gif or args.png else None
+    writer = None
+    with contextlib.ExitStack() as stack:
+        for chunk in chunks:
+            check_sampled(chunk, "decoded video", prompt, args, guidance)
+            if writer is None:
+                writer = stack.enter_context(video_writer(path, chunk.shape[-1], chunk.shape[-2], fps=fps,
+                                                          lossless=args.lossless))
+            part = tensor_to_frames(chunk)
+            writer(part)
+            if frames is not None:
+                frames.append(part)
     if args.out.suffix != ".mp4":
         write_text_atomic(path.with_suffix(".txt"), prompt + "\n")
-    if args.gif or args.png:
+    if frames is not None:
         from PIL import Image
 
+        frames = np.concatenate(frames)
         if args.png:
             with atomic_path(path.with_suffix(".png")) as tmp:
-                Image.fromarray(contact_sheet(video)).save(tmp, format="PNG")
+                Image.fromarray(contact_sheet(frames)).save(tmp, format="PNG")
         if args.gif:
-            frames = [Image.fromarray(f) for f in tensor_to_frames(video)]
+            images = [Image.fromarray(f) for f in frames]
             with atomic_path(path.with_suffix(".gif")) as tmp:
-                frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+                images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps),
+                               loop=0)
 
 
 class KnownFrames:
@@ -287,15 +329,19 @@ def run(args) -> list[Path]:
     batch = max(1, min(args.batch_size, len(jobs) or 1))
     text_tokens = pipe.text_tokens(prompts + ([args.negative_prompt] if args.negative_prompt else []))
     if args.dry_run:
-        dry_run(pipe, frames, height, width, steps, guidance, batch, text_tokens, device)
+        dry_run(pipe, frames, height, width, steps, guidance, batch, text_tokens, device, args.decode_chunk)
         return []
-    b = pipe.budget(frames, height, width, steps, guidance, batch, text_tokens, env.sp)
+    b = pipe.budget(frames, height, width, steps, guidance, batch, text_tokens, env.sp, args.decode_chunk)
     # sequence parallelism refuses a head count, and its layout a token count, that --sp-size does not divide
     parallelize(pipe.model.dit, env, ParallelOptions((DiTBlock,)))
     free = free_memory_gb(device)
     if b["memory_gb"] > free:
-        print(f"warning: this needs about {b['memory_gb']:.1f} GiB and {device} has {free:.1f} GiB free; lower "
-              f"--batch-size, --frames or the size", file=sys.stderr)
+        need = (f"needs about {b['memory_gb']:.1f} GiB (weights {b['weights_gb']:.1f}, denoising "
+                f"{b['denoise_gb']:.1f}, decoding {b['decode_gb']:.1f}) and {device} has {free:.1f} GiB free")
+        if not args.force:
+            raise InputError(f"this {need}: lower --batch-size, --frames, the size or --decode-chunk, split it with "
+                             f"--sp-size (see --dry-run), or give --force to try anyway")
+        print(f"warning: this {need}; going on (--force)", file=sys.stderr)
     if single and len(jobs) != 1:
         raise InputError(f"--out {args.out} is one file but {len(jobs)} videos were asked for: give a folder")
     known = KnownFrames(args, pipe, frames, height, width, fps)
@@ -328,10 +374,8 @@ def run(args) -> list[Path]:
                 continue
             for k, (prompt, _, name) in enumerate(group):  # one video decoded and written at a time
                 check_sampled(z[k], "latents", prompt, args, guidance)
-                video = pipe.decode(z[k : k + 1], chunk=args.decode_chunk)[0]
-                check_sampled(video, "decoded video", prompt, args, guidance)
                 path = args.out if single else out_dir / f"{name}.mp4"
-                write_outputs(path, video, prompt, fps, args)
+                write_outputs(path, pipe.decode_chunks(z[k], chunk=args.decode_chunk), prompt, fps, args, guidance)
                 written.append(path)
                 for i, x0 in trajectory:
                     write_video(path.with_suffix(".trajectory") / f"step_{i:03d}.mp4",

@@ -74,8 +74,8 @@ def measure(frames: np.ndarray, options: dict, tries: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tries", type=int, default=200)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mp4_determinism.json")
+    p.add_argument("--tries", type=int, default=200, help="encodes of the same frames per row")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mp4_determinism.json", help="the JSON written")
     args = p.parse_args(argv)
     modes = {"x264 as PyAV opens it": {}, "frame threads only": _x264_params(avx512=True),
              "no AVX-512 only": _x264_params(sliced=True), "ours (both)": _x264_params(),

@@ -15,13 +15,14 @@ from .video_io import (
     check_frame_count,
     frames_to_tensor,
     probe,
+    iter_clip,
     read_clip,
     read_image,
     read_last_frames,
     read_video,
     tensor_to_frames,
 )
-from .video_write import encode_mp4, write_video
+from .video_write import encode_mp4, video_writer, write_video
 
 __all__ = [
     "Clip",
@@ -40,10 +41,12 @@ __all__ = [
     "latent_sample",
     "make_loader",
     "probe",
+    "iter_clip",
     "read_clip",
     "read_image",
     "read_last_frames",
     "read_video",
     "tensor_to_frames",
+    "video_writer",
     "write_video",
 ]

@@ -18,24 +18,23 @@ import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Union
 
 import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 
 from errors import InputError, MissingInputError
+
+from .decoding import (ORIENTATIONS, SWAPS_SIDES, Reoriented, StreamEnded, VideoReadError, decode_indices,
+                       frame_orientation, iter_indices, stream_fps)
 
 Source = Union[str, os.PathLike, bytes]
 
 VIDEO_EXTENSIONS = ("mp4", "avi", "mov", "mkv", "webm", "m4v", "mpg", "mpeg", "ts", "gif")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
-
-
-class VideoReadError(RuntimeError):
-    """The bytes are not a decodable video: corrupt, truncated, or not a video at all."""
 
 
 class ClipTooShortError(ValueError):
@@ -130,15 +129,10 @@ def _is_image_format(container: av.container.InputContainer) -> bool:
     return name.endswith("_pipe") or name == "image2"
 
 
-def _stream_fps(stream) -> float:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return float(rate) if rate else 0.0
-
-
 def _header_info(container, stream) -> VideoInfo:
     if _is_image_format(container):
         return VideoInfo(0.0, 1, stream.width, stream.height, 0.0, stream.codec_context.name)
-    fps = _stream_fps(stream)
+    fps = stream_fps(stream)
     if stream.duration is not None and stream.time_base is not None:
         duration = float(stream.duration * stream.time_base)
     elif container.duration is not None:
@@ -147,44 +141,6 @@ def _header_info(container, stream) -> VideoInfo:
         duration = 0.0
     frames = stream.frames or (int(round(duration * fps)) if fps > 0 else 0)
     return VideoInfo(fps, frames, stream.width, stream.height, duration, stream.codec_context.name)
-
-
-# What a display matrix asks of the stored frame, as FFmpeg's command line applies it (autorotate), on an
-# (H, W, 3) array. Phones store a portrait clip as landscape frames and a matrix that turns them.
-ORIENTATIONS = {
-    "": lambda a: a,
-    "rot90": lambda a: np.rot90(a, 1),  # a quarter turn counterclockwise
-    "rot270": lambda a: np.rot90(a, -1),  # a quarter turn clockwise
-    "rot180": lambda a: a[::-1, ::-1],
-    "hflip": lambda a: a[:, ::-1],
-    "vflip": lambda a: a[::-1],
-    "transpose": lambda a: a.swapaxes(0, 1),
-    "antitranspose": lambda a: np.rot90(a, -1)[::-1],
-}
-SWAPS_SIDES = {"rot90", "rot270", "transpose", "antitranspose"}
-
-
-def frame_orientation(frame) -> str:
-    """The ORIENTATIONS key of a decoded frame's display matrix ("" without one, or for a turn that is not a
-    multiple of 90 degrees), decided as FFmpeg's autorotate decides it."""
-    matrix = None
-    for data in frame.side_data:
-        if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
-            matrix = np.frombuffer(bytes(data), dtype=np.int32)
-    if matrix is None or len(matrix) != 9:
-        return ""
-    m = [float(v) for v in matrix]
-    s0, s1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
-    if s0 == 0 or s1 == 0:
-        return ""
-    clockwise = round(math.degrees(math.atan2(m[1] / s1, m[0] / s0))) % 360  # FFmpeg's get_rotation
-    if abs(clockwise - 90) < 1:
-        return "transpose" if m[3] > 0 else "rot270"
-    if abs(clockwise - 270) < 1:
-        return "antitranspose" if m[3] < 0 else "rot90"
-    if abs(clockwise - 180) < 1:
-        return {(True, True): "rot180", (True, False): "hflip", (False, True): "vflip"}.get((m[0] < 0, m[4] < 0), "")
-    return "vflip" if clockwise == 0 and m[4] < 0 else ""
 
 
 def probe(source: Source) -> VideoInfo:
@@ -357,21 +313,7 @@ def read_clip(
     check_frame_count(num_frames, "num_frames")
     container = _open(source)
     try:
-        stream = _video_stream(container)
-        header = _header_info(container, stream)
-        if header.width <= 0 or header.height <= 0:
-            raise VideoReadError("video stream has no frame size (not a video or image, or a corrupt one)")
-        total = info.frames if info is not None and info.frames > 0 else header.frames
-        src_fps = header.fps
-        if _is_image_format(container):
-            if num_frames != 1:
-                raise ClipTooShortError(f"an image is a one-frame video; {num_frames} frames were asked for")
-            total, src_fps = 1, 0.0
-        stride = window_stride(src_fps, fps)
-        indices = _window_indices(total, num_frames, stride, start, rng)
-        stream.thread_type = "AUTO"
-        if threads > 0:
-            stream.codec_context.thread_count = threads
+        stream, header, src_fps, stride, indices = _window(container, num_frames, fps, start, rng, info, threads)
         # The display orientation: the shard's record says it; otherwise the first decoded frame's display matrix
         # does, and a window planned for another orientation is read again for the right one.
         orientation = info.orientation if info is not None else ""
@@ -384,7 +326,7 @@ def read_clip(
                 frames, decoded, available = _decode_window(container, stream, indices, plan, seek, num_frames,
                                                             stride, start, rng, orientation)
                 break
-            except _Reoriented as turned:
+            except Reoriented as turned:
                 orientation = turned.orientation
                 container.seek(0)
         else:
@@ -395,6 +337,68 @@ def read_clip(
         out = np.stack([f[top : top + th, left : left + tw] for f in frames])  # (T, H, W, 3)
         eff_fps = src_fps / stride if src_fps > 0 else 0.0
         return Clip(frames=out, fps=eff_fps, start=indices[0], stride=stride, decoded=decoded, available=available)
+    except av.FFmpegError as e:
+        raise VideoReadError(f"decoding failed: {_reason(e)}") from e
+    finally:
+        container.close()
+
+
+class WindowCutShort(VideoReadError):
+    """`iter_clip`: the file ended before the window did (fewer frames decode than it claims); `read_clip`
+    moves the window into the frames that decode."""
+
+
+def _window(container, num_frames: int, fps, start, rng, info: VideoInfo | None, threads: int):
+    """(stream, header, the file's rate, the stride, the window's source frame indices), the stream set up to
+    decode with `threads`."""
+    stream = _video_stream(container)
+    header = _header_info(container, stream)
+    if header.width <= 0 or header.height <= 0:
+        raise VideoReadError("video stream has no frame size (not a video or image, or a corrupt one)")
+    total = info.frames if info is not None and info.frames > 0 else header.frames
+    src_fps = header.fps
+    if _is_image_format(container):
+        if num_frames != 1:
+            raise ClipTooShortError(f"an image is a one-frame video; {num_frames} frames were asked for")
+        total, src_fps = 1, 0.0
+    stride = window_stride(src_fps, fps)
+    indices = _window_indices(total, num_frames, stride, start, rng)
+    stream.thread_type = "AUTO"
+    if threads > 0:
+        stream.codec_context.thread_count = threads
+    return stream, header, src_fps, stride, indices
+
+
+def iter_clip(source: Source, num_frames: int, *, fps: float | None = None, size: int | tuple[int, int] | None = None,
+              start: str | int = "start", info: VideoInfo | None = None, threads: int = 0) -> Iterator[np.ndarray]:
+    """`read_clip`'s window (centre-cropped), one uint8 (H, W, 3) frame at a time, decoded as it is consumed: the
+    memory of one frame whatever the window's length. Raises WindowCutShort, after the frames that decoded, when
+    the file ends before the window does."""
+    check_frame_count(num_frames, "num_frames")
+    container = _open(source)
+    try:
+        stream, header, _, _, indices = _window(container, num_frames, fps, start, None, info, threads)
+        orientation = info.orientation if info is not None else ""
+        for attempt in range(2):
+            rh, rw, top, left, th, tw, (width, height) = _oriented_plan(header, orientation, size, "center", None, (1.0, 1.0))
+            frames = iter_indices(container, stream, indices, width, height, True, orientation)
+            try:
+                first = next(frames)
+            except Reoriented as turned:
+                orientation = turned.orientation
+                container.seek(0)
+                continue
+            except StreamEnded as end:
+                raise WindowCutShort(f"only {end.available} frames decode") from None
+            break
+        else:
+            raise VideoReadError("the display matrix changes between frames")
+        yield first[top : top + th, left : left + tw]
+        try:
+            for frame in frames:
+                yield frame[top : top + th, left : left + tw]
+        except StreamEnded as end:
+            raise WindowCutShort(f"only {end.available} frames decode") from None
     except av.FFmpegError as e:
         raise VideoReadError(f"decoding failed: {_reason(e)}") from e
     finally:
@@ -414,131 +418,20 @@ def _decode_window(container, stream, indices, plan, seek, num_frames, stride, s
     (frames, decoded, (available, its indices))."""
     width, height = plan[6]
     try:
-        frames, decoded = _decode_indices(container, stream, indices, width, height, seek, orientation)
+        frames, decoded = decode_indices(container, stream, indices, width, height, seek, orientation)
         return frames, decoded, None
-    except _StreamEnded as end:  # fewer frames decode than the file claims: the window moves into them
+    except StreamEnded as end:  # fewer frames decode than the file claims: the window moves into them
         available = end.available
         last_start = last_window_start(available, num_frames, stride)  # ClipTooShortError if none fits
         first = min(indices[0], last_start) if isinstance(start, int) else start
         indices = _window_indices(available, num_frames, stride, first, rng)
         container.seek(0)
         try:
-            frames, decoded = _decode_indices(container, stream, indices, width, height, False, orientation)
-        except _StreamEnded as again:
+            frames, decoded = decode_indices(container, stream, indices, width, height, False, orientation)
+        except StreamEnded as again:
             raise VideoReadError(f"decoding stopped at frame {again.available}, before frame "
                                  f"{available} where it stopped the first time") from None
         return frames, decoded, (available, indices)
-
-
-class _Reoriented(Exception):
-    """The frames' display matrix says another orientation than the window was planned for."""
-
-    def __init__(self, orientation: str):
-        super().__init__(orientation)
-        self.orientation = orientation
-
-
-def _decode_indices(container, stream, indices: list[int], width: int, height: int, seek: bool,
-                    orientation: str = "") -> tuple[list[np.ndarray], int]:
-    """Decode the frames at the sorted source indices, converting only those to RGB at (height, width) as
-    stored, then turning them for display (`orientation`, which the first frame's display matrix must confirm).
-
-    Returns the frames and the number of frames decoded to get them.
-    """
-    turn = ORIENTATIONS[orientation]
-    fps = _stream_fps(stream)
-    t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    can_seek = seek and indices[0] > 0 and fps > 0 and stream.time_base is not None
-    if can_seek:
-        # The first frame's own timestamp, rounded to the nearest tick: a window that starts on a keyframe
-        # seeks to that keyframe, not the one before. Should the demuxer still land past the frame (an
-        # irregular stream), the overshoot check below decodes from the start instead.
-        target = round((t0 + indices[0] / fps) / stream.time_base)
-        container.seek(target, stream=stream, backward=True, any_frame=False)
-    out: list[np.ndarray] = []
-    # One converter for the whole window: frame.reformat() builds a new swscale context for every frame, and reading
-    # a window that way took 1.5x (real clips at 128) to 2.3x (64x64 clips) as long (bench/data.py --sections convert)
-    reformatter = VideoReformatter()
-    want = 0
-    counted = -1
-    shown = None  # (position, frame, its RGB once converted): the frame on screen at the slots being filled
-    last = -1.0  # position of the last frame that decoded
-
-    def take(frame, rgb):
-        if rgb is None:
-            rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
-            rgb = turn(rgb)
-        out.append(rgb)
-        return rgb
-
-    # Slot i of the window is time t0 + i / fps, and takes the frame on screen then: the last one whose timestamp
-    # is at most SLOT_TOLERANCE of a slot after it (timestamps rounded to a coarse time base jitter). A constant-rate file's frame i is slot i; in a variable-rate file, slots
-    # where frames are sparse repeat the frame shown, and frames where they are dense are passed over, so a window
-    # is sampled by time, not by frame count.
-    for frame in _frames_until_damage(container.decode(stream)):
-        counted += 1
-        if counted == 0 and frame_orientation(frame) != orientation:
-            raise _Reoriented(frame_orientation(frame))
-        if frame.time is not None and fps > 0:
-            pos = (frame.time - t0) * fps
-        elif not can_seek:
-            pos = float(counted)  # no timestamps: count frames from the start
-        else:
-            pos = None
-        if can_seek and counted == 0 and (pos is None or pos > indices[0] + SLOT_TOLERANCE):
-            # No timestamps to place the frame, or the demuxer overshot (a bad index): decode from the start.
-            container.seek(0)
-            frames, decoded = _decode_indices(container, stream, indices, width, height, False, orientation)
-            return frames, decoded + 1
-        if pos is None:
-            raise VideoReadError("a frame without a timestamp after seeking; read this file with seek=False")
-        last = max(last, pos)
-        while shown is not None and want < len(indices) and pos > indices[want] + SLOT_TOLERANCE:
-            shown[2] = take(shown[1], shown[2])  # slots before this frame: the one shown until it
-            want += 1
-        if want == len(indices):
-            return out, counted + 1
-        shown = [pos, frame, None]
-        # A frame within the tolerance of a slot is that slot's (a constant-rate file's frame i is slot i): taken
-        # now, without decoding the next frame to learn that it comes after; so is the first frame decoded when
-        # it is already past the slot.
-        while want < len(indices) and (pos >= indices[want] - SLOT_TOLERANCE or counted == 0 and pos > indices[want]):
-            shown[2] = take(frame, shown[2])
-            want += 1
-        if want == len(indices):
-            return out, counted + 1
-    # The window was checked against the frame count, so fewer frames decode than the file holds or claims.
-    if last < 0:
-        raise VideoReadError("no frame decodes")
-    raise _StreamEnded(int(math.floor(last + 0.5)) + 1)
-
-
-SLOT_TOLERANCE = 0.25  # of a frame interval at the stream's average rate
-
-
-class _StreamEnded(Exception):
-    """Decoding ended (or broke) before a window's last frame: `available` frames decode."""
-
-    def __init__(self, available: int):
-        super().__init__(f"only {available} frames decode")
-        self.available = available
-
-
-def _frames_until_damage(frames):
-    """The decoder's frames, ending quietly at damage after the first (a truncated or broken last frame):
-    what decoded before it is good, and the caller learns where it stopped."""
-    first = True
-    while True:
-        try:
-            frame = next(frames)
-        except StopIteration:
-            return
-        except av.FFmpegError:
-            if first:
-                raise
-            return
-        first = False
-        yield frame
 
 
 def read_video(source: Source, num_frames: int, **kwargs) -> torch.Tensor:

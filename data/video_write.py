@@ -17,20 +17,21 @@ speed of the default.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
+import re
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
-
-import functools
-import re
 
 import av
 import av.logging
 import numpy as np
 import torch
 
-from checkpoint_io import write_bytes_atomic
+from checkpoint_io import atomic_path, write_bytes_atomic
 
 from .video_io import tensor_to_frames
 
@@ -85,30 +86,49 @@ def _x264_params(avx512: bool = False, sliced: bool = False) -> dict:
     return {"x264-params": ":".join(params)} if params else {}
 
 
+class _Encoder:
+    """An h264 stream in an mp4 container, fed frame by frame (see `encode_mp4` for the formats)."""
+
+    def __init__(self, target, width: int, height: int, fps: float, crf: int = 18, codec: str = "libx264",
+                 lossless: bool = False):
+        if not lossless and (height % 2 or width % 2):
+            raise ValueError(f"h264 with yuv420p needs an even width and height; got {width}x{height}: crop or pad "
+                             f"one pixel")
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        if lossless:
+            codec, pix_fmt, options = "libx264rgb", "rgb24", {"qp": "0"}
+        else:
+            pix_fmt, options = "yuv420p", {"crf": str(crf)}
+        if codec in ("libx264", "libx264rgb"):
+            options.update(_x264_params())
+        self.size = (height, width)
+        self.container = av.open(target, mode="w", format="mp4")
+        self.stream = self.container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, pix_fmt
+        self.stream.options = options
+
+    def write(self, frames: np.ndarray) -> None:
+        """uint8 (T, H, W, 3) frames, appended."""
+        if frames.shape[1:3] != self.size:
+            raise ValueError(f"frames of {frames.shape[2]}x{frames.shape[1]} for a video of {self.size[1]}x{self.size[0]}")
+        for f in frames:
+            self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode())
+        self.container.close()
+
+
 def encode_mp4(video, fps: float, crf: int = 18, codec: str = "libx264", lossless: bool = False) -> bytes:
     """Encode frames as h264 mp4 bytes: yuv420p at `crf`, or with lossless=True RGB at qp 0 (libx264rgb), which
     decodes to exactly these frames (about 3x the size; FFmpeg and browsers built on it play it, some players do
     not). `video`: uint8 (T, H, W, 3) or float (3, T, H, W) in [-1, 1]. The same frames give the same bytes."""
     frames = _as_frames(video)
-    _, h, w, _ = frames.shape
-    if not lossless and (h % 2 or w % 2):
-        raise ValueError(f"h264 with yuv420p needs an even width and height; got {w}x{h}: crop or pad one pixel")
-    if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    if lossless:
-        codec, pix_fmt, options = "libx264rgb", "rgb24", {"qp": "0"}
-    else:
-        pix_fmt, options = "yuv420p", {"crf": str(crf)}
-    if codec in ("libx264", "libx264rgb"):
-        options.update(_x264_params())
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        stream.options = options
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        container.mux(stream.encode())
+    encoder = _Encoder(buf, frames.shape[2], frames.shape[1], fps, crf, codec, lossless)
+    encoder.write(frames)
+    encoder.close()
     return buf.getvalue()
 
 
@@ -117,3 +137,21 @@ def write_video(path: str | os.PathLike, video, fps: float, crf: int = 18, lossl
     path = Path(path)
     write_bytes_atomic(path, encode_mp4(video, fps, crf=crf, lossless=lossless))
     return path
+
+
+@contextlib.contextmanager
+def video_writer(path: str | os.PathLike, width: int, height: int, fps: float, crf: int = 18,
+                 lossless: bool = False) -> Iterator[Callable]:
+    """Write an mp4 a chunk of frames at a time, for videos longer than memory; the same bytes as `write_video`
+    of all the frames at once. Atomic as write_video: the file appears, whole, when the block ends.
+
+        with video_writer("long.mp4", w, h, fps=16) as write:
+            for chunk in chunks:          # uint8 (T, H, W, 3), or float (3, T, H, W) in [-1, 1]
+                write(chunk)
+    """
+    with atomic_path(path) as tmp:
+        encoder = _Encoder(str(tmp), width, height, fps, crf, lossless=lossless)
+        try:
+            yield lambda frames: encoder.write(_as_frames(frames))
+        finally:
+            encoder.close()

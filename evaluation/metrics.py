@@ -83,12 +83,50 @@ def equal_floats_baseline(video: torch.Tensor, latent_shape: tuple[int, int, int
     (B, 3, T, H, W) in [-1, 1] -> the same shape.
     """
     b, c, t, h, w = video.shape
-    tl = latent_shape[1]
-    per_frame = math.prod(latent_shape) / (c * tl)
-    scale = math.sqrt(h * w / per_frame)
-    small = (tl, max(1, round(h / scale)), max(1, round(w / scale)))
+    small = _baseline_grid(h, w, c, latent_shape)
     down = F.interpolate(video.float(), size=small, mode="trilinear", align_corners=False)
     return F.interpolate(down, size=(t, h, w), mode="trilinear", align_corners=False)
+
+
+def _baseline_grid(height: int, width: int, channels: int, latent_shape) -> tuple[int, int, int]:
+    tl = latent_shape[1]
+    per_frame = math.prod(latent_shape) / (channels * tl)
+    scale = math.sqrt(height * width / per_frame)
+    return tl, max(1, round(height / scale)), max(1, round(width / scale))
+
+
+class StreamingBaseline:
+    """`equal_floats_baseline` of a clip seen a chunk of frames at a time, for clips too long to hold: `add` each
+    chunk in order (shrunk at once to the baseline's grid, a few floats a frame), `finish`, then `frames(a, b)`
+    gives the baseline's frames [a, b). Trilinear interpolation is separable, so shrinking each frame and then
+    interpolating in time is the same map (equal to float rounding)."""
+
+    def __init__(self, frames: int, height: int, width: int, latent_shape, channels: int = 3):
+        self.frames, self.size = frames, (height, width)
+        self.tl, self.hs, self.ws = _baseline_grid(height, width, channels, latent_shape)
+        self.parts: list[torch.Tensor] = []
+        self.grid: torch.Tensor | None = None
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """Frames (1, C, n, H, W) in [-1, 1], the next ones of the clip."""
+        frames = chunk[0].float().transpose(0, 1)  # (n, C, H, W)
+        self.parts.append(F.interpolate(frames, size=(self.hs, self.ws), mode="bilinear", align_corners=False))
+
+    def finish(self) -> None:
+        small = torch.cat(self.parts)  # (T, C, hs, ws)
+        if len(small) != self.frames:
+            raise ValueError(f"{len(small)} frames were added for a clip of {self.frames}")
+        t, c = small.shape[:2]
+        series = small.permute(1, 2, 3, 0).reshape(1, -1, t)  # every grid cell's values over time
+        down = F.interpolate(series, size=self.tl, mode="linear", align_corners=False)
+        up = F.interpolate(down, size=t, mode="linear", align_corners=False)
+        self.grid = up.reshape(c, self.hs, self.ws, t).permute(3, 0, 1, 2)  # (T, C, hs, ws)
+        self.parts = []
+
+    def frames_between(self, a: int, b: int) -> torch.Tensor:
+        """The baseline's frames [a, b) as (1, C, b - a, H, W)."""
+        out = F.interpolate(self.grid[a:b], size=self.size, mode="bilinear", align_corners=False)
+        return out.transpose(0, 1).unsqueeze(0)
 
 
 def group_starts(frames: int, temporal_factor: int) -> list[int]:

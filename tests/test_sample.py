@@ -177,3 +177,49 @@ def test_a_video_is_the_same_float_for_float_in_any_batch(run_dir):
     batch = pipe.generate([prompt, *others], seeds=[5, 1, 2, 3, 4, 6, 7, 8], **kw)
     assert torch.equal(alone[0], batch[0])
     assert torch.equal(pipe.decode(alone)[0], pipe.decode(batch)[0])
+
+
+def test_memory_is_counted_whole_and_a_run_that_cannot_fit_is_refused(run_dir, tmp_path, monkeypatch, capsys):
+    from pipeline import Pipeline
+
+    pipe = Pipeline.load(run_dir)
+    b = pipe.budget(33, 32, 32, steps=3, guidance=3.0, batch=2, text_tokens=pipe.text_tokens(), decode_chunk=2)
+    weights = sum(p.numel() * 4 for m in (pipe.model, pipe.vae) for p in m.parameters()) / 2**30
+    assert b["weights_gb"] == pytest.approx(weights) and b["decode_gb"] > 0
+    latents = 4 * (2 * 2) * (16 * 9 * 4 * 4) * 4 / 2**30  # 4 copies of the batch's latents, with guidance's twins
+    assert b["memory_gb"] == pytest.approx(b["weights_gb"] + latents + max(b["denoise_gb"] - latents, b["decode_gb"]))
+    # more than is free: refused before sampling, unless forced
+    monkeypatch.setattr(sample, "free_memory_gb", lambda device: b["weights_gb"] / 2)
+    common = ["--ckpt", str(run_dir), "--prompt", "a red circle", "--steps", "1", "--no-progress"]
+    assert sample.main(common + ["--out", str(tmp_path / "a.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "give --force to try anyway" in err and not (tmp_path / "a.mp4").exists()
+    assert sample.main(common + ["--out", str(tmp_path / "b.mp4"), "--force"]) == 0
+    assert "going on (--force)" in capsys.readouterr().err and (tmp_path / "b.mp4").is_file()
+
+
+def test_the_split_advised_is_one_this_host_can_run():
+    rows = [{"sp": 1, "memory_gb": 10.0}, {"sp": 2, "memory_gb": 6.0}, {"sp": 4, "memory_gb": 4.0}]
+    assert sample.smallest_split(rows, free=7.0, gpus=8).startswith("smallest --sp-size that fits here: 2")
+    assert sample.smallest_split(rows, free=5.0, gpus=2).startswith(  # fits a GPU at 4 ranks, but there are 2
+        "no --sp-size fits on this host's 2 GPU(s): --sp-size 4 fits GPUs like this one, across hosts")
+    # on the CPU the ranks share one memory, each with its own weights: 2 ranks of 4 GiB need 8
+    cpu = [{"sp": 1, "memory_gb": 10.0}, {"sp": 2, "memory_gb": 4.0}, {"sp": 4, "memory_gb": 3.0}]
+    assert sample.smallest_split(cpu, free=9.0, gpus=0).startswith("smallest --sp-size that fits here: 2")
+    assert sample.smallest_split(cpu, free=11.0, gpus=0).startswith("smallest --sp-size that fits here: 1")
+    assert sample.smallest_split(cpu, free=7.0, gpus=0).startswith("no --sp-size fits in this host's memory")
+
+
+def test_a_video_is_written_chunk_by_chunk_with_the_bytes_of_the_whole(run_dir, tmp_path):
+    from data import encode_mp4
+    from pipeline import Pipeline
+
+    pipe = Pipeline.load(run_dir)
+    z = pipe.generate(["a red circle moving right"], frames=33, height=32, width=32, steps=2, guidance=3.0, seeds=[0])
+    chunks = list(pipe.decode_chunks(z[0], chunk=2))
+    assert len(chunks) == 5 and [c.shape[1] for c in chunks] == [5, 8, 8, 8, 4]
+    whole = pipe.decode(z, chunk=2)[0]
+    assert torch.equal(torch.cat(chunks, 1), whole)
+    args = sample.build_parser().parse_args(["--ckpt", "x", "--out", str(tmp_path)])
+    sample.write_outputs(tmp_path / "v.mp4", iter(chunks), "a red circle moving right", 8.0, args, 3.0)
+    assert (tmp_path / "v.mp4").read_bytes() == encode_mp4(whole, 8.0)

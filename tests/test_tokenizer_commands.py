@@ -147,3 +147,33 @@ def test_evaluate_takes_windows_from_the_frames_that_decode(ckpt, tmp_path):
     assert short["short.mp4"]["declared"] == 40 and short["short.mp4"]["decoded"] < 30
     assert short["broken_end.mp4"]["declared"] == 40 and short["broken_end.mp4"]["decoded"] < 40
     assert "claims 40 frames and decodes" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_a_window_read_a_chunk_at_a_time_scores_as_the_whole_window(ckpt, tmp_path, monkeypatch):
+    """Our tokenizer reads, encodes, decodes and scores a window a chunk at a time from the file (memory flat in
+    the window's length: bench/tokenizer_memory.py); every number and the side-by-side video are the whole
+    window's."""
+    import tokenizer.evaluate as ev
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    copy_clip(BIKES, folder / "bikes.mp4", "cyclists")
+    args = ["--ckpt", str(ckpt), "--data", str(folder), "--frames", "41", "--size", "32", "--windows", "2",
+            "--chunk", "2"]
+    assert ev.main(args + ["--out", str(tmp_path / "stream")]) == 0
+    monkeypatch.setattr(ev, "streams", lambda *a: False)  # the window held whole, as every window once was
+    assert ev.main(args + ["--out", str(tmp_path / "whole")]) == 0
+    (stream,), (whole,) = (json.loads((tmp_path / n / "report.json").read_text())["tokenizers"].values()
+                           for n in ("stream", "whole"))
+    for key in ("psnr", "ssim", "baseline_psnr", "baseline_ssim"):
+        assert stream["videos"][0][key] == pytest.approx(whole["videos"][0][key], abs=1e-4), key
+    assert stream["psnr_per_frame"] == pytest.approx(whole["psnr_per_frame"], abs=1e-3)
+    assert stream["seams"]["error_ratio"] == pytest.approx(whole["seams"]["error_ratio"], abs=1e-4)
+    assert stream["seams"]["motion_ratio"] == pytest.approx(whole["seams"]["motion_ratio"], abs=1e-4)
+    assert stream["chunked_max_abs_difference"] < 1e-5 and stream["latent_floats_per_pixel"] == whole["latent_floats_per_pixel"]
+    videos = []
+    for n in ("stream", "whole"):
+        with av.open(str(tmp_path / n / "videos" / "bikes.mp4")) as c:
+            videos.append(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(int))
+    assert videos[0].shape == (41, 32, 96, 3) and np.abs(videos[0] - videos[1]).max() <= 2
+    assert not list((tmp_path / "stream" / "videos").glob(".*"))  # no scratch left behind

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import av
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 from data.video_io import (
     ClipTooShortError,
     VideoInfo,
+    iter_clip,
     _resize_plan,
     VideoReadError,
     check_frame_count,
@@ -321,4 +320,5 @@ def test_a_clip_with_a_display_matrix_is_read_as_it_is_shown(tmp_path, degrees, 
     expect = shown(read_clip(BIKES, 5, size=(34, 64)).frames)
     assert np.array_equal(read_clip(path, 5, size=size).frames, expect)
     assert np.array_equal(read_clip(path, 5, size=size, info=info).frames, expect)  # as a shard's record says
+    assert np.array_equal(np.stack(list(iter_clip(path, 5, size=size))), expect)  # a frame at a time
     assert VideoInfo.from_json(info.to_json()) == info

@@ -165,6 +165,16 @@ class DiffusersVAE(nn.Module):
         dist = self.model.encode(video.to(self.model.dtype)).latent_dist
         return DiagonalGaussian(dist.mean.float(), dist.logvar.float())
 
+    def decode_bytes(self, height: int, width: int, chunk: int, dtype_bytes: int = 4, frames: int = 0) -> float:
+        """About how much memory decoding `frames` frames to (height, width) holds at its peak: the wrapped model
+        walks time itself (a latent frame at a time for the causal ones), its widest stage at full resolution
+        holding about four tensors of its width for a latent frame's pixel frames, and it returns the whole
+        video. An estimate for sizing a run, not a measurement."""
+        channels = list(getattr(self.model.config, "block_out_channels", None) or [128])
+        tf = self.config.temporal_factor
+        stages = sum(4 * c * (height // 2**i) * (width // 2**i) for i, c in enumerate(channels)) * tf
+        return (stages + 3 * max(frames, tf) * height * width) * dtype_bytes
+
     def decode(self, latents: torch.Tensor, chunk: int | None = None, tile: int | str | None = None) -> torch.Tensor:
         """Video (B, 3, 1 + tk, H, W) from latents (B, L, 1 + k, h, w)."""
         if latents.ndim != 5 or latents.shape[1] != self.config.latent_channels:

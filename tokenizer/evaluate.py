@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
 import sys
-import time
-from dataclasses import dataclass
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,33 +37,23 @@ import torch
 
 from checkpoint_io import atomic_path, check_writable, write_json_atomic, write_text_atomic
 from cpu_allocator import keep_freed_memory
-from data import ClipTooShortError, VideoInfo, VideoReadError, read_clip, write_video
+from data import ClipTooShortError, VideoInfo, VideoReadError, read_clip
 from data.shards import sanitize_key
 from data.sources import VideoSource, find_videos, window_starts
 from data.clip_options import add_clip_options, check_clip_options
-from data.video_io import size_pair
+from data.video_io import WindowCutShort, size_pair, window_stride
 from errors import InputError
 from evaluation.fvd import FrechetVideoDistance, fvd_from_features
 from evaluation.lpips import LPIPS
-from evaluation.metrics import (equal_floats_baseline, frame_errors, psnr_from_mse, seam_ratios, ssim_frames,
-                                to_unit_range)
+from evaluation.metrics import psnr_from_mse, seam_ratios
 from evaluation.peak_memory import PeakMemory
 
 from .checkpoint import load_tokenizer
-from .diffusers_vae import DiffusersVAE
 from .model import CausalVAE
+from .window_scores import (ERROR_GAIN, Candidate, WindowScore, WindowSource, score_streaming, score_whole,
+                            write_side_by_side)
 
 log = logging.getLogger("tokenizer.evaluate")
-ERROR_GAIN = 4.0  # amplification of |original - reconstruction| in the side-by-side videos
-
-
-@dataclass
-class Candidate:
-    """One tokenizer under evaluation: its name in the report, where it came from, and the model."""
-
-    name: str
-    ckpt: str
-    model: CausalVAE | DiffusersVAE
 
 
 def candidate_names(paths: list[str]) -> list[str]:
@@ -87,20 +77,6 @@ def clip_size(info: VideoInfo, size: int | tuple[int, int], multiple: int, aspec
     return (size, long_side) if info.width >= info.height else (long_side, size)
 
 
-def side_by_side(original: torch.Tensor, recons: list[torch.Tensor]) -> torch.Tensor:
-    """(3, T, H, W) in [-1, 1] -> (3, T, H, (1 + 2n) W): original | reconstruction, amplified error | ...
-    for each of n tokenizers, in the report's order."""
-    parts = [original]
-    for recon in recons:
-        parts += [recon, ((original - recon).abs() * ERROR_GAIN).clamp(0, 2) - 1]
-    return torch.cat(parts, dim=-1)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Tally:
     """What one tokenizer accumulates over the videos."""
 
@@ -117,19 +93,10 @@ class _Tally:
         self.chunk_gap = 0.0  # largest |chunked or tiled - whole| seen on first windows
 
 
-LATENT_LIMIT = 1e4  # a working video autoencoder's latents are units to tens; a diverged one's are not
-
-
-def check_output(x: torch.Tensor, what: str, cand: Candidate, video: str) -> None:
-    """A tokenizer whose output is not finite (or whose latents are astronomically large) has diverged: its
-    scores would be a number that means nothing (NaN is black once clamped and rounded), so say so instead."""
-    finite = bool(torch.isfinite(x).all())
-    if finite and (what != "latents" or float(x.abs().max()) <= LATENT_LIMIT):
-        return
-    found = "not finite (NaN or inf)" if not finite else f"up to {float(x.abs().max()):.3g}"
-    raise InputError(f"{cand.name} ({cand.ckpt}): its {what} of {video} {'are' if what == 'latents' else 'is'} "
-                     f"{found}: the tokenizer has diverged (its model/run.json says how its run ended); evaluate "
-                     f"an earlier checkpoint's export")
+def streams(vae, tile, fvd) -> bool:
+    """Whether a tokenizer is evaluated a chunk at a time from the file: ours, untiled, without rFVD (whose
+    detector takes the window whole); the field's models walk time themselves and take the window whole."""
+    return isinstance(vae, CausalVAE) and tile is None and fvd is None
 
 
 @torch.no_grad()
@@ -137,7 +104,9 @@ def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int
              *, aspect: str = "square", fps: float | None = None, windows: int = 4, chunk: int | None = None,
              tile: int | None = None, device: torch.device | str = "cpu", video_dir: Path | None = None,
              plot: Path | None = None, lpips: LPIPS | None = None, fvd: FrechetVideoDistance | None = None) -> dict:
-    """Every tokenizer on exactly the same windows: see the module's docstring for what is reported."""
+    """Every tokenizer on exactly the same windows: see the module's docstring for what is reported. Our
+    tokenizers read each window from the file a chunk at a time (`--chunk`), so their memory does not grow with
+    the window's length."""
     device = torch.device(device)
     for c in tokenizers:
         c.model.to(device).eval()
@@ -145,80 +114,58 @@ def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int
     multiple = math.lcm(*(c.model.config.spatial_factor for c in tokenizers))
     tallies = {c.name: _Tally(frames) for c in tokenizers}
     skipped, shortfalls, shapes = [], [], {}
-    for v in videos:
-        height, width = clip_size(v.info, size, multiple, aspect)
-        try:  # every window read first: a file that holds fewer frames than it claims moves them into what decodes
-            clips = [read_clip(v.data, frames, fps=fps, size=(height, width), start=start, info=v.info)
-                     for start in window_starts(v.info, frames, fps, windows)]
-        except (ClipTooShortError, VideoReadError) as e:
-            skipped.append((v.name, str(e)))
-            continue
-        clips = list({c.start: c for c in clips}.values())  # windows moved onto the same frames count once
-        shapes[v.name] = [height, width]
-        decoded = min((c.available for c in clips if c.available is not None), default=v.info.frames)
-        if v.info.declared_frames or decoded < v.info.frames:
-            shortfalls.append({"video": v.name, "declared": v.info.declared_frames or v.info.frames, "decoded": decoded})
-        firsts = []
-        for cand in tokenizers:
-            tally, vae = tallies[cand.name], cand.model
-            tiles = None if tile == "auto" and isinstance(vae, CausalVAE) else tile  # ours runs whole, or exactly tiled
-            latent_shape = vae.latent_shape(frames, height, width)
-            sq_err = sq_err_base = 0.0
-            count = 0
-            ssims, ssims_base, lp, lp_base = [], [], [], []
-            mem = PeakMemory(device).start()
-            for i, clip in enumerate(clips):
-                x = clip.to_tensor().unsqueeze(0).to(device)  # (1, 3, T, H, W)
-                _sync(device)
-                t0 = time.perf_counter()
-                z = vae.encode(x, chunk=chunk, tile=tiles).mean
-                _sync(device)
-                t1 = time.perf_counter()
-                check_output(z, "latents", cand, v.name)
-                y = vae.decode(z, chunk=chunk, tile=tiles)
-                check_output(y, "reconstruction", cand, v.name)
-                y = y.clamp(-1, 1)
-                _sync(device)
-                tally.enc, tally.dec = tally.enc + t1 - t0, tally.dec + time.perf_counter() - t1
-                tally.frames += frames
-                if i == 0 and (chunk is not None or tile is not None):
-                    whole = vae.decode(vae.encode(x).mean).clamp(-1, 1)
-                    tally.chunk_gap = max(tally.chunk_gap, float((whole - y).abs().max()))
-                base = equal_floats_baseline(x, latent_shape).clamp(-1, 1)
-                a, b, c = to_unit_range(x.float()), to_unit_range(y.float()), to_unit_range(base)
-                sq_err += (a.double() - b.double()).pow(2).sum().item()
-                sq_err_base += (a.double() - c.double()).pow(2).sum().item()
-                count += a.numel()
-                frame_sq, frame_motion = frame_errors(a, b)
-                tally.sq += frame_sq.cpu()
-                tally.motion += frame_motion.cpu()
-                tally.windows += 1
-                tally.latent_floats += math.prod(z.shape[1:])
-                tally.pixels += frames * height * width
-                ssims += ssim_frames(a, b)[0].tolist()
-                ssims_base += ssim_frames(a, c)[0].tolist()
-                if fvd is not None:
-                    for name, clip_ in (("real", x), ("recon", y), ("baseline", base)):
-                        tally.feats[name].append(fvd.features(clip_))
-                if lpips is not None:
-                    lp.append(lpips.video(x, y).item())
-                    lp_base.append(lpips.video(x, base).item())
-                if i == 0:
-                    firsts.append(y[0].cpu())
-            mem.stop()
-            tally.peak_mb = mem.peak_mb if math.isnan(tally.peak_mb) else max(tally.peak_mb, mem.peak_mb)
-            tally.rows.append({
-                "video": v.name,
-                "windows": len(clips),
-                "frames": len(ssims),
-                "psnr": psnr_from_mse(torch.tensor(sq_err / count)).item(),
-                "ssim": float(np.mean(ssims)),
-                "baseline_psnr": psnr_from_mse(torch.tensor(sq_err_base / count)).item(),
-                "baseline_ssim": float(np.mean(ssims_base)),
-            } | ({"lpips": float(np.mean(lp)), "baseline_lpips": float(np.mean(lp_base))} if lpips is not None else {}))
-        if video_dir is not None:
-            write_video(video_dir / f"{sanitize_key(Path(v.name).stem)}.mp4",
-                        side_by_side(clips[0].to_tensor(), firsts), fps=clips[0].fps or 8.0)
+    if video_dir is not None:
+        video_dir.mkdir(parents=True, exist_ok=True)
+    # the first window's reconstructions, as uint8 frames on disk until the side-by-side video is written
+    scratch = Path(tempfile.mkdtemp(prefix=".reconstructions-", dir=video_dir))
+    try:
+        for v in videos:
+            height, width = clip_size(v.info, size, multiple, aspect)
+            try:
+                starts = window_starts(v.info, frames, fps, windows)
+            except ClipTooShortError as e:
+                skipped.append((v.name, str(e)))
+                continue
+            rows = {c.name: WindowScore(frames) for c in tokenizers}
+            seen, decoded, first, scored = set(), v.info.frames, None, 0
+            for start in starts:
+                src = WindowSource(v.name, v.data, v.info, frames, fps, (height, width), start)
+                recons = [scratch / f"{i}.u8" for i in range(len(tokenizers))] if first is None and video_dir else []
+                try:
+                    results = _score_window(tokenizers, src, chunk, tile, device, lpips, fvd, first is None, recons)
+                except (WindowCutShort, ClipTooShortError, VideoReadError):
+                    try:  # a file that holds fewer frames than it claims: the window moves into what decodes
+                        clip = read_clip(v.data, frames, fps=fps, size=(height, width), start=start, info=v.info)
+                    except (ClipTooShortError, VideoReadError) as again:
+                        if not scored:
+                            skipped.append((v.name, str(again)))
+                            break
+                        continue
+                    decoded = min(decoded, clip.available or decoded)
+                    if clip.start in seen:
+                        continue  # moved onto frames already scored
+                    src = WindowSource(v.name, v.data, v.info, frames, fps, (height, width), clip.start, held=clip.frames)
+                    results = _score_window(tokenizers, src, chunk, tile, device, lpips, fvd, first is None, recons)
+                seen.add(src.start)
+                scored += 1
+                if first is None:
+                    first = (src, recons)
+                for cand, score in zip(tokenizers, results):
+                    _merge(tallies[cand.name], rows[cand.name], score, frames, height, width)
+            if not scored:
+                continue
+            shapes[v.name] = [height, width]
+            if v.info.declared_frames or decoded < v.info.frames:
+                shortfalls.append({"video": v.name, "declared": v.info.declared_frames or v.info.frames,
+                                   "decoded": decoded})
+            for cand in tokenizers:
+                tallies[cand.name].rows.append(_row(v.name, scored, rows[cand.name], lpips is not None))
+            if video_dir is not None and first[1]:
+                src, recons = first
+                write_side_by_side(video_dir / f"{sanitize_key(Path(v.name).stem)}.mp4", src, recons,
+                                    fps=_window_fps(v.info, fps))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     results = {}
     for cand in tokenizers:
         results[cand.name] = _summary(cand, tallies[cand.name], lpips is not None, fvd is not None, chunk, tile)
@@ -236,6 +183,62 @@ def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int
                      "latent_shape": list(first.latent_shape(frames, *size_pair(size))) if len(tokenizers) == 1 else None},
         "conventions": CONVENTIONS,
     }
+
+
+def _score_window(tokenizers: list[Candidate], src: WindowSource, chunk, tile, device, lpips, fvd, check_gap: bool,
+                  recons: list[Path]) -> list[WindowScore]:
+    """Every tokenizer on one window, each with its peak memory above what was held when it began."""
+    results = []
+    for i, cand in enumerate(tokenizers):
+        recon = open(recons[i], "wb") if recons else None
+        mem = PeakMemory(device).start()
+        try:
+            if streams(cand.model, tile, fvd):
+                score = score_streaming(cand, src, chunk, device, lpips, check_gap, recon)
+            else:
+                score = score_whole(cand, src, chunk, tile, device, lpips, fvd, check_gap, recon)
+        finally:
+            mem.stop()
+            if recon is not None:
+                recon.close()
+        score.peak_mb = mem.peak_mb
+        results.append(score)
+    return results
+
+
+def _merge(tally: _Tally, row: WindowScore, score: WindowScore, frames: int, height: int, width: int) -> None:
+    """A whole window's measurements into its tokenizer's tally and its video's row."""
+    tally.enc, tally.dec, tally.frames = tally.enc + score.enc, tally.dec + score.dec, tally.frames + frames
+    tally.chunk_gap = max(tally.chunk_gap, score.gap)
+    tally.sq += score.frame_sq
+    tally.motion += score.frame_motion
+    tally.windows += 1
+    tally.latent_floats += score.latent_floats
+    tally.pixels += frames * height * width
+    for name, feats in score.feats.items():
+        tally.feats[name] += feats
+    tally.peak_mb = score.peak_mb if math.isnan(tally.peak_mb) else max(tally.peak_mb, score.peak_mb)
+    row.sq_err, row.sq_err_base, row.count = row.sq_err + score.sq_err, row.sq_err_base + score.sq_err_base, row.count + score.count
+    row.ssims += score.ssims
+    row.ssims_base += score.ssims_base
+    row.lp, row.lp_base = row.lp + score.lp, row.lp_base + score.lp_base
+
+
+def _row(name: str, windows: int, row: WindowScore, has_lpips: bool) -> dict:
+    return {
+        "video": name,
+        "windows": windows,
+        "frames": len(row.ssims),
+        "psnr": psnr_from_mse(torch.tensor(row.sq_err / row.count)).item(),
+        "ssim": float(np.mean(row.ssims)),
+        "baseline_psnr": psnr_from_mse(torch.tensor(row.sq_err_base / row.count)).item(),
+        "baseline_ssim": float(np.mean(row.ssims_base)),
+    } | ({"lpips": row.lp / windows, "baseline_lpips": row.lp_base / windows} if has_lpips else {})
+
+
+def _window_fps(info: VideoInfo, fps: float | None) -> float:
+    """The frame rate a window plays at: the file's over the stride, else 8."""
+    return info.fps / window_stride(info.fps, fps) if info.fps > 0 else 8.0
 
 
 def _summary(cand: Candidate, tally: _Tally, has_lpips: bool, has_fvd: bool, chunk, tile) -> dict:

@@ -297,16 +297,63 @@ class CausalVAE(nn.Module):
     def patchify(self, video: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Latent frames [start, stop) of the space-to-depth input, folded from only the pixel frames they hold
         (a chunk never copies the whole clip): frame 0 is replicated to fill the first group."""
-        cfg = self.config
-        tf = cfg.temporal_factor
         stop = self.latent_shape(*video.shape[2:])[1] if stop is None else stop
-        if start == 0:
-            part = video[:, :, : 1 + tf * (stop - 1)]
-            part = torch.cat([part[:, :, :1].expand(-1, -1, tf - 1, -1, -1), part], dim=2)  # (B, C, tf * stop, H, W)
-        else:
-            part = video[:, :, 1 + tf * (start - 1) : 1 + tf * (stop - 1)]
-        return rearrange(part, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w", pt=tf, ph=cfg.patch_size,
-                         pw=cfg.patch_size)
+        a, b = self.pixel_range(start, stop)
+        return self._fold(video[:, :, a:b], first=start == 0)
+
+    def pixel_range(self, start: int, stop: int) -> tuple[int, int]:
+        """The pixel frames [a, b) that latent frames [start, stop) encode from and decode to."""
+        tf = self.config.temporal_factor
+        return (0 if start == 0 else 1 + tf * (start - 1)), 1 + tf * (stop - 1)
+
+    def pixel_ranges(self, frames: int, chunk: int) -> list[tuple[int, int]]:
+        """The pixel frames each step of `chunk` latent frames takes, in order, for a clip of `frames` frames
+        (what `encode_stream` is given and `decode_stream` gives back)."""
+        latent = self.latent_shape(frames, 1, 1)[1]
+        return [self.pixel_range(i, min(i + chunk, latent)) for i in range(0, latent, self._chunk(chunk))]
+
+    def _fold(self, part: torch.Tensor, first: bool) -> torch.Tensor:
+        cfg = self.config
+        if first:
+            part = torch.cat([part[:, :, :1].expand(-1, -1, cfg.temporal_factor - 1, -1, -1), part], dim=2)
+        return rearrange(part, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w", pt=cfg.temporal_factor,
+                         ph=cfg.patch_size, pw=cfg.patch_size)
+
+    def decode_bytes(self, height: int, width: int, chunk: int, dtype_bytes: int = 4) -> float:
+        """About how much memory decoding one chunk of `chunk` latent frames to (height, width) holds at its peak:
+        each decoder stage's widest block (about ten tensors of its width live, over the chunk and the past frames
+        its temporal convolutions add), the output patches and the pixel refinement; on the CPU it came out 1.06-1.48x
+        the measured peak for the tiny and small presets at 128x192 and 256x256. An estimate for sizing a run
+        (sample.py --dry-run), not a measurement."""
+        cfg = self.config
+        p, t = cfg.patch_size, chunk + cfg.temporal_kernel - 1
+        pixels = cfg.temporal_factor * chunk * height * width  # pixel frames x pixels the chunk decodes to
+        stages = sum(10 * c * (height // (p * 2**i)) * (width // (p * 2**i)) for i, c in enumerate(cfg.channels)) * t
+        out = 2 * cfg.in_channels * pixels + 2 * cfg.refine_channels * pixels
+        return (stages + out) * dtype_bytes
+
+    def encode_step(self, part: torch.Tensor, cache: CausalCache, first: bool) -> DiagonalGaussian:
+        """The posterior of one pixel chunk (B, C, b - a, H, W), as `pixel_ranges` cuts a clip, given the cache
+        of the chunks before it (`first`: the clip's first chunk; the cache starts empty)."""
+        return DiagonalGaussian(*self.encoder(self._fold(part, first), cache))
+
+    def decode_step(self, latents: torch.Tensor, cache: CausalCache, first: bool) -> torch.Tensor:
+        """The video frames of one latent chunk, given the cache of the chunks before it."""
+        self._check_latents(latents)
+        return self._pixels(self.decoder(latents, cache), first=first)
+
+    def encode_stream(self, parts) -> Iterator[DiagonalGaussian]:
+        """The posterior of each pixel chunk in turn, as `pixel_ranges` cuts a clip: the whole-clip posterior, a
+        step at a time, with memory bounded by the chunk; the clip need never be held whole."""
+        cache = CausalCache()
+        for i, part in enumerate(parts):
+            yield self.encode_step(part, cache, first=i == 0)
+
+    def decode_stream(self, latent_parts) -> Iterator[torch.Tensor]:
+        """The video frames of each latent chunk in turn: the whole-clip decode, a step at a time."""
+        cache = CausalCache()
+        for i, latents in enumerate(latent_parts):
+            yield self.decode_step(latents, cache, first=i == 0)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -384,10 +431,8 @@ class CausalVAE(nn.Module):
         frames = self.latent_shape(*video.shape[2:])[1]
         if chunk is None or chunk >= frames:
             return DiagonalGaussian(*self.encoder(self.patchify(video), None))  # (B, C * pt * p * p, 1 + k, ...)
-        cache = CausalCache()
-        parts = [self.encoder(self.patchify(video, i, min(i + chunk, frames)), cache)
-                 for i in range(0, frames, self._chunk(chunk))]
-        return DiagonalGaussian(torch.cat([m for m, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2))
+        parts = list(self.encode_stream(video[:, :, a:b] for a, b in self.pixel_ranges(video.shape[2], chunk)))
+        return DiagonalGaussian(torch.cat([p.mean for p in parts], dim=2), torch.cat([p.logvar for p in parts], dim=2))
 
     def decode(self, latents: torch.Tensor, chunk: int | None = None, tile: int | None = None) -> torch.Tensor:
         """Video (B, C, 1 + 4k, H, W) from latents (B, L, 1 + k, h, w). `chunk`: latent frames per step;
@@ -411,9 +456,7 @@ class CausalVAE(nn.Module):
         """Decode `chunk` latent frames at a time, yielding their video frames in order, so a long video can
         be written to disk as it is decoded, with memory bounded by the chunk."""
         self._check_latents(latents)
-        cache = CausalCache()
-        for i in range(0, latents.shape[2], self._chunk(chunk)):
-            yield self._pixels(self.decoder(latents[:, :, i : i + chunk], cache), first=i == 0)
+        yield from self.decode_stream(latents[:, :, i : i + chunk] for i in range(0, latents.shape[2], self._chunk(chunk)))
 
     def forward(self, video: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
