@@ -30,6 +30,7 @@ from dit3d import DiT3D, load_dit
 from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
 from dit3d.flow import FlowConfig, sample
 from dit3d.lora import LoraSettings, load_adapter, merged, merged_state, save_adapter, updates
+from dit3d.rope import TimeScaling
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
 from dit3d.checkpoint import wan_format
 from errors import InputError, MissingInputError
@@ -274,6 +275,27 @@ class Pipeline:
             raise InputError(f"{e} (latent = pixels / {s} in height and width, (frames - 1) / "
                              f"{self.vae.config.temporal_factor} + 1 in time)") from None
         return shape
+
+    def trained_token_frames(self) -> int:
+        """Token frames of the longest clip the model trained on (its buckets', else its clips')."""
+        buckets = self.defaults.get("buckets") or [[self.defaults["frames"], *self.size]]
+        frames = max(int(b[0]) for b in buckets)
+        return self.vae.latent_shape(frames, 8, 8)[1] // self.model.dit.config.patch_size[0]
+
+    def extrapolate_time(self, method: str | None, frames: int) -> str | None:
+        """Change the DiT's rotary time frequencies (dit3d.rope.TimeScaling) to sample `frames` frames with a
+        model trained on shorter clips; None puts them back. Returns a note when there is nothing to extrapolate."""
+        dit = self.model.dit
+        if method is None:
+            dit.time_scaling = None
+            return None
+        trained = self.trained_token_frames()
+        target = self.vae.latent_shape(frames, 8, 8)[1] // dit.config.patch_size[0]
+        dit.time_scaling = TimeScaling(method, trained, target)
+        if target <= trained:
+            return (f"--extrapolate {method} changes nothing here: {frames} frames are {target} token frames, and the "
+                    f"model trained on up to {trained}")
+        return None
 
     def tokens(self, shape: tuple[int, int, int, int]) -> int:
         return math.prod(self.model.dit.token_grid(shape[1:]))

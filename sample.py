@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", "--cfg", dest="cfg", type=float, default=None, help="classifier-free guidance scale (1: none)")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help='ODE solver: euler (one pass a step) or heun (two)')
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: as in training)")
+    p.add_argument("--extrapolate", choices=["riflex", "ntk"], default=None,
+                   help="for clips longer than the model trained on: change its rotary time frequencies, RIFLEx's "
+                        "intrinsic frequency or NTK-aware scaling of the time base, for the requested --frames "
+                        "(nothing changes at or below the trained length)")
     p.add_argument("--batch-size", type=int, default=8, help="videos generated together")
     p.add_argument("--decode-chunk", type=int, default=2, help="latent frames decoded per step (memory)")
     p.add_argument("--out", type=Path, default=Path("samples"), help="a folder, or FILE.mp4 for a single video")
@@ -345,6 +349,9 @@ def run(args) -> list[Path]:
     if single and len(jobs) != 1:
         raise InputError(f"--out {args.out} is one file but {len(jobs)} videos were asked for: give a folder")
     known = KnownFrames(args, pipe, frames, height, width, fps)
+    note = pipe.extrapolate_time(args.extrapolate, frames)
+    if note and env.main:
+        print(f"note: {note}", file=sys.stderr)
     trained = d.get("buckets") or [[d["frames"], *pipe.size]]
     if [frames, height, width] not in [list(s) for s in trained] and env.main:
         near = nearest_bucket(trained, frames, height, width)

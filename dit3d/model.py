@@ -33,7 +33,7 @@ from errors import InputError
 
 from .attention import attention, resolve_backend
 from .config import DiTConfig, preset
-from .rope import apply_rope, rope_cos_sin, sincos_position
+from .rope import TimeScaling, apply_rope, rope_cos_sin, sincos_position
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -187,6 +187,7 @@ class DiT3D(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = cfg = config
+        self.time_scaling: TimeScaling | None = None  # rotary time frequencies for clips past the trained length
         pt, ph, pw = cfg.patch_size
         channels = cfg.in_channels + int(cfg.frame_conditioning)  # + the "given" flag channel
         if cfg.patch_embed == "conv":
@@ -269,7 +270,8 @@ class DiT3D(nn.Module):
         cfg = self.config
         self._check_latents(x, batched=True)
         grid = self.token_grid(tuple(x.shape[2:]))
-        cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32, cfg.rope_pairs)  # (N, head_dim)
+        cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32, cfg.rope_pairs,
+                                self.time_scaling)  # (N, head_dim)
         h = self._run(self._embed(x, grid, given), cos, sin, t, text, text_mask, None)
         return unpatchify(h, grid, cfg.patch_size)
 
@@ -287,7 +289,8 @@ class DiT3D(nn.Module):
         for i, x in enumerate(xs):
             self._check_latents(x, batched=False)
             grid = self.token_grid(tuple(x.shape[1:]))
-            cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32, cfg.rope_pairs)
+            cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32, cfg.rope_pairs,
+                                    self.time_scaling)
             grids.append(grid)
             g = given[i] if given is not None else None
             tokens.append(self._embed(x[None], grid, None if g is None else g[None])[0])  # (N_i, width)
@@ -324,7 +327,7 @@ class DiT3D(nn.Module):
         else:
             h = self.embed(patchify(x, self.config.patch_size))
         if self.config.absolute_position:
-            h = h + sincos_position(grid, self.config.width, self.config.rope_theta, x.device, h.dtype)
+            h = h + sincos_position(grid, self.config.width, self.config.rope_theta, x.device, h.dtype, self.time_scaling)
         return h
 
     def _run(self, h, cos, sin, t, text, text_mask, token_mask) -> torch.Tensor:

@@ -334,3 +334,44 @@ def test_rotary_tables_built_while_sampling_serve_training():
     apply_rope(x, cos, sin).pow(2).sum().backward()
     # a rotation keeps each pair's length, so the gradient of the squared norm is 2 x
     torch.testing.assert_close(x.grad, 2 * x.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["riflex", "ntk"])
+def test_time_extrapolation_changes_only_the_time_frequencies_and_nothing_at_the_trained_length(method):
+    from dit3d.rope import TimeScaling
+
+    head_dim, grid = 48, (20, 3, 4)  # 8 time pairs, 4 height pairs and 4 width pairs
+    dt, dh, dw = axis_dims(head_dim)
+    plain = rope_angles(grid, head_dim).reshape(*grid, -1)
+    same = rope_angles(grid, head_dim, time=TimeScaling(method, 20, 20)).reshape(*grid, -1)
+    assert torch.equal(plain, same) and torch.equal(plain, rope_angles(grid, head_dim, time=TimeScaling(method, 20, 10)).reshape(*grid, -1))
+    longer = rope_angles(grid, head_dim, time=TimeScaling(method, 10, 20)).reshape(*grid, -1)
+    assert torch.equal(longer[..., dt // 2 :], plain[..., dt // 2 :])  # height and width untouched
+    freqs, new = plain[1, 0, 0, : dt // 2], longer[1, 0, 0, : dt // 2]  # the angles at t = 1 are the frequencies
+    changed = (freqs != new).nonzero().flatten().tolist()
+    if method == "riflex":
+        periods = 2 * torch.pi / freqs
+        intrinsic = int(torch.argmin((periods - 10).abs()))
+        assert changed == [intrinsic]
+        assert float(new[intrinsic]) == pytest.approx(0.9 * 2 * torch.pi / 20)  # its period now past the target
+    else:
+        assert changed == list(range(1, dt // 2)) and bool((new[1:] < freqs[1:]).all())  # slower, the fastest kept
+        base = 10000.0 * 2 ** (dt / (dt - 2))
+        assert float(new[-1]) == pytest.approx(base ** (-(dt - 2) / dt))
+    with pytest.raises(ValueError, match="must be one of riflex, ntk"):
+        TimeScaling("yarn", 10, 20)
+
+
+def test_a_dit_with_time_extrapolation_at_its_trained_length_gives_the_same_output():
+    from dit3d.rope import TimeScaling
+
+    torch.manual_seed(0)
+    model = randomized(DiT3D(preset("tiny", width=48, depth=2, heads=2))).eval()  # not zero-initialised: outputs differ
+    x, t, text = torch.randn(1, 16, 16, 4, 4), torch.rand(1), torch.randn(1, 5, model.config.text_dim)
+    with torch.no_grad():
+        plain = model(x, t, text)
+        for method in ("riflex", "ntk"):
+            model.time_scaling = TimeScaling(method, 16, 16)
+            assert torch.equal(model(x, t, text), plain)
+        model.time_scaling = TimeScaling("riflex", 8, 16)  # twice the trained length: the intrinsic period (6.3) is short of it
+        assert not torch.equal(model(x, t, text), plain)

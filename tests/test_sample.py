@@ -223,3 +223,19 @@ def test_a_video_is_written_chunk_by_chunk_with_the_bytes_of_the_whole(run_dir, 
     args = sample.build_parser().parse_args(["--ckpt", "x", "--out", str(tmp_path)])
     sample.write_outputs(tmp_path / "v.mp4", iter(chunks), "a red circle moving right", 8.0, args, 3.0)
     assert (tmp_path / "v.mp4").read_bytes() == encode_mp4(whole, 8.0)
+
+
+def test_extrapolate_acts_past_the_trained_length_only(run_dir, tmp_path, capsys):
+    """The run trained on 9-frame clips (3 latent frames): --extrapolate changes nothing at 9 frames (and says
+    so) and changes the video at 4x."""
+    common = ["--ckpt", str(run_dir), "--prompt", "a red circle moving right", "--steps", "2", "--no-progress",
+              "--lossless"]
+    for frames in ("9", "33"):
+        sample.main(common + ["--frames", frames, "--out", str(tmp_path / f"plain_{frames}.mp4")])
+        for method in ("riflex", "ntk"):
+            sample.main(common + ["--frames", frames, "--extrapolate", method, "--out", str(tmp_path / f"{method}_{frames}.mp4")])
+    err = capsys.readouterr().err
+    assert "--extrapolate riflex changes nothing here: 9 frames are 3 token frames, and the model trained on up to 3" in err
+    for method in ("riflex", "ntk"):
+        assert (tmp_path / f"{method}_9.mp4").read_bytes() == (tmp_path / "plain_9.mp4").read_bytes()
+        assert not np.array_equal(read_frames(tmp_path / f"{method}_33.mp4"), read_frames(tmp_path / "plain_33.mp4"))
