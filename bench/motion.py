@@ -2,9 +2,11 @@
 
     python bench/motion.py --ckpt runs/quickstart/dit [OTHER_RUN ...] [--manifest SHARDS/manifest.json]
                            [--captions holdout|all|train] [--videos-per-prompt 4] [--steps 30] [--guidance 5] [--shift S]
-                           [--solver euler heun] [--out bench/results/motion.json]
+                           [--solver euler heun] [--frames 17 33 49 65] [--extrapolate none riflex ntk]
+                           [--out bench/results/motion.json]
 
-Every combination of run x steps x cfg x solver samples K videos (seeds 0..K-1) for each caption and
+Every combination of run x steps x cfg x solver x frames x extrapolation samples K videos (seeds 0..K-1) for
+each caption in one pass (`--frames`: lengths past the trained one; `--extrapolate`: sample.py's option) and
 scores them with `evaluation.motion_score`, split into caption combinations seen in training and held out of
 it. Prints one table row per setting and writes JSON (settings, summaries and per-video scores), so that
 two runs, or two sampler settings of one run, are compared on the same captions and seeds.
@@ -33,19 +35,24 @@ from evaluation.motion_score import score_dir  # noqa: E402
 
 
 def run_setting(run: str, captions: list[str], k: int, steps: int | None, cfg: float | None, shift: float | None,
-                solver: str, manifest_path: str | None, device: str, batch: int) -> dict:
+                solver: str, manifest_path: str | None, device: str, batch: int, frames: int | None = None,
+                extrapolate: str = "none") -> dict:
     from pipeline import Pipeline
 
     pipe = Pipeline.load(run, device=device)
     d = pipe.defaults
+    frames = frames or d["frames"]
+    pipe.extrapolate_time(None if extrapolate == "none" else extrapolate, frames)
     steps = steps or d["sampler"]["steps"]
     cfg = d["sampler"]["guidance"] if cfg is None else cfg
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = sample_run(pipe, captions, k, Path(tmp), dict(steps=steps, guidance=cfg, shift=shift, solver=solver), batch)
+        jobs = sample_run(pipe, captions, k, Path(tmp), dict(steps=steps, guidance=cfg, shift=shift, solver=solver), batch,
+                          frames=frames)
         seconds = time.perf_counter() - t0
         scores, summary = score_dir(tmp, manifest_path)
-    return {"run": run, "steps": steps, "cfg": cfg, "shift": shift, "solver": solver, "videos": len(jobs),
+    return {"run": run, "steps": steps, "cfg": cfg, "shift": shift, "solver": solver, "frames": frames,
+            "extrapolate": extrapolate, "trained_frames": d["frames"], "videos": len(jobs),
             "sampling_s": seconds, "summary": summary, "scores": [dataclasses.asdict(s) for s in scores]}
 
 
@@ -59,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", "--cfg", dest="cfg", type=float, nargs="+", default=[None])
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--solver", nargs="+", default=["euler"], choices=["euler", "heun"])
+    p.add_argument("--frames", type=int, nargs="+", default=[None],
+                   help="clip lengths sampled in one pass, 1 + 4k (default: the training clips')")
+    p.add_argument("--extrapolate", nargs="+", default=["none"], choices=["none", "riflex", "ntk"],
+                   help="the rotary time extrapolation for lengths past the trained one (sample.py --extrapolate)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "motion.json")
@@ -67,14 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         captions = captions_for(args.captions, args.manifest)
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
-    results = [run_setting(run, captions, args.k, steps, cfg, args.shift, solver, args.manifest, args.device, args.batch_size)
-               for run, steps, cfg, solver in itertools.product(args.runs, args.steps, args.cfg, args.solver)]
-    headers = ["run", "steps", "cfg", "solver", "group", "videos", "presence", "colour", "shape", "direction",
-               "linearity R2", "s / video"]
+    results = [run_setting(run, captions, args.k, steps, cfg, args.shift, solver, args.manifest, args.device, args.batch_size,
+                           frames, extrapolate)
+               for run, steps, cfg, solver, frames, extrapolate in itertools.product(
+                   args.runs, args.steps, args.cfg, args.solver, args.frames, args.extrapolate)]
+    headers = ["run", "steps", "cfg", "solver", "frames", "extrapolate", "group", "videos", "presence", "colour",
+               "shape", "direction", "linearity R2", "s / video"]
     rows = []
     for r in results:
         for group, s in r["summary"].items():
-            rows.append([r["run"], r["steps"], r["cfg"], r["solver"], group, s["videos"]] +
+            rows.append([r["run"], r["steps"], r["cfg"], r["solver"], r["frames"], r["extrapolate"], group, s["videos"]] +
                         [f"{s[m]:.3f}" for m in ("presence", "color", "shape", "direction", "linearity")] +
                         [f"{r['sampling_s'] / r['videos']:.3f}"])
     print(markdown_table(headers, rows))

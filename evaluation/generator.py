@@ -144,16 +144,18 @@ def captions_for(which: str, manifest: str | Path | None) -> list[str]:
 
 
 def sample_run(pipe, captions: list[str], k: int, out: Path, sampler: dict, batch: int = 16,
-               on_batch=None) -> list[tuple[str, int]]:
-    """K videos per caption (seeds 0..K-1) written to OUT/NAME.mp4 + NAME.txt; on_batch(jobs, trajectory) gets
-    the batch's (caption, seed) pairs and the clean-video prediction at every step [(i, t, x0 latents)]."""
+               on_batch=None, frames: int | None = None) -> list[tuple[str, int]]:
+    """K videos per caption (seeds 0..K-1) of `frames` frames (default: the training clips') written to
+    OUT/NAME.mp4 + NAME.txt; on_batch(jobs, trajectory) gets the batch's (caption, seed) pairs and the
+    clean-video prediction at every step [(i, t, x0 latents)]."""
     d = pipe.defaults
+    frames = frames or d["frames"]
     jobs = [(c, s) for c in captions for s in range(k)]
     out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(jobs), batch):
         group = jobs[start:start + batch]
         trajectory = []
-        z = pipe.generate([c for c, _ in group], d["frames"], *pipe.size, seeds=[s for _, s in group],
+        z = pipe.generate([c for c, _ in group], frames, *pipe.size, seeds=[s for _, s in group],
                           on_step=lambda i, t, x0: trajectory.append((i, float(t), x0.detach().clone())), **sampler)
         for (caption, seed), video in zip(group, pipe.decode(z)):
             name = video_name(caption, seed)

@@ -3,6 +3,7 @@ denoising trajectory, the Euler solver against diffusers, the token budget and t
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,18 @@ def test_extrapolate_acts_past_the_trained_length_only(run_dir, tmp_path, capsys
     for method in ("riflex", "ntk"):
         assert (tmp_path / f"{method}_9.mp4").read_bytes() == (tmp_path / "plain_9.mp4").read_bytes()
         assert not np.array_equal(read_frames(tmp_path / f"{method}_33.mp4"), read_frames(tmp_path / "plain_33.mp4"))
+
+
+def test_the_motion_bench_compares_lengths_and_extrapolations(run_dir, tmp_path):
+    from bench import motion
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle moving right\na blue square moving up\n")
+    out = tmp_path / "length.json"
+    assert motion.main(["--ckpt", str(run_dir), "--captions", str(captions), "--k", "1", "--steps", "2",
+                        "--frames", "9", "33", "--extrapolate", "none", "riflex", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["frames"], r["extrapolate"]) for r in results] == [(9, "none"), (9, "riflex"), (33, "none"), (33, "riflex")]
+    assert all(r["trained_frames"] == 9 and r["videos"] == 2 for r in results)
+    scores = {(r["frames"], r["extrapolate"]): [s["direction"] for s in r["scores"]] for r in results}
+    assert scores[(9, "none")] == scores[(9, "riflex")]  # nothing changes at the trained length
