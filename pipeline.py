@@ -276,10 +276,12 @@ class Pipeline:
                              f"{self.vae.config.temporal_factor} + 1 in time)") from None
         return shape
 
-    def trained_token_frames(self) -> int:
-        """Token frames of the longest clip the model trained on (its buckets', else its clips')."""
-        buckets = self.defaults.get("buckets") or [[self.defaults["frames"], *self.size]]
-        frames = max(int(b[0]) for b in buckets)
+    def trained_shapes(self) -> list[list[int]]:
+        """The (frames, height, width) the model trained on: its buckets, else its clips' one shape."""
+        return [list(b) for b in self.defaults.get("buckets") or [[self.defaults["frames"], *self.size]]]
+
+    def token_frames(self, frames: int) -> int:
+        """Token frames of a clip of `frames` frames (latent frames over the DiT's patch in time)."""
         return self.vae.latent_shape(frames, 8, 8)[1] // self.model.dit.config.patch_size[0]
 
     def extrapolate_time(self, method: str | None, frames: int) -> str | None:
@@ -289,8 +291,8 @@ class Pipeline:
         if method is None:
             dit.time_scaling = None
             return None
-        trained = self.trained_token_frames()
-        target = self.vae.latent_shape(frames, 8, 8)[1] // dit.config.patch_size[0]
+        trained = self.token_frames(max(int(shape[0]) for shape in self.trained_shapes()))
+        target = self.token_frames(frames)
         dit.time_scaling = TimeScaling(method, trained, target)
         if target <= trained:
             return (f"--extrapolate {method} changes nothing here: {frames} frames are {target} token frames, and the "
@@ -332,7 +334,7 @@ class Pipeline:
                 "all_to_all_gb_per_step": all_to_all_bytes(cfg, n, sp, clips, dtype_bytes, training=False) / 2**30,
                 "attention_matrix_gb_if_materialised": clips * cfg.heads * n * n * dtype_bytes / 2**30}
 
-    def text_tokens(self, prompts: list[str] | None = None) -> int:
+    def text_tokens(self) -> int:
         """Text tokens a sampling batch is padded to: always the encoder's most (see `text_inputs`)."""
         if self.frozen_text is not None:
             return self.frozen_text.max_length

@@ -54,6 +54,7 @@ from data.sources import video_name
 from data.clip_options import add_clip_options, check_clip_options
 from dit3d.model import DiTBlock
 from errors import InputError, Interrupted, MissingInputError
+from evaluation.metrics import unusable
 from parallel import ParallelOptions, parallelize, run_command, setup_distributed
 from pipeline import Pipeline
 
@@ -207,15 +208,13 @@ def contact_sheet(frames: np.ndarray, columns: int = 8) -> np.ndarray:
     return sheet
 
 
-LATENT_LIMIT = 1e4  # normalised latents are about unit scale; beyond this they are no video
-
-
 def check_sampled(x: torch.Tensor, what: str, prompt: str, args, guidance: float) -> None:
     """A video that is not finite would be written as black frames (NaN becomes 0 in uint8): say so instead."""
-    finite = bool(torch.isfinite(x).all())
-    if finite and (what != "latents" or float(x.abs().max()) <= LATENT_LIMIT):
+    found = unusable(x, latents=what == "latents")
+    if found is None:
         return
-    found = "not finite (NaN or inf)" if not finite else f"up to {float(x.abs().max()):.3g} (normalised latents are about 1)"
+    if found.startswith("up to"):
+        found += " (normalised latents are about 1)"
     source = args.vae if what == "decoded video" and args.vae else args.ckpt
     raise InputError(f"the {what} sampled for {prompt[:60]!r} {'are' if what == 'latents' else 'is'} {found}: the model "
                      f"at {source} has diverged (its model/run.json says how its run ended) or --guidance {guidance:g} "
@@ -331,7 +330,7 @@ def run(args) -> list[Path]:
     fps = d["fps"] if args.fps is None else args.fps
     jobs = [(p, args.seed + i, video_name(p, args.seed + i if args.num > 1 else None)) for p in prompts for i in range(args.num)]
     batch = max(1, min(args.batch_size, len(jobs) or 1))
-    text_tokens = pipe.text_tokens(prompts + ([args.negative_prompt] if args.negative_prompt else []))
+    text_tokens = pipe.text_tokens()
     if args.dry_run:
         dry_run(pipe, frames, height, width, steps, guidance, batch, text_tokens, device, args.decode_chunk)
         return []
@@ -352,8 +351,8 @@ def run(args) -> list[Path]:
     note = pipe.extrapolate_time(args.extrapolate, frames)
     if note and env.main:
         print(f"note: {note}", file=sys.stderr)
-    trained = d.get("buckets") or [[d["frames"], *pipe.size]]
-    if [frames, height, width] not in [list(s) for s in trained] and env.main:
+    trained = pipe.trained_shapes()
+    if [frames, height, width] not in trained and env.main:
         near = nearest_bucket(trained, frames, height, width)
         print(f"note: {frames}x{height}x{width} is a shape this model never trained on; the nearest it did is "
               f"{near[0]}x{near[1]}x{near[2]} (--frames {near[0]} --height {near[1]} --width {near[2]})", file=sys.stderr)

@@ -71,7 +71,7 @@ class Reoriented(Exception):
 
 def decode_indices(container, stream, indices: list[int], width: int, height: int, seek: bool,
                     orientation: str = "") -> tuple[list[np.ndarray], int]:
-    """The frames at the sorted source indices (see `_iter_indices`) and the number of frames decoded to get them."""
+    """The frames at the sorted source indices (see `iter_indices`) and the number of frames decoded to get them."""
     frames = iter_indices(container, stream, indices, width, height, seek, orientation)
     out = []
     while True:
@@ -102,7 +102,7 @@ def iter_indices(container, stream, indices: list[int], width: int, height: int,
     reformatter = VideoReformatter()
     want = 0
     counted = -1
-    shown = None  # (position, frame, its RGB once converted): the frame on screen at the slots being filled
+    shown = None  # [frame, its RGB once converted]: the frame on screen at the slots being filled
     last = -1.0  # position of the last frame that decoded
 
     def rgb_of(frame, rgb):
@@ -112,9 +112,9 @@ def iter_indices(container, stream, indices: list[int], width: int, height: int,
         return rgb
 
     # Slot i of the window is time t0 + i / fps, and takes the frame on screen then: the last one whose timestamp
-    # is at most SLOT_TOLERANCE of a slot after it (timestamps rounded to a coarse time base jitter). A constant-rate file's frame i is slot i; in a variable-rate file, slots
-    # where frames are sparse repeat the frame shown, and frames where they are dense are passed over, so a window
-    # is sampled by time, not by frame count.
+    # is at most SLOT_TOLERANCE of a slot after it (timestamps rounded to a coarse time base jitter). A
+    # constant-rate file's frame i is slot i; in a variable-rate file, slots where frames are sparse repeat the
+    # frame shown, and frames where they are dense are passed over, so a window is sampled by time, not by count.
     for frame in frames_until_damage(container.decode(stream)):
         counted += 1
         if counted == 0 and frame_orientation(frame) != orientation:
@@ -134,18 +134,18 @@ def iter_indices(container, stream, indices: list[int], width: int, height: int,
             raise VideoReadError("a frame without a timestamp after seeking; read this file with seek=False")
         last = max(last, pos)
         while shown is not None and want < len(indices) and pos > indices[want] + SLOT_TOLERANCE:
-            shown[2] = rgb_of(shown[1], shown[2])  # slots before this frame: the one shown until it
-            yield shown[2]
+            shown[1] = rgb_of(*shown)  # slots before this frame: the one shown until it
+            yield shown[1]
             want += 1
         if want == len(indices):
             return counted + 1
-        shown = [pos, frame, None]
+        shown = [frame, None]
         # A frame within the tolerance of a slot is that slot's (a constant-rate file's frame i is slot i): taken
         # now, without decoding the next frame to learn that it comes after; so is the first frame decoded when
         # it is already past the slot.
         while want < len(indices) and (pos >= indices[want] - SLOT_TOLERANCE or counted == 0 and pos > indices[want]):
-            shown[2] = rgb_of(frame, shown[2])
-            yield shown[2]
+            shown[1] = rgb_of(*shown)
+            yield shown[1]
             want += 1
         if want == len(indices):
             return counted + 1

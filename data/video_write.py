@@ -127,8 +127,10 @@ def encode_mp4(video, fps: float, crf: int = 18, codec: str = "libx264", lossles
     frames = _as_frames(video)
     buf = io.BytesIO()
     encoder = _Encoder(buf, frames.shape[2], frames.shape[1], fps, crf, codec, lossless)
-    encoder.write(frames)
-    encoder.close()
+    try:
+        encoder.write(frames)
+    finally:
+        encoder.close()
     return buf.getvalue()
 
 

@@ -20,6 +20,17 @@ import torch.nn.functional as F
 _SSIM_SIGMA = 1.5
 _SSIM_RADIUS = int(3.5 * _SSIM_SIGMA + 0.5)  # scipy's gaussian_filter truncates at 3.5 sigma: radius 5, 11 taps
 MAX_PSNR = 100.0
+LATENT_LIMIT = 1e4  # working latents are units to tens (normalised ones about 1); a diverged model's are not
+
+
+def unusable(x: torch.Tensor, latents: bool) -> str | None:
+    """Why a model's output is no video, or None: "not finite (NaN or inf)" (NaN is black once rounded to 8 bits),
+    or for latents "up to X" beyond LATENT_LIMIT. What sample.py and tokenizer.evaluate refuse to write or score."""
+    if not bool(torch.isfinite(x).all()):
+        return "not finite (NaN or inf)"
+    if latents and float(x.abs().max()) > LATENT_LIMIT:
+        return f"up to {float(x.abs().max()):.3g}"
+    return None
 
 
 def to_unit_range(video: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,8 @@ def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int
     lpips = lpips.to(device) if lpips is not None else None
     multiple = math.lcm(*(c.model.config.spatial_factor for c in tokenizers))
     tallies = {c.name: _Tally(frames) for c in tokenizers}
+    # one tokenizer that takes the window whole: it is read once, whole, for all of them, not once each
+    hold = not all(streams(c.model, tile, fvd) for c in tokenizers)
     skipped, shortfalls, shapes = [], [], {}
     if video_dir is not None:
         video_dir.mkdir(parents=True, exist_ok=True)
@@ -129,16 +131,20 @@ def evaluate(tokenizers: list[Candidate], videos: list[VideoSource], frames: int
             rows = {c.name: WindowScore(frames) for c in tokenizers}
             seen, decoded, first, scored = set(), v.info.frames, None, 0
             for start in starts:
-                src = WindowSource(v.name, v.data, v.info, frames, fps, (height, width), start)
                 recons = [scratch / f"{i}.u8" for i in range(len(tokenizers))] if first is None and video_dir else []
-                try:
-                    results = _score_window(tokenizers, src, chunk, tile, device, lpips, fvd, first is None, recons)
-                except (WindowCutShort, ClipTooShortError, VideoReadError):
-                    try:  # a file that holds fewer frames than it claims: the window moves into what decodes
+                results = None
+                if not hold:  # read from the file a chunk at a time, by each tokenizer
+                    src = WindowSource(v.name, v.data, v.info, frames, fps, (height, width), start)
+                    try:
+                        results = _score_window(tokenizers, src, chunk, tile, device, lpips, fvd, first is None, recons)
+                    except (WindowCutShort, ClipTooShortError, VideoReadError):
+                        pass  # a file that holds fewer frames than it claims: read whole, moved into what decodes
+                if results is None:  # the window read once, whole, for every tokenizer
+                    try:
                         clip = read_clip(v.data, frames, fps=fps, size=(height, width), start=start, info=v.info)
-                    except (ClipTooShortError, VideoReadError) as again:
+                    except (ClipTooShortError, VideoReadError) as e:
                         if not scored:
-                            skipped.append((v.name, str(again)))
+                            skipped.append((v.name, str(e)))
                             break
                         continue
                     decoded = min(decoded, clip.available or decoded)

@@ -16,7 +16,8 @@ import torch
 from data import VideoInfo, iter_clip, video_writer
 from data.video_io import frames_to_tensor, tensor_to_frames
 from errors import InputError
-from evaluation.metrics import StreamingBaseline, equal_floats_baseline, frame_errors, ssim_frames, to_unit_range
+from evaluation.metrics import (StreamingBaseline, equal_floats_baseline, frame_errors, ssim_frames, to_unit_range,
+                                unusable)
 
 from .diffusers_vae import DiffusersVAE
 from .model import CausalCache, CausalVAE
@@ -48,19 +49,14 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-LATENT_LIMIT = 1e4  # a working video autoencoder's latents are units to tens; a diverged one's are not
-
-
 def check_output(x: torch.Tensor, what: str, cand: Candidate, video: str) -> None:
     """A tokenizer whose output is not finite (or whose latents are astronomically large) has diverged: its
-    scores would be a number that means nothing (NaN is black once clamped and rounded), so say so instead."""
-    finite = bool(torch.isfinite(x).all())
-    if finite and (what != "latents" or float(x.abs().max()) <= LATENT_LIMIT):
-        return
-    found = "not finite (NaN or inf)" if not finite else f"up to {float(x.abs().max()):.3g}"
-    raise InputError(f"{cand.name} ({cand.ckpt}): its {what} of {video} {'are' if what == 'latents' else 'is'} "
-                     f"{found}: the tokenizer has diverged (its model/run.json says how its run ended); evaluate "
-                     f"an earlier checkpoint's export")
+    scores would be a number that means nothing, so say so instead."""
+    found = unusable(x, latents=what == "latents")
+    if found:
+        raise InputError(f"{cand.name} ({cand.ckpt}): its {what} of {video} {'are' if what == 'latents' else 'is'} "
+                         f"{found}: the tokenizer has diverged (its model/run.json says how its run ended); evaluate "
+                         f"an earlier checkpoint's export")
 
 
 @dataclass

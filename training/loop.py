@@ -19,7 +19,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -75,10 +75,7 @@ class Run:
     resume_entry: dict | None  # what this resume changes, recorded in config.json once the checkpoint loads
     step: int = 0
     samples_seen: int = 0
-    recent_losses: list = None  # the last DIVERGENCE_HISTORY steps' mean losses (the divergence guard's reference)
-
-    def __post_init__(self):
-        self.recent_losses = self.recent_losses or []
+    recent_losses: list = field(default_factory=list)  # the last DIVERGENCE_HISTORY steps' mean losses
 
     def tensor_state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.opt, options=self.options)
