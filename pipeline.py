@@ -254,6 +254,7 @@ class Pipeline:
         if frozen is not None and frozen.dim != dit.config.text_dim:
             raise InputError(f"the text encoder at {spec['text_encoder']} gives {frozen.dim}-wide tokens but the DiT "
                              f"takes {dit.config.text_dim}: use the one it was trained with")
+        dit.time_scaling = TimeScaling(**spec["time_scaling"]) if spec.get("time_scaling") else None  # as trained
         model = TextToVideo(dit, text).to(device).eval().requires_grad_(False)
         return cls(model, frozen, tokenizer.to(device).eval().requires_grad_(False), FlowConfig(**spec["flow"]),
                    spec, device)
@@ -284,20 +285,42 @@ class Pipeline:
         """Token frames of a clip of `frames` frames (latent frames over the DiT's patch in time)."""
         return self.vae.latent_shape(frames, 8, 8)[1] // self.model.dit.config.patch_size[0]
 
+    @property
+    def trained_time_scaling(self) -> TimeScaling | None:
+        """The rotary time frequencies the model was trained or fine-tuned with (train.py --extrapolate), if any."""
+        spec = self.defaults.get("time_scaling")
+        return TimeScaling(**spec) if spec else None
+
     def extrapolate_time(self, method: str | None, frames: int) -> str | None:
         """Change the DiT's rotary time frequencies (dit3d.rope.TimeScaling) to sample `frames` frames with a
-        model trained on shorter clips; None puts them back. Returns a note when there is nothing to extrapolate."""
-        dit = self.model.dit
+        model trained on shorter clips; None puts back those it trained with. Returns a warning when the model's
+        positions cannot serve the length, or a note when there is nothing to extrapolate."""
+        dit, fixed = self.model.dit, self.trained_time_scaling
+        trained_frames = max(int(shape[0]) for shape in self.trained_shapes())
+        trained, target = self.token_frames(trained_frames), self.token_frames(frames)
+        warning = None
+        if target > trained and dit.config.absolute_position and dit.config.absolute_time == "index":
+            warning = (f"this model adds absolute features of each token frame's index and trained on up to {trained} "
+                       f"({trained_frames} frames): {frames} frames place {target - trained} token frame(s) where it "
+                       f"has never seen one, and its motion replays instead of going on (no --extrapolate changes "
+                       f"that); train with --override absolute_time=fraction for lengths past the trained one")
+        if fixed is not None:
+            if method not in (None, fixed.method):
+                raise InputError(f"this model was trained with --extrapolate {fixed.method} (for {fixed.target} token "
+                                 f"frames), which its weights expect at every length: drop --extrapolate {method}")
+            dit.time_scaling = fixed
+            return warning
         if method is None:
             dit.time_scaling = None
-            return None
-        trained = self.token_frames(max(int(shape[0]) for shape in self.trained_shapes()))
-        target = self.token_frames(frames)
+            return warning
+        if trained_frames == 1:
+            raise InputError(f"--extrapolate {method} stretches the time positions past the trained clip length, and "
+                             f"this model trained on single images: there is no trained length to extrapolate from")
         dit.time_scaling = TimeScaling(method, trained, target)
         if target <= trained:
             return (f"--extrapolate {method} changes nothing here: {frames} frames are {target} token frames, and the "
                     f"model trained on up to {trained}")
-        return None
+        return warning
 
     def tokens(self, shape: tuple[int, int, int, int]) -> int:
         return math.prod(self.model.dit.token_grid(shape[1:]))

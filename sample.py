@@ -53,6 +53,7 @@ from data.buckets import nearest_bucket
 from data.sources import video_name
 from data.clip_options import add_clip_options, check_clip_options
 from dit3d.model import DiTBlock
+from dit3d.rope import METHODS as TIME_METHODS
 from errors import InputError, Interrupted, MissingInputError
 from evaluation.metrics import unusable
 from parallel import ParallelOptions, parallelize, run_command, setup_distributed
@@ -82,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", "--cfg", dest="cfg", type=float, default=None, help="classifier-free guidance scale (1: none)")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help='ODE solver: euler (one pass a step) or heun (two)')
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: as in training)")
-    p.add_argument("--extrapolate", choices=["riflex", "ntk"], default=None,
+    p.add_argument("--extrapolate", choices=list(TIME_METHODS), default=None,
                    help="for clips longer than the model trained on: change its rotary time frequencies, RIFLEx's "
-                        "intrinsic frequency or NTK-aware scaling of the time base, for the requested --frames "
-                        "(nothing changes at or below the trained length)")
+                        "intrinsic frequency, NTK-aware scaling of the time base, or position interpolation (pi), "
+                        "for the requested --frames (nothing changes at or below the trained length)")
     p.add_argument("--batch-size", type=int, default=8, help="videos generated together")
     p.add_argument("--decode-chunk", type=int, default=2, help="latent frames decoded per step (memory)")
     p.add_argument("--out", type=Path, default=Path("samples"), help="a folder, or FILE.mp4 for a single video")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import markdown_table  # noqa: E402
+from dit3d.rope import METHODS as TIME_METHODS  # noqa: E402
 from errors import InputError  # noqa: E402
 from evaluation.generator import captions_for, sample_run  # noqa: E402
 from evaluation.motion_score import score_dir  # noqa: E402
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--solver", nargs="+", default=["euler"], choices=["euler", "heun"])
     p.add_argument("--frames", type=int, nargs="+", default=[None],
                    help="clip lengths sampled in one pass, 1 + 4k (default: the training clips')")
-    p.add_argument("--extrapolate", nargs="+", default=["none"], choices=["none", "riflex", "ntk"],
+    p.add_argument("--extrapolate", nargs="+", default=["none"], choices=["none", *TIME_METHODS],
                    help="the rotary time extrapolation for lengths past the trained one (sample.py --extrapolate)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

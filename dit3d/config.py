@@ -32,8 +32,12 @@ class DiTConfig:
     # the output layer's shift and scale: linear (SiLU + a linear map of the time embedding) | table (a learned
     # (2, width) table plus the time embedding itself, as Wan)
     out_modulation: str = "linear"
-    # add absolute sine-cosine features of each token's (t, h, w) index to its embedding, besides rotary
+    # add absolute sine-cosine features of each token's (t, h, w) place to its embedding, besides rotary
     absolute_position: bool = False
+    # where a token is in time, for those features: index (its token frame, 0, 1, 2, ...: a clip longer than the
+    # trained ones has places never seen) | fraction (how far through the clip, 0 at the first token frame and
+    # 1 at the last, for any length)
+    absolute_time: str = "index"
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
@@ -46,6 +50,7 @@ class DiTConfig:
         if self.mlp not in ("gelu", "swiglu"):
             raise InputError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         for name, allowed in (("qk_norm_over", ("head", "width")), ("rope_pairs", ("half", "adjacent")),
+                              ("absolute_time", ("index", "fraction")),
                               ("out_modulation", ("linear", "table"))):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")

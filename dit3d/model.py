@@ -10,7 +10,8 @@ through adaLN-Zero, with one modulation projection shared by all blocks plus a l
 (as PixArt-alpha and Wan do); the gates and the output layer start at zero, so each block starts as the
 identity and the model's output starts at exactly zero. With `absolute_position`, sine-cosine features of
 each token's (t, h, w) index are added to its embedding too: rotary tells attention how far apart two
-tokens are, not where either is in the frame. Activation checkpointing, compile, sharding and sequence
+tokens are, not where either is in the frame (with `absolute_time="fraction"`, time is how far through the
+clip a token is, the same span at any length). Activation checkpointing, compile, sharding and sequence
 parallelism are applied from outside (see `parallel/`), the last by swapping the `Attend` calls and the
 `TokenLayout` below for versions that exchange tokens between ranks.
 
@@ -327,7 +328,8 @@ class DiT3D(nn.Module):
         else:
             h = self.embed(patchify(x, self.config.patch_size))
         if self.config.absolute_position:
-            h = h + sincos_position(grid, self.config.width, self.config.rope_theta, x.device, h.dtype, self.time_scaling)
+            h = h + sincos_position(grid, self.config.width, self.config.rope_theta, x.device, h.dtype, self.time_scaling,
+                                    time_fraction=self.config.absolute_time == "fraction")
         return h
 
     def _run(self, h, cos, sin, t, text, text_mask, token_mask) -> torch.Tensor:

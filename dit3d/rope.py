@@ -12,8 +12,11 @@ resolution work at inference.
 Clips longer than the trained ones (`TimeScaling`): RIFLEx (Zhao et al., 2025) lowers the one time frequency
 whose period is nearest the trained length (the "intrinsic" one, which otherwise makes the motion repeat) so
 that its period covers the target; NTK-aware scaling raises the time axis's base by s^(d / (d - 2)) for s
-times the trained length, stretching the slow frequencies and keeping the fastest. Both leave the height and
-width axes alone, and change nothing at or below the trained length.
+times the trained length, stretching the slow frequencies and keeping the fastest; position interpolation
+("pi", Chen et al., 2023) divides every time frequency by s, so that the target's token frames span the angles
+the trained ones did. All leave the height and width axes alone, and change nothing at or below the trained
+length. The absolute features can place time as a fraction of the clip (`sincos_position(time_fraction=True)`),
+which any length shares: the first token frame at 0, the last at `FRACTION_SPAN`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("riflex", "ntk")
+METHODS = ("riflex", "ntk", "pi")
+FRACTION_SPAN = math.pi  # the time "position" of a clip's last token frame in fraction features (cos runs 1 to -1)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class TimeScaling:
         if self.method == "ntk":
             base = theta * (self.target / self.trained) ** (dim / (dim - 2)) if dim > 2 else theta
             return 1.0 / base ** (torch.arange(0, dim, 2, device=freqs.device, dtype=torch.float64) / dim)
+        if self.method == "pi":
+            return freqs * (self.trained / self.target)
         freqs = freqs.clone()
         k = int(torch.argmin((2 * math.pi / freqs - self.trained).abs()))  # the intrinsic frequency
         freqs[k] = min(float(freqs[k]), 0.9 * 2 * math.pi / self.target)  # its period now a little past the target
@@ -59,20 +65,24 @@ def axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def _axis_angles(n: int, dim: int, theta: float, device, scaling: TimeScaling | None = None) -> torch.Tensor:
-    """(n, dim // 2) angles for positions 0..n-1 on one axis (the time axis's changed by `scaling`)."""
+def _axis_angles(n: int, dim: int, theta: float, device, scaling: TimeScaling | None = None,
+                 spacing: float = 1.0) -> torch.Tensor:
+    """(n, dim // 2) angles for positions 0, spacing, ..., (n - 1) spacing on one axis (the time axis's changed
+    by `scaling`)."""
     freqs = 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
     if scaling is not None:
         freqs = scaling.frequencies(freqs, dim, theta)
-    return torch.outer(torch.arange(n, device=device, dtype=torch.float64), freqs)
+    return torch.outer(torch.arange(n, device=device, dtype=torch.float64) * spacing, freqs)
 
 
 def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device=None,
-                time: TimeScaling | None = None) -> torch.Tensor:
-    """Rotation angles (N, head_dim // 2) for the tokens of a (T, H, W) grid in raster order (t, h, w)."""
+                time: TimeScaling | None = None, time_fraction: bool = False) -> torch.Tensor:
+    """Rotation angles (N, head_dim // 2) for the tokens of a (T, H, W) grid in raster order (t, h, w); with
+    time_fraction the time positions run from 0 to FRACTION_SPAN over the clip, whatever its length."""
     t, h, w = grid
     dt, dh, dw = axis_dims(head_dim)
-    at = _axis_angles(t, dt, theta, device, time)[:, None, None, :].expand(t, h, w, -1)
+    spacing = FRACTION_SPAN / max(t - 1, 1) if time_fraction else 1.0
+    at = _axis_angles(t, dt, theta, device, time, spacing)[:, None, None, :].expand(t, h, w, -1)
     ah = _axis_angles(h, dh, theta, device)[None, :, None, :].expand(t, h, w, -1)
     aw = _axis_angles(w, dw, theta, device)[None, None, :, :].expand(t, h, w, -1)
     return torch.cat([at, ah, aw], dim=-1).reshape(t * h * w, head_dim // 2)
@@ -117,16 +127,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str
 
 
 def sincos_position(grid: tuple[int, int, int], dim: int, theta: float, device, dtype,
-                    time: TimeScaling | None = None) -> torch.Tensor:
+                    time: TimeScaling | None = None, time_fraction: bool = False) -> torch.Tensor:
     """Absolute sine-cosine features (N, dim) of each token's (t, h, w) index in a grid of tokens in raster
-    order, the channels split over the axes as `axis_dims` splits a head. Built for any grid (no table), so
-    any duration and size still work; cached like the rotary tables. Treat it as read-only."""
-    return _sincos(tuple(int(n) for n in grid), int(dim), float(theta), torch.device(device), dtype, time)
+    order, the channels split over the axes as `axis_dims` splits a head; with time_fraction, time is how far
+    through the clip the token is (see rope_angles), and `time` does not apply. Built for any grid (no table),
+    so any duration and size still work; cached like the rotary tables. Treat it as read-only."""
+    return _sincos(tuple(int(n) for n in grid), int(dim), float(theta), torch.device(device), dtype,
+                   None if time_fraction else time, bool(time_fraction))
 
 
 @functools.lru_cache(maxsize=64)
-def _sincos(grid, dim, theta, device, dtype, time=None):
+def _sincos(grid, dim, theta, device, dtype, time=None, time_fraction=False):
     with torch.inference_mode(False), torch.no_grad():
-        angles = rope_angles(grid, dim, theta, device, time)  # (N, dim / 2): the t, h and w angles side by side
+        angles = rope_angles(grid, dim, theta, device, time, time_fraction)  # (N, dim / 2): t, h and w side by side
         per_axis = angles.split([d // 2 for d in axis_dims(dim)], dim=-1)
         return torch.cat([torch.cat([a.sin(), a.cos()], dim=-1) for a in per_axis], dim=-1).to(dtype)  # (N, dim)

@@ -183,6 +183,33 @@ def test_absolute_position_marks_where_each_token_is():
         assert torch.equal(DiT3D.from_preset("tiny", absolute_position=True)(x, t, text, mask), torch.zeros_like(x))
 
 
+def test_absolute_time_as_a_fraction_of_the_clip_is_the_same_span_at_any_length():
+    """With time_fraction the first token frame has the same time features at every length, and so has the
+    last: a clip twice the trained length places its tokens between places the model has seen, where index
+    features would place half of them past anything seen. Time extrapolation leaves fraction features alone."""
+    from dit3d.rope import TimeScaling
+
+    dim = 96
+    dt = axis_dims(dim)[0]
+
+    def time_features(frames, **kw):
+        return sincos_position((frames, 2, 2), dim, 10000.0, "cpu", torch.float64, **kw).view(frames, 2, 2, dim)[:, 0, 0]
+
+    short, long = time_features(5, time_fraction=True), time_features(9, time_fraction=True)
+    torch.testing.assert_close(long[0], short[0])
+    torch.testing.assert_close(long[-1], short[-1])
+    torch.testing.assert_close(long[4], short[2])  # half-way through is the same place at both lengths
+    assert not torch.allclose(long[1], short[1])
+    torch.testing.assert_close(long[:, dt:], short[:1, dt:].expand(9, -1))  # height and width as before
+    index = time_features(9)
+    assert torch.equal(index[:5], time_features(5))  # index features: the first 5 agree, the rest are new places
+    scaled = time_features(9, time_fraction=True, time=TimeScaling("riflex", 5, 9))
+    assert torch.equal(scaled, long)
+    assert torch.equal(time_features(1, time_fraction=True)[0], short[0])  # an image is the first frame
+    with pytest.raises(Exception, match="absolute_time must be one of 'index', 'fraction'"):
+        preset("tiny", absolute_time="middle")
+
+
 def test_output_at_initialisation_is_exactly_zero():
     torch.manual_seed(0)
     fresh = DiT3D.from_preset("tiny")
@@ -293,18 +320,21 @@ def test_save_and_load(model, tmp_path):
         load_vae(tmp_path / "dit")
 
 
-def test_checkpoint_saved_before_absolute_position_loads_as_it_was(tmp_path):
-    """A tiny DiT saved before the preset turned absolute_position on has no such key in its config.json: it
-    loads as the model it was, not as today's preset."""
+@pytest.mark.parametrize("before,key", [(dict(absolute_position=False), "absolute_position"),
+                                        (dict(absolute_position=True, absolute_time="index"), "absolute_time")],
+                         ids=["before-absolute-position", "before-absolute-time"])
+def test_checkpoint_saved_before_a_position_option_loads_as_it_was(tmp_path, before, key):
+    """A tiny DiT saved before the preset turned absolute_position on (or before absolute_time existed) has no
+    such key in its config.json: it loads as the model it was, not as today's preset."""
     import json
 
-    old = randomized(DiT3D.from_preset("tiny", absolute_position=False)).eval()
+    old = randomized(DiT3D.from_preset("tiny", **before)).eval()
     save_dit(old, tmp_path / "dit")
     config = json.loads((tmp_path / "dit" / "config.json").read_text())
-    config["config"].pop("absolute_position")
+    config["config"].pop(key)
     (tmp_path / "dit" / "config.json").write_text(json.dumps(config))
     loaded = load_dit(tmp_path / "dit").eval()
-    assert not loaded.config.absolute_position
+    assert loaded.config.absolute_position == before["absolute_position"] and loaded.config.absolute_time == "index"
     x, t, text, mask = inputs()
     with torch.no_grad():
         assert torch.equal(loaded(x, t, text, mask), old(x, t, text, mask))
@@ -336,7 +366,7 @@ def test_rotary_tables_built_while_sampling_serve_training():
     torch.testing.assert_close(x.grad, 2 * x.detach(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["riflex", "ntk"])
+@pytest.mark.parametrize("method", ["riflex", "ntk", "pi"])
 def test_time_extrapolation_changes_only_the_time_frequencies_and_nothing_at_the_trained_length(method):
     from dit3d.rope import TimeScaling
 
@@ -354,11 +384,14 @@ def test_time_extrapolation_changes_only_the_time_frequencies_and_nothing_at_the
         intrinsic = int(torch.argmin((periods - 10).abs()))
         assert changed == [intrinsic]
         assert float(new[intrinsic]) == pytest.approx(0.9 * 2 * torch.pi / 20)  # its period now past the target
-    else:
+    elif method == "ntk":
         assert changed == list(range(1, dt // 2)) and bool((new[1:] < freqs[1:]).all())  # slower, the fastest kept
         base = 10000.0 * 2 ** (dt / (dt - 2))
         assert float(new[-1]) == pytest.approx(base ** (-(dt - 2) / dt))
-    with pytest.raises(ValueError, match="must be one of riflex, ntk"):
+    else:  # every time frequency halved: 20 token frames turn through the angles 10 did
+        torch.testing.assert_close(new, freqs / 2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(longer[19, 0, 0, : dt // 2], plain[19, 0, 0, : dt // 2] / 2, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="must be one of riflex, ntk, pi"):
         TimeScaling("yarn", 10, 20)
 
 

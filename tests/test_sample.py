@@ -233,13 +233,47 @@ def test_extrapolate_acts_past_the_trained_length_only(run_dir, tmp_path, capsys
               "--lossless"]
     for frames in ("9", "33"):
         sample.main(common + ["--frames", frames, "--out", str(tmp_path / f"plain_{frames}.mp4")])
-        for method in ("riflex", "ntk"):
+        for method in ("riflex", "ntk", "pi"):
             sample.main(common + ["--frames", frames, "--extrapolate", method, "--out", str(tmp_path / f"{method}_{frames}.mp4")])
     err = capsys.readouterr().err
     assert "--extrapolate riflex changes nothing here: 9 frames are 3 token frames, and the model trained on up to 3" in err
-    for method in ("riflex", "ntk"):
+    # the tiny preset of this run places time by token-frame index: 33 frames go past every place it saw
+    assert ("this model adds absolute features of each token frame's index and trained on up to 3 (9 frames): 33 "
+            "frames place 6 token frame(s) where it has never seen one") in err
+    for method in ("riflex", "ntk", "pi"):
         assert (tmp_path / f"{method}_9.mp4").read_bytes() == (tmp_path / "plain_9.mp4").read_bytes()
         assert not np.array_equal(read_frames(tmp_path / f"{method}_33.mp4"), read_frames(tmp_path / "plain_33.mp4"))
+
+
+def test_a_run_trained_for_a_length_records_it_and_samples_with_it(run_dir, tmp_path, capsys):
+    """train.py --extrapolate riflex --extrapolate-frames 33 fine-tunes with RIFLEx's frequencies for 33 frames:
+    pipeline.json records them, loading puts them back (at every length, the trained one too), and another
+    --extrapolate at sampling, or a target no longer than the training clips, is a one-line error."""
+    from pipeline import Pipeline
+    from dit3d.rope import TimeScaling
+
+    root = run_dir.parent
+    args = ["--stage", "dit", "--data", str(root / "shards"), "--vae", str(root / "vae"), "--init", str(run_dir),
+            "--frames", "9", "--size", "32", "--steps", "2", "--batch-size", "2", "--num-workers", "0",
+            "--checkpoint-every", "0", "--wandb", "disabled", "--no-progress", "--preview-steps", "1", "--warmup", "1"]
+    assert train.main(args + ["--out", str(tmp_path / "ft"), "--extrapolate", "riflex", "--extrapolate-frames", "33"]) == 0
+    spec = json.loads((tmp_path / "ft" / "model" / "pipeline.json").read_text())
+    assert spec["time_scaling"] == {"method": "riflex", "trained": 3, "target": 9}
+    pipe = Pipeline.load(tmp_path / "ft")
+    assert pipe.model.dit.time_scaling == TimeScaling("riflex", 3, 9)
+    pipe.extrapolate_time(None, 9)
+    assert pipe.model.dit.time_scaling == TimeScaling("riflex", 3, 9)  # kept: the weights expect it
+    assert Pipeline.load(run_dir).model.dit.time_scaling is None
+    common = ["--ckpt", str(tmp_path / "ft"), "--prompt", "a red circle", "--steps", "1", "--no-progress"]
+    assert sample.main(common + ["--frames", "33", "--out", str(tmp_path / "a.mp4")]) == 0
+    assert sample.main(common + ["--frames", "33", "--extrapolate", "ntk", "--out", str(tmp_path / "b.mp4")]) == 2
+    assert ("this model was trained with --extrapolate riflex (for 9 token frames), which its weights expect at every "
+            "length: drop --extrapolate ntk") in capsys.readouterr().err
+    assert train.main(args + ["--out", str(tmp_path / "short"), "--extrapolate", "riflex", "--extrapolate-frames", "9"]) == 2
+    assert ("--extrapolate-frames 9 is 3 token frames, no more than the 3 of the longest clips trained on (9 frames): "
+            "give a longer length") in capsys.readouterr().err
+    assert train.main(args + ["--out", str(tmp_path / "alone"), "--extrapolate", "pi"]) == 2
+    assert "--extrapolate METHOD and --extrapolate-frames FRAMES go together" in capsys.readouterr().err
 
 
 def test_the_motion_bench_compares_lengths_and_extrapolations(run_dir, tmp_path):

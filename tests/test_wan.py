@@ -70,6 +70,22 @@ def test_diffusers_layout_gives_diffusers_output(wan, shape):
     assert expected.abs().max().item() > 0.1  # not two zeros
 
 
+@pytest.mark.parametrize("method", ["riflex", "ntk", "pi"])
+def test_time_extrapolation_keeps_diffusers_output_at_the_trained_length(wan, method):
+    """sample.py --extrapolate on Wan2.1: at the length it trained on, the same output as diffusers' own
+    transformer (which has no such option); past it, the time frequencies change and so does the output."""
+    from dit3d.rope import TimeScaling
+
+    model, folder = wan
+    ours = load_dit(folder).eval()
+    x, t, text = inputs((3, 4, 6))
+    expected = wan_output(model, x, t, text)
+    ours.time_scaling = TimeScaling(method, 3, 3)
+    assert (ours_output(ours, x, t, text) - expected).abs().max().item() <= 1e-5
+    ours.time_scaling = TimeScaling(method, 3, 12)  # a model trained on 3 latent frames, asked for 12
+    assert (ours_output(ours, x, t, text) - expected).abs().max().item() > 1e-3
+
+
 def to_original(state: dict) -> dict:
     """A diffusers Wan state dict in the original Wan2.1 release's names (written here independently of
     dit3d/wan.py, and checked against diffusers' own converter below)."""

@@ -19,10 +19,11 @@ from dit3d.condition import ConditionConfig, FrameSelection
 from dit3d.flow import FlowConfig, flow_loss, interpolate, keep_given, training_timesteps, velocity_target
 from dit3d.lora import LoraSettings, add_lora
 from dit3d.model import DiTBlock
+from dit3d.rope import TimeScaling
 from dit3d.checkpoint import wan_format
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
 from checkpoint_io import dit_folder
-from data.buckets import Packing
+from data.buckets import Packing, parse_buckets
 from data.video_io import size_pair
 from errors import InputError
 from evaluation.motion_score import preview_scores
@@ -101,10 +102,28 @@ class DiTStage:
             if self.model.text is not None:
                 self.model.text.requires_grad_(False)
             add_lora(self.model.dit, self.lora)
+        self.model.dit.time_scaling = self.time_scaling(args)
         self.block_types = (DiTBlock,)
         self.flow = FlowConfig(logit_mean=args.logit_mean, logit_std=args.logit_std, shift=args.shift,
                                shift_base_tokens=args.shift_base_tokens)
         self.buckets, self.schedule = None, None  # the loop's buckets and the loader's schedule, with --buckets
+
+    def time_scaling(self, args) -> TimeScaling | None:
+        """The rotary time frequencies of --extrapolate for --extrapolate-frames, past the longest clip trained on."""
+        if not args.extrapolate:
+            return None
+        longest = max([b.frames for b in parse_buckets(args.buckets)] if args.buckets else [args.frames])
+
+        def token_frames(frames: int, trained: bool) -> int:  # the trained clips as the frame selection cuts them
+            self.check_frames(frames)
+            latent = self.vae.latent_shape(frames, *self.shape_multiple())[1]
+            return (self.frames.frames(latent) if trained else latent) // self.model.dit.config.patch_size[0]
+
+        trained, target = token_frames(longest, True), token_frames(args.extrapolate_frames, False)
+        if target <= trained:
+            raise InputError(f"--extrapolate-frames {args.extrapolate_frames} is {target} token frames, no more than the "
+                             f"{trained} of the longest clips trained on ({longest} frames): give a longer length")
+        return TimeScaling(args.extrapolate, trained, target)
 
     @staticmethod
     def pretrained_dit(args, overrides: dict) -> DiT3D:
@@ -308,5 +327,6 @@ class DiTStage:
             "sampler": {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"},
             "condition": dataclasses.asdict(self.frames.condition), "text_padding": self.text_padding,
         } | ({"base": str(dit_folder(self.args.init).resolve())} if self.args.init else {})
-          | ({"buckets": trained} if trained else {}),
+          | ({"buckets": trained} if trained else {})
+          | ({"time_scaling": dataclasses.asdict(ema.dit.time_scaling)} if ema.dit.time_scaling else {}),
             lora=self.lora, merge=self.args.lora_merge)

@@ -7,6 +7,7 @@ import json
 import math
 
 from data.clip_options import add_clip_options, check_clip_options
+from dit3d.rope import METHODS as TIME_METHODS
 from errors import InputError
 
 
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent-window", type=int, default=0,
                    help="train on this many latent frames of each clip (from its start, or anywhere when the "
                         "window's first frame is given); 0: all")
+    g.add_argument("--extrapolate", choices=list(TIME_METHODS), default=None,
+                   help="train (or fine-tune) with the rotary time frequencies changed for clips of "
+                        "--extrapolate-frames frames, as sample.py --extrapolate changes them; pipeline.json records "
+                        "it, and sampling then keeps those frequencies at every length")
+    g.add_argument("--extrapolate-frames", type=int, default=0,
+                   help="with --extrapolate: the clip length (frames) to sample in one pass, past the longest trained")
     g.add_argument("--latent-stride", type=int, default=1,
                    help="take every K-th latent frame first (a keyframe model, as in bench/cascade.py)")
     g = p.add_argument_group("fine-tuning (dit stage)")
@@ -212,6 +219,11 @@ def check_args(args) -> None:
                          "size (write them from zoomed or flipped clips instead, or drop the options)")
     if args.latents and args.stage != "dit":
         raise InputError("--latents is for the dit stage (latent shards have no pixels to reconstruct)")
+    if bool(args.extrapolate) != bool(args.extrapolate_frames) or args.extrapolate_frames < 0:
+        raise InputError("--extrapolate METHOD and --extrapolate-frames FRAMES go together (the method, and the clip "
+                         "length it prepares the model for)")
+    if args.extrapolate and args.stage != "dit":
+        raise InputError("--extrapolate changes the DiT's rotary time frequencies: use it with --stage dit")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
