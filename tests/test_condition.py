@@ -263,3 +263,24 @@ def test_known_frame_errors(runs, tmp_path, capsys):
         assert sample.main(argv + ["--prompt", "x", "--steps", "1", "--out", str(tmp_path / "o.mp4"), "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_length_bench_puts_one_pass_beside_extension(runs, tmp_path):
+    """bench/length.py on a model trained with frame conditioning: at 2x the trained 9 frames, one pass (as
+    trained and with position interpolation) and window-by-window extension, scored on the same captions and
+    seeds; extension's first window is the 1x video itself (the same seed, kept exactly, decoded causally)."""
+    from bench import length
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle moving right\na blue square moving up\n")
+    out = tmp_path / "length"
+    assert length.main(["--ckpt", str(runs["cond"]), "--captions", str(captions), "--k", "1", "--lengths", "1", "2",
+                        "--modes", "none", "pi", "extend", "--out", str(out)]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [(r["frames"], r["mode"]) for r in results] == [(9, "none"), (17, "none"), (17, "pi"), (17, "extend")]
+    assert all(r["videos"] == 2 and len(r["tracks"][0]) == r["frames"] for r in results)
+    assert results[3]["tracks"][0][:9] == results[0]["tracks"][0] and results[3]["tracks"][1][:9] == results[0]["tracks"][1]
+    assert "identity" in results[1]["summary"]["all"] and out.with_suffix(".png").stat().st_size > 0
+    assert "| 17 (2x) | extend | 2 |" in out.with_suffix(".md").read_text()
+    cost = length.cost(str(runs["cond"]), "a red circle", [9], [18])
+    assert cost[0]["tokens_per_s"] > 0 and cost[0]["peak_mb"] >= cost[0]["decode_peak_mb"] > 0
