@@ -299,11 +299,13 @@ class Pipeline:
         trained_frames = max(int(shape[0]) for shape in self.trained_shapes())
         trained, target = self.token_frames(trained_frames), self.token_frames(frames)
         warning = None
-        if target > trained and dit.config.absolute_position and dit.config.absolute_time == "index":
+        index_features = dit.config.absolute_position and dit.config.absolute_time == "index"
+        chosen = fixed.method if fixed is not None else method
+        if target > trained and index_features and chosen != "pi":
             warning = (f"this model adds absolute features of each token frame's index and trained on up to {trained} "
                        f"({trained_frames} frames): {frames} frames place {target - trained} token frame(s) where it "
-                       f"has never seen one, and its motion replays instead of going on (no --extrapolate changes "
-                       f"that); train with --override absolute_time=fraction for lengths past the trained one")
+                       f"has never seen one, and its motion replays instead of going on; --extrapolate pi interpolates "
+                       f"those features with the rotary ones (the others change the rotary ones alone)")
         if fixed is not None:
             if method not in (None, fixed.method):
                 raise InputError(f"this model was trained with --extrapolate {fixed.method} (for {fixed.target} token "

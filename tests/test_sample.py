@@ -237,9 +237,11 @@ def test_extrapolate_acts_past_the_trained_length_only(run_dir, tmp_path, capsys
             sample.main(common + ["--frames", frames, "--extrapolate", method, "--out", str(tmp_path / f"{method}_{frames}.mp4")])
     err = capsys.readouterr().err
     assert "--extrapolate riflex changes nothing here: 9 frames are 3 token frames, and the model trained on up to 3" in err
-    # the tiny preset of this run places time by token-frame index: 33 frames go past every place it saw
-    assert ("this model adds absolute features of each token frame's index and trained on up to 3 (9 frames): 33 "
-            "frames place 6 token frame(s) where it has never seen one") in err
+    # the tiny preset of this run places time by token-frame index: 33 frames go past every place it saw, which
+    # only position interpolation (of those features too) serves: one warning per other setting at 33 frames
+    warning = ("this model adds absolute features of each token frame's index and trained on up to 3 (9 frames): 33 "
+               "frames place 6 token frame(s) where it has never seen one")
+    assert err.count(warning) == 3 and "--extrapolate pi interpolates those features" in err
     for method in ("riflex", "ntk", "pi"):
         assert (tmp_path / f"{method}_9.mp4").read_bytes() == (tmp_path / "plain_9.mp4").read_bytes()
         assert not np.array_equal(read_frames(tmp_path / f"{method}_33.mp4"), read_frames(tmp_path / "plain_33.mp4"))
