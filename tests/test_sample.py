@@ -291,3 +291,21 @@ def test_the_motion_bench_compares_lengths_and_extrapolations(run_dir, tmp_path)
     assert all(r["trained_frames"] == 9 and r["videos"] == 2 for r in results)
     scores = {(r["frames"], r["extrapolate"]): [s["direction"] for s in r["scores"]] for r in results}
     assert scores[(9, "none")] == scores[(9, "riflex")]  # nothing changes at the trained length
+
+
+def test_the_shape_bench_separates_the_causes(run_dir, tmp_path):
+    """bench/shape.py on a tiny run: every measure present, each a share in [0, 1], the word effects of the
+    shape and the colour at every noise level; the clips of a group differ in one word only."""
+    from bench import shape
+    from pipeline import Pipeline
+
+    captions, videos, groups, kinds = shape.rendered(Pipeline.load(run_dir), 1)
+    assert len(captions) == 3 + 5 and list(kinds) == ["shape"] * 3 + ["colour"] * 5 and set(groups) == {0}
+    assert len({c.split()[1] for c in captions[:3]}) == 1 and len({c.split()[2] for c in captions[:3]}) == 3
+    out = tmp_path / "shape"
+    assert shape.main(["--ckpt", str(run_dir), "--clips", "1", "--guidance", "1", "--out", str(out)]) == 0
+    (r,) = json.loads(out.with_suffix(".json").read_text())
+    assert r["clips"] == 3 and set(r["word effect"]) == {f"{k}@{t}" for k in ("shape", "colour") for t in shape.NOISE_LEVELS}
+    shares = [r["tokenizer"], *r["recovery"].values(), *r["guidance"].values()]
+    assert all(0 <= v <= 1 for v in shares) and all(v >= 0 for v in r["word effect"].values())
+    assert "| shape@0.6 |" in out.with_suffix(".md").read_text()
