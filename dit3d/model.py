@@ -23,6 +23,7 @@ nothing given the extra channel is zero and the model computes exactly what it c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -347,3 +348,22 @@ class DiT3D(nn.Module):
         else:
             shift, scale = self.out_modulation(emb).chunk(2, dim=1)
         return self.layout.gather(self.out(modulate(self.norm_out(h), shift, scale)))  # (B, N, C_out * patch)
+
+
+def with_frame_conditioning(model: "DiT3D") -> "DiT3D":
+    """`model` with the known-frames input channel added (DiTConfig.frame_conditioning), its weights in that
+    channel zero: with nothing given it computes exactly what `model` computes, and fine-tuning with
+    --condition teaches it to read the flag (text-to-video into extension or image-to-video)."""
+    if model.config.frame_conditioning:
+        return model
+    out = DiT3D(dataclasses.replace(model.config, frame_conditioning=True)).to(next(model.parameters()).device)
+    state = model.state_dict()
+    old = state["embed.weight"]  # linear (width, C * p), columns in (c pt ph pw) order; conv (width, C, pt, ph, pw)
+    if old.ndim == 2:
+        state["embed.weight"] = torch.cat([old, old.new_zeros(old.shape[0], old.shape[1] // model.config.in_channels)], 1)
+    else:
+        state["embed.weight"] = torch.cat([old, old.new_zeros(old.shape[0], 1, *old.shape[2:])], 1)
+    out.load_state_dict(state)
+    out.time_scaling = model.time_scaling
+    return out
+

@@ -174,6 +174,38 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             "plain": tiny_run(root, "plain", ["--steps", "1"]), "root": root}
 
 
+@pytest.mark.parametrize("embed", ["linear", "conv"])
+def test_frame_conditioning_added_to_a_trained_dit_changes_nothing_until_frames_are_given(embed):
+    from dit3d.model import with_frame_conditioning
+
+    torch.manual_seed(0)
+    plain = DiT3D(DiT3D.from_preset("tiny", in_channels=4, depth=2, patch_embed=embed).config)
+    for p in plain.parameters():  # away from the zero-output initialisation
+        p.data.add_(0.05 * torch.randn_like(p))
+    cond = with_frame_conditioning(plain)
+    assert cond.config.frame_conditioning and with_frame_conditioning(cond) is cond
+    x, t, text = torch.randn(2, 4, 3, 4, 4), torch.rand(2), torch.randn(2, 5, plain.config.text_dim)
+    with torch.no_grad():
+        expected = plain(x, t, text)
+        torch.testing.assert_close(cond(x, t, text, given=torch.zeros(2, 3, dtype=torch.bool)), expected, rtol=0, atol=1e-6)
+        flag = cond.embed.weight[:, -1] if embed == "conv" else cond.embed.weight[:, -cond.embed.weight.shape[1] // 5:]
+        flag.add_(0.1 * torch.randn_like(flag))  # the flag's weights trained: a given frame counts, nothing else changes
+        torch.testing.assert_close(cond(x, t, text), expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(cond(x, t, text, given=torch.tensor([[True, False, False]] * 2)), expected, atol=1e-4)
+
+
+def test_fine_tuning_a_text_to_video_run_with_condition_adds_the_flag(runs, capsys):
+    """--init a run trained without frame conditioning, with --condition: it fine-tunes into extension (the
+    flag's channel added at zero); with LoRA, which cannot train that channel, a one-line error."""
+    ft = tiny_run(runs["root"], "plain_to_extend", ["--init", str(runs["plain"]), "--condition", "extend=0.5", "--steps", "2"])
+    assert json.loads((ft / "model" / "dit" / "config.json").read_text())["config"]["frame_conditioning"] is True
+    args = ["--stage", "dit", "--data", str(runs["root"] / "shards"), "--vae", str(runs["root"] / "vae"), "--out",
+            str(runs["root"] / "lora_extend"), "--init", str(runs["plain"]), "--condition", "extend=0.5", "--lora-rank", "4",
+            "--frames", "9", "--size", "32", "--steps", "1", "--num-workers", "0", "--wandb", "disabled", "--no-progress"]
+    assert train.main(args) == 2
+    assert "adds an input channel that LoRA adapters cannot train: fine-tune it fully (drop --lora-rank)" in capsys.readouterr().err
+
+
 def test_training_with_condition_records_it(runs):
     model = runs["cond"] / "model"
     assert json.loads((model / "dit" / "config.json").read_text())["config"]["frame_conditioning"] is True

@@ -18,7 +18,7 @@ from dit3d import preset as dit_preset
 from dit3d.condition import ConditionConfig, FrameSelection
 from dit3d.flow import FlowConfig, flow_loss, interpolate, keep_given, training_timesteps, velocity_target
 from dit3d.lora import LoraSettings, add_lora
-from dit3d.model import DiTBlock
+from dit3d.model import DiTBlock, with_frame_conditioning
 from dit3d.rope import TimeScaling
 from dit3d.checkpoint import wan_format
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
@@ -89,8 +89,11 @@ class DiTStage:
                              f"tokenizer at {args.vae} makes {self.vae.config.latent_channels}: use the tokenizer it was "
                              f"trained with")
         if condition.active and not cfg.frame_conditioning:
-            if pretrained is not None:
-                raise InputError(f"--condition needs a DiT with frame conditioning, and the one at {args.init} has none")
+            if pretrained is not None and args.lora_rank:
+                raise InputError(f"--condition on the DiT at {args.init}, which has no frame conditioning, adds an input "
+                                 f"channel that LoRA adapters cannot train: fine-tune it fully (drop --lora-rank)")
+            if pretrained is not None:  # the flag's channel added at zero: it starts as the text-to-video model
+                pretrained = with_frame_conditioning(pretrained)
             cfg = dataclasses.replace(cfg, frame_conditioning=True)
         self.model = TextToVideo(pretrained or DiT3D(cfg), text).to(env.device)
         if self.text_padding == "wan":  # dropout is the empty caption: the learned null token is never used
