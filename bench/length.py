@@ -20,6 +20,10 @@ guidance, then decoded chunk by chunk): the DiT's tokens per second and the peak
 the decoding alone, which the chunked decoder keeps flat in the length.
 
 Writes OUT.json (settings, summaries, per-video scores and tracks), OUT.md (the tables) and OUT.png.
+`--combine A.json B.json ...` (runs of one recipe, e.g. three training seeds) writes OUT.md with the mean and
+the range over the runs of each length and mode.
+
+    python bench/length.py --combine bench/results/length_seed0.json length_seed1.json length_seed2.json --out bench/results/length_seeds
 """
 
 from __future__ import annotations
@@ -179,6 +183,24 @@ def tables(results: list[dict], costs: list[dict]) -> str:
     return text
 
 
+def combined(files: list[Path]) -> str:
+    """The held-out scores of several runs' OUT.json side by side: mean [lowest, highest] per length and mode."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    keys = [(r["multiple"], r["mode"], r["frames"]) for r in runs[0]["results"]]
+    headers = ["frames (x trained)", "mode", "runs", *["R²" if m == "linearity" else m for m in METRICS]]
+    rows = []
+    for multiple, mode, frames in keys:
+        found = [next((r for r in run["results"] if (r["multiple"], r["mode"]) == (multiple, mode)), None) for run in runs]
+        summaries = [f["summary"].get("held_out") if f["summary"].get("held_out", {}).get("videos") else f["summary"]["all"]
+                     for f in found if f is not None]
+        cells = []
+        for m in METRICS:
+            values = [s[m] for s in summaries]
+            cells.append(f"{np.mean(values):.3f} [{min(values):.2f}, {max(values):.2f}]")
+        rows.append([f"{frames} ({multiple}x)", mode, len(summaries), *cells])
+    return markdown_table(headers, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -190,10 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["none", "riflex", "pi", "extend"], choices=MODES,
                    help="one pass with each time extrapolation (none: as trained), or window-by-window extension")
     p.add_argument("--cost", action="store_true", help="also measure tokens/s and peak memory at each length")
+    p.add_argument("--combine", type=Path, nargs="+", help="OUT.json files of several runs: their table of means")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "length")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
+        return 0
+    if args.combine:
+        text = combined(args.combine)
+        print(text)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text + "\n")
         return 0
     if not args.ckpt:
         p.error("--ckpt is required")
