@@ -141,6 +141,8 @@ def run(q: argparse.Namespace) -> None:
         print(f"\n{len(scores)} samples in {samples}; their motion scores:\n")
         print(table(summary))
     print(f"\nsample more:  python sample.py --ckpt {dit_run} --prompt \"a green square moving up\" --out samples/")
+    print(f"3x as long:   python sample.py --ckpt {dit_run} --prompt \"a green square moving up\" --frames "
+          f"{1 + 3 * (spec.frames - 1)} --extrapolate pi --out samples/")
 
 
 if __name__ == "__main__":

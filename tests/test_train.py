@@ -372,6 +372,7 @@ def test_quickstart_completes_with_few_steps(tmp_path, capsys):
     samples = sorted((tmp_path / "qs" / "samples").glob("*.mp4"))
     assert len(samples) == 8 and all(s.with_suffix(".txt").is_file() for s in samples)
     assert "held out of training" in proc.out and "sample.py --ckpt" in proc.out
+    assert "--frames 49 --extrapolate pi" in proc.out  # the longer clips, in one pass
     assert "| held_out |" in proc.out  # the motion scores, split by seen and held-out captions
     summary = json.loads((tmp_path / "qs" / "motion_scores.json").read_text())["summary"]
     assert summary["held_out"]["videos"] == 5 and summary["seen"]["videos"] == 3
