@@ -141,7 +141,8 @@ def study(ckpt: str, clips: int, guidances: list[float]) -> dict:
 
 
 def tables(results: list[dict]) -> str:
-    names = [Path(r["ckpt"]).name or r["ckpt"] for r in results]
+    names = [Path(r["ckpt"]).parent.name if Path(r["ckpt"]).name in ("dit", "model") else Path(r["ckpt"]).name
+             for r in results]  # runs/quickstart/dit: quickstart
     out = []
     rows = [[k] + [f"{r[k]:.2f}" for r in results] for k in ("tokenizer", "tokenizer, latent noise 0.1", "tokenizer, latent noise 0.3")]
     out.append(markdown_table(["shape right in reconstructions", *names], rows))
