@@ -159,6 +159,11 @@ def generate_latents(forward: Callable[..., torch.Tensor], text_fn: Callable[[li
     return sample(velocity, noise, steps, shift, solver, on_step=on_step, given=given, schedule=schedule)
 
 
+def trained_time_scaling(spec: dict) -> TimeScaling | None:
+    """The TimeScaling a pipeline.json records (train.py --extrapolate), or None."""
+    return TimeScaling(**spec["time_scaling"]) if spec.get("time_scaling") else None
+
+
 @dataclass
 class Pipeline:
     model: TextToVideo
@@ -254,7 +259,7 @@ class Pipeline:
         if frozen is not None and frozen.dim != dit.config.text_dim:
             raise InputError(f"the text encoder at {spec['text_encoder']} gives {frozen.dim}-wide tokens but the DiT "
                              f"takes {dit.config.text_dim}: use the one it was trained with")
-        dit.time_scaling = TimeScaling(**spec["time_scaling"]) if spec.get("time_scaling") else None  # as trained
+        dit.time_scaling = trained_time_scaling(spec)  # the frequencies it trained with, if it changed them
         model = TextToVideo(dit, text).to(device).eval().requires_grad_(False)
         return cls(model, frozen, tokenizer.to(device).eval().requires_grad_(False), FlowConfig(**spec["flow"]),
                    spec, device)
@@ -286,17 +291,20 @@ class Pipeline:
         return self.vae.latent_shape(frames, 8, 8)[1] // self.model.dit.config.patch_size[0]
 
     @property
+    def trained_frames(self) -> int:
+        """Frames of the longest clip the model trained on."""
+        return max(int(shape[0]) for shape in self.trained_shapes())
+
+    @property
     def trained_time_scaling(self) -> TimeScaling | None:
         """The rotary time frequencies the model was trained or fine-tuned with (train.py --extrapolate), if any."""
-        spec = self.defaults.get("time_scaling")
-        return TimeScaling(**spec) if spec else None
+        return trained_time_scaling(self.defaults)
 
     def extrapolate_time(self, method: str | None, frames: int) -> str | None:
         """Change the DiT's rotary time frequencies (dit3d.rope.TimeScaling) to sample `frames` frames with a
         model trained on shorter clips; None puts back those it trained with. Returns a warning when the model's
         positions cannot serve the length, or a note when there is nothing to extrapolate."""
-        dit, fixed = self.model.dit, self.trained_time_scaling
-        trained_frames = max(int(shape[0]) for shape in self.trained_shapes())
+        dit, fixed, trained_frames = self.model.dit, self.trained_time_scaling, self.trained_frames
         trained, target = self.token_frames(trained_frames), self.token_frames(frames)
         warning = None
         index_features = dit.config.absolute_position and dit.config.absolute_time == "index"

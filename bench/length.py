@@ -51,14 +51,14 @@ METRICS = ("presence", "color", "shape", "direction", "linearity", "identity")
 
 def length_frames(pipe, multiple: int) -> int:
     """Frames (1 + 4k) of a clip `multiple` times the trained one in token frames."""
-    trained = max(int(s[0]) for s in pipe.trained_shapes())
+    trained = pipe.trained_frames
     factor = pipe.vae.config.temporal_factor
     return 1 + (trained - 1) * multiple if (trained - 1) % factor == 0 else trained * multiple
 
 
 def generate(pipe, mode: str, captions: list[str], seeds: list[int], frames: int, sampler: dict) -> torch.Tensor:
     """Latents (B, C, t, h, w) of `frames`-frame clips: in one pass, or (extend) window by window."""
-    trained_frames = max(int(s[0]) for s in pipe.trained_shapes())
+    trained_frames = pipe.trained_frames
     if mode != "extend":
         pipe.extrapolate_time(None if mode == "none" else mode, frames)
         return pipe.generate(captions, frames, *pipe.size, seeds=seeds, **sampler)
@@ -108,23 +108,25 @@ def measure(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     pipe = Pipeline.load(spec["ckpt"])
     caption, frames = spec["caption"], spec["frames"]
-    z = pipe.generate([caption], frames, *pipe.size, seeds=[0], steps=2, guidance=5.0)
 
-    def decode():
+    def generate():
+        return pipe.generate([caption], frames, *pipe.size, seeds=[0], steps=2, guidance=5.0)
+
+    def decode(z):
         for _ in pipe.decode_chunks(z[0]):
             pass
 
-    def sample():
-        decode_z = pipe.generate([caption], frames, *pipe.size, seeds=[0], steps=2, guidance=5.0)
-        for _ in pipe.decode_chunks(decode_z[0]):
-            pass
+    given = generate() if spec["part"] == "decode" else None  # decoding alone: latents made once, outside
 
-    out = time_or_memory(sample if spec["part"] == "sample" else decode, spec | {"repeats": 2}, torch.device("cpu"))
+    def run():
+        decode(given if given is not None else generate())
+
+    out = time_or_memory(run, spec | {"repeats": 2}, torch.device("cpu"))
     if spec["part"] == "sample" and "seconds" in out:  # the DiT's share: its forward passes alone, timed once more
         t0 = time.perf_counter()
-        pipe.generate([caption], frames, *pipe.size, seeds=[0], steps=2, guidance=5.0)
-        dit_s = time.perf_counter() - t0
-        out["tokens_per_s"] = pipe.tokens(tuple(z.shape[1:])) * 2 * 2 / dit_s  # 2 steps, prompt and null condition
+        generate()
+        tokens = pipe.tokens(pipe.latent_shape(frames, *pipe.size))
+        out["tokens_per_s"] = tokens * 2 * 2 / (time.perf_counter() - t0)  # 2 steps, prompt and null condition
     return out | {"measure": spec["measure"]}
 
 

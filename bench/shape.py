@@ -46,7 +46,7 @@ def rendered(pipe, clips: int, seed: int = 1234):
     from data import frames_to_tensor
     from data.synthetic import COLORS, SHAPES, SyntheticSpec, make_caption, render_sample
 
-    frames = max(int(s[0]) for s in pipe.trained_shapes())
+    frames = pipe.trained_frames
     spec = SyntheticSpec(frames=frames, size=pipe.size)
     captions, videos, groups, kinds = [], [], [], []
     for g in range(clips):
