@@ -37,6 +37,9 @@ from errors import InputError, MissingInputError
 from tokenizer import CausalVAE, load_tokenizer, save_tokenizer
 
 PIPELINE_FILE = "pipeline.json"
+# The diffusers scheduler a Wan folder names, as our solver on its grid (dit3d.flow.solver_times).
+WAN_SCHEDULERS = {"UniPCMultistepScheduler": "unipc", "DPMSolverMultistepScheduler": "dpm++",
+                  "FlowMatchEulerDiscreteScheduler": "euler"}
 # the negative prompt Wan2.1's own sampler uses by default (its configs' sample_neg_prompt)
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
                        "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
@@ -229,24 +232,26 @@ class Pipeline:
 
     @classmethod
     def load_wan(cls, path: Path, vae: str | Path | None, device, text_encoder: str | Path | None) -> "Pipeline":
-        """Wan2.1 with its defaults (81 frames at 480x832 and 16 fps, 50 Euler steps on diffusers' schedule,
-        guidance 5, the flow shift of the folder's scheduler config or 5, Wan's negative prompt), its UMT5 tokens
-        padded as Wan was trained."""
+        """Wan2.1 with its defaults (81 frames at 480x832 and 16 fps, 50 steps of the folder's scheduler on its
+        grid: UniPC as Wan2.1 ships, DPM-Solver++ or Euler as its scheduler config names, Euler without one;
+        guidance 5, the scheduler's flow shift or 5, Wan's negative prompt), its UMT5 tokens padded as Wan was
+        trained."""
         whole = (path / "model_index.json").is_file()
         vae = vae or (path / "vae" if whole else None)
         text_encoder = text_encoder or (path if whole else None)
         if vae is None or text_encoder is None:
             raise InputError(f"{path} is a Wan transformer alone: give its VAE (--vae, a diffusers AutoencoderKLWan "
                              f"folder) and UMT5 text encoder (--text-encoder) too, or a whole diffusers Wan pipeline folder")
-        shift = 5.0
+        shift, solver = 5.0, "euler"
         scheduler = path / "scheduler" / "scheduler_config.json"
         if whole and scheduler.is_file():
             config = json.loads(scheduler.read_text())
             shift = float(config.get("flow_shift") or config.get("shift") or shift)
+            solver = WAN_SCHEDULERS.get(config.get("_class_name"), "euler")
         device = torch.device(device)
         spec = {"text_encoder": str(Path(text_encoder).resolve()), "frames": 81, "size": [480, 832], "fps": 16.0,
                 "flow": {"shift": shift}, "text_padding": "wan", "negative_prompt": WAN_NEGATIVE_PROMPT,
-                "sampler": {"steps": 50, "guidance": 5.0, "solver": "euler", "schedule": "diffusers"}}
+                "sampler": {"steps": 50, "guidance": 5.0, "solver": solver, "schedule": "diffusers"}}
         frozen = HFTextEncoder(text_encoder, device=device, padding="wan")
         return cls.assemble(load_dit(path), None, frozen, vae, spec, device)
 
@@ -374,21 +379,22 @@ class Pipeline:
         return self.model.text.position.shape[0]
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, *, steps: int, guidance: float,
-                 seeds: list[int], negative: str | None = None, shift: float | None = None, solver: str = "euler",
+                 seeds: list[int], negative: str | None = None, shift: float | None = None, solver: str | None = None,
                  on_step=None, given: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Normalised latents (B, C, t, h, w); `decode` turns them into video. given = (known latents, (B, t)
-        mask) keeps those latent frames exactly (see `condition`)."""
+        """Normalised latents (B, C, t, h, w); `decode` turns them into video. solver None: the run's (Wan: its
+        scheduler's). given = (known latents, (B, t) mask) keeps those latent frames exactly (see `condition`)."""
         return self.generate_latents(prompts, self.latent_shape(frames, height, width), steps=steps, guidance=guidance,
                                      seeds=seeds, negative=negative, shift=shift, solver=solver, on_step=on_step,
                                      given=given)
 
     def generate_latents(self, prompts: list[str], shape: tuple[int, int, int, int], *, steps: int, guidance: float,
                          seeds: list[int], negative: str | None = None, shift: float | None = None,
-                         solver: str = "euler", on_step=None, given=None) -> torch.Tensor:
+                         solver: str | None = None, on_step=None, given=None) -> torch.Tensor:
         """`generate` for a latent shape (C, t, h, w). Given frames need a model trained with frame conditioning
         (DiT3D says so with an InputError otherwise)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else None
         negative = self.defaults.get("negative_prompt") if negative is None else negative
+        solver = self.defaults["sampler"].get("solver", "euler") if solver is None else solver
         return generate_latents(self.model, lambda c: text_inputs(self.model, self.frozen_text, c, self.device, fixed=True), prompts,
                                 shape, steps=steps, guidance=guidance, negative=negative, seeds=seeds, solver=solver,
                                 schedule=self.defaults["sampler"].get("schedule", "uniform"),

@@ -52,6 +52,7 @@ from data import read_image, read_last_frames, tensor_to_frames, video_writer, w
 from data.buckets import nearest_bucket
 from data.sources import video_name
 from data.clip_options import add_clip_options, check_clip_options
+from dit3d.flow import SOLVERS
 from dit3d.model import DiTBlock
 from dit3d.rope import METHODS as TIME_METHODS
 from errors import InputError, Interrupted, MissingInputError
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="frame width in pixels (default: the training clips')")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the run's preview setting)")
     p.add_argument("--guidance", "--cfg", dest="cfg", type=float, default=None, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--solver", choices=["euler", "heun"], default="euler", help='ODE solver: euler (one pass a step) or heun (two)')
+    p.add_argument("--solver", choices=list(SOLVERS), default=None,
+                   help="ODE solver (default: the run's; Wan folders: their scheduler's): euler (one pass a step), heun "
+                        "(two), unipc or dpm++ (multistep, one pass a step, second order: Wan2.1 ships unipc)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: as in training)")
     p.add_argument("--extrapolate", choices=list(TIME_METHODS), default=None,
                    help="for clips longer than the model trained on: change its rotary time frequencies, RIFLEx's "
@@ -328,6 +331,7 @@ def run(args) -> list[Path]:
     height, width = (s if v is None else v for s, v in zip(pipe.size, (args.height, args.width)))
     steps = d["sampler"]["steps"] if args.steps is None else args.steps
     guidance = d["sampler"]["guidance"] if args.cfg is None else args.cfg
+    args.solver = d["sampler"].get("solver", "euler") if args.solver is None else args.solver
     fps = d["fps"] if args.fps is None else args.fps
     jobs = [(p, args.seed + i, video_name(p, args.seed + i if args.num > 1 else None)) for p in prompts for i in range(args.num)]
     batch = max(1, min(args.batch_size, len(jobs) or 1))

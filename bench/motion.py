@@ -2,7 +2,7 @@
 
     python bench/motion.py --ckpt runs/quickstart/dit [OTHER_RUN ...] [--manifest SHARDS/manifest.json]
                            [--captions holdout|all|train] [--videos-per-prompt 4] [--steps 30] [--guidance 5] [--shift S]
-                           [--solver euler heun] [--frames 17 33 49 65] [--extrapolate none riflex ntk]
+                           [--solver euler heun unipc dpm++] [--frames 17 33 49 65] [--extrapolate none riflex ntk]
                            [--out bench/results/motion.json]
 
 Every combination of run x steps x cfg x solver x frames x extrapolation samples K videos (seeds 0..K-1) for
@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import markdown_table  # noqa: E402
+from dit3d.flow import SOLVERS  # noqa: E402
 from dit3d.rope import METHODS as TIME_METHODS  # noqa: E402
 from errors import InputError  # noqa: E402
 from evaluation.generator import captions_for, sample_run  # noqa: E402
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[None])
     p.add_argument("--guidance", "--cfg", dest="cfg", type=float, nargs="+", default=[None])
     p.add_argument("--shift", type=float, default=None)
-    p.add_argument("--solver", nargs="+", default=["euler"], choices=["euler", "heun"])
+    p.add_argument("--solver", nargs="+", default=["euler"], choices=list(SOLVERS))
     p.add_argument("--frames", type=int, nargs="+", default=[None],
                    help="clip lengths sampled in one pass, 1 + 4k (default: the training clips')")
     p.add_argument("--extrapolate", nargs="+", default=["none"], choices=["none", *TIME_METHODS],

@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .solvers import MULTISTEP, Multistep, flow_times
+
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, ...), t (B,)) -> v (B, ...)
 
 
@@ -112,33 +114,55 @@ def flow_loss(v: torch.Tensor, target: torch.Tensor, generate: torch.Tensor | No
     return per_sample.mean()
 
 
+SOLVERS = ("euler", "heun", *MULTISTEP)
+
+
+def solver_times(solver: str, steps: int, shift: float, schedule: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise levels (steps + 1,) from noise to 0, model times (steps,)) of one sampler run. "uniform": our grid
+    (sampling_timesteps) for every solver; "diffusers": the grid of the diffusers scheduler each solver is
+    (FlowMatchEulerDiscreteScheduler for euler and heun, UniPC / DPM-Solver++ with flow sigmas), with the
+    integer timesteps those pipelines give the model."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "uniform":
+        levels = sampling_timesteps(steps, shift)
+    elif solver in MULTISTEP:
+        return flow_times(solver, steps, shift)
+    else:
+        levels = diffusers_euler_timesteps(steps, shift)
+    return levels, levels[:-1]
+
+
 @torch.no_grad()
 def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.0, solver: str = "euler",
            on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
            given: tuple[torch.Tensor, torch.Tensor] | None = None, schedule: str = "uniform") -> torch.Tensor:
     """Integrate from `noise` (t = 1) to data (t = 0) in `steps` steps; returns x0 in noise's shape.
 
-    solver: "euler" (one model call per step) or "heun" (two per step, except the last, second order).
+    solver: "euler" (one model call per step), "heun" (two per step, except the last, second order), "unipc"
+    or "dpm++" (multistep, one call per step, second order from the second step: dit3d.solvers).
     on_step(i, t, x0_prediction) is called after every step, e.g. to save the denoising trajectory.
     given = (known, mask): latent frames known clean (mask (B, T) True), kept exactly at every model call and
     in the result; only the others are integrated.
-    schedule: "uniform" (our times: uniform, then shifted) or "diffusers" (diffusers' FlowMatchEulerDiscreteScheduler's,
-    see diffusers_euler_timesteps: how Wan2.1 pipelines sample with Euler).
+    schedule: "uniform" (our times: uniform, then shifted) or "diffusers" (the grid of the diffusers scheduler
+    of that solver, see solver_times: how Wan2.1 pipelines sample).
     """
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    ts = (sampling_timesteps(steps, shift, noise.device) if schedule == "uniform"
-          else diffusers_euler_timesteps(steps, shift).to(noise.device))
+    levels, model_times = solver_times(solver, steps, shift, schedule)
+    levels, model_times = levels.to(noise.device), model_times.to(noise.device)
+    multistep = Multistep(solver, levels) if solver in MULTISTEP else None
     x = keep_given(noise, given)
     batch = noise.shape[0]
     for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        tb = t.expand(batch)
-        v = velocity(x, tb)
+        t, t_next = levels[i], levels[i + 1]
+        v = velocity(x, model_times[i].expand(batch))
+        x0 = keep_given(predicted_x0(x, t.expand(batch), v), given)
         if on_step is not None:
-            on_step(i, t, keep_given(predicted_x0(x, tb, v), given))
+            on_step(i, t, x0)
+        if multistep is not None:
+            x = keep_given(multistep.step(i, x, x0), given)
+            continue
         x_next = keep_given(x + (t_next - t) * v, given)
         if solver == "heun" and t_next > 0:
             v_next = velocity(x_next, t_next.expand(batch))

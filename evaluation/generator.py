@@ -44,6 +44,7 @@ from data.synthetic import ALL_CAPTIONS, parse_caption
 from errors import InputError
 from evaluation.clip_score import ClipScore
 from evaluation.fvd import FrechetVideoDistance, fvd_from_features, fvd_interval
+from dit3d.flow import SOLVERS
 from evaluation.motion_score import Score, caption_groups, group_of, read_frames, score_frames, summarise
 
 log = logging.getLogger("evaluation.generator")
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="solver steps (default: the run's)")
     g.add_argument("--guidance", "--cfg", dest="cfg", type=float, default=None, help="guidance scale (default: the run's)")
     g.add_argument("--shift", type=float, default=None, help="timestep shift (default: the run's)")
-    g.add_argument("--solver", default="euler", choices=["euler", "heun"], help="with --run: the ODE solver (default: the run's)")
+    g.add_argument("--solver", default=None, choices=list(SOLVERS), help="with --run: the ODE solver (default: the run's)")
     g.add_argument("--batch-size", type=int, default=16, help='with --run: videos sampled together (memory, never the result)')
     g.add_argument("--trajectory", action="store_true",
                    help="also score the clean-video prediction at every solver step (the chain-of-steps study)")

@@ -133,7 +133,7 @@ def test_loss_ignores_given_frames():
     torch.testing.assert_close(flow_loss(v, target, None), torch.nn.functional.mse_loss(v, target))
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "unipc", "dpm++"])
 def test_sampler_keeps_given_frames_exactly(solver):
     torch.manual_seed(0)
     known = torch.randn(2, 3, 4, 2, 2)

@@ -5,6 +5,7 @@ train.py, loaded by diffusers' own LoRA loader, merged, and resumed."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -67,6 +68,30 @@ def test_sample_py_gives_wan_pipelines_video(wan_pipeline, diffusers_pipe, tmp_p
     assert sample.main(["--ckpt", str(wan_pipeline), "--prompt", PROMPTS[0], "--frames", "9", "--height", "32",
                         "--width", "48", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
     assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("scheduler", ["UniPCMultistepScheduler", "DPMSolverMultistepScheduler"])
+def test_a_wan_folder_samples_with_its_own_scheduler(wan_pipeline, tmp_path, scheduler):
+    """Wan2.1's diffusers folders ship UniPC (flow sigmas, shift 3 or 5): ours reads it from the folder and gives
+    WanPipeline's video with it, step for step on its grid and integer timesteps."""
+    root = tmp_path / "wan"
+    shutil.copytree(wan_pipeline, root)
+    getattr(diffusers, scheduler)(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                  solver_order=2).save_pretrained(root / "scheduler")
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", scheduler]}))
+    ours = Pipeline.load(root)
+    assert ours.defaults["sampler"]["solver"] == {"UniPCMultistepScheduler": "unipc"}.get(scheduler, "dpm++")
+    frames, height, width, seed, steps = 9, 32, 48, 3, 5
+    z = ours.generate([PROMPTS[1]], frames, height, width, steps=steps, guidance=5.0, seeds=[seed],
+                      negative="blurry static", solver=ours.defaults["sampler"]["solver"])
+    got = ((ours.decode(z)[0] + 1) / 2).permute(1, 2, 3, 0).numpy()
+    noise = torch.randn((1, 4, 3, 4, 6), generator=torch.Generator().manual_seed(seed))
+    expected = diffusers.WanPipeline.from_pretrained(root)(
+        prompt=PROMPTS[1], negative_prompt="blurry static", height=height, width=width, num_frames=frames,
+        num_inference_steps=steps, guidance_scale=5.0, latents=noise, output_type="np").frames[0]
+    assert got.shape == expected.shape and expected.std() > 0.01
+    assert np.abs(got - expected).max() <= 1e-4
 
 
 def test_a_wan_transformer_alone_needs_its_vae_and_text_encoder(wan_pipeline, capsys):

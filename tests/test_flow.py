@@ -32,7 +32,7 @@ def test_shift_moves_time_towards_noise_and_grows_with_tokens():
     assert float(plain.mean()) == pytest.approx(0.5, abs=0.02) and float(ts.mean()) > 0.7  # shift 4 for 16x the tokens
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "unipc", "dpm++"])
 def test_samplers_recover_the_data_of_an_exact_velocity_field(solver):
     # all data at one point c: the exact velocity on the straight path is (x_t - c) / t, and both solvers
     # must land on c from any noise, with any number of steps and any shift
