@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from checkpoint_io import checkpoint_step, save_checkpoint, write_json_atomic
 from dit3d import DiT3D, load_dit
+from dit3d.cache import step_cache
 from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
 from dit3d.flow import FlowConfig, sample
 from dit3d.lora import LoraSettings, load_adapter, merged, merged_state, save_adapter, updates
@@ -175,6 +176,7 @@ class Pipeline:
     flow: FlowConfig
     defaults: dict  # frames, size, fps, sampler steps / guidance / solver from training
     device: torch.device
+    cache_reports: list = dataclasses.field(default_factory=list)  # step caching's report of each sampler run
 
     @classmethod
     def load(cls, path: str | Path, vae: str | Path | None = None, device: str | torch.device = "cpu",
@@ -389,12 +391,20 @@ class Pipeline:
 
     def generate_latents(self, prompts: list[str], shape: tuple[int, int, int, int], *, steps: int, guidance: float,
                          seeds: list[int], negative: str | None = None, shift: float | None = None,
-                         solver: str | None = None, on_step=None, given=None) -> torch.Tensor:
+                         solver: str | None = None, on_step=None, given=None, cache: float = 0.0) -> torch.Tensor:
         """`generate` for a latent shape (C, t, h, w). Given frames need a model trained with frame conditioning
-        (DiT3D says so with an InputError otherwise)."""
-        dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        (DiT3D says so with an InputError otherwise). cache > 0: skip the blocks on steps whose input changed less
+        than that in sum (dit3d/cache.py); each run's report is appended to self.cache_reports."""
         negative = self.defaults.get("negative_prompt") if negative is None else negative
         solver = self.defaults["sampler"].get("solver", "euler") if solver is None else solver
+        with step_cache(self.model.dit, cache, 2 * steps - 1 if solver == "heun" else steps) as cached:
+            z = self._generate(prompts, shape, steps, guidance, seeds, negative, shift, solver, on_step, given)
+        if cached is not None:
+            self.cache_reports.append(cached.report())
+        return z
+
+    def _generate(self, prompts, shape, steps, guidance, seeds, negative, shift, solver, on_step, given):
+        dtype = torch.bfloat16 if self.device.type == "cuda" else None
         return generate_latents(self.model, lambda c: text_inputs(self.model, self.frozen_text, c, self.device, fixed=True), prompts,
                                 shape, steps=steps, guidance=guidance, negative=negative, seeds=seeds, solver=solver,
                                 schedule=self.defaults["sampler"].get("schedule", "uniform"),

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ODE solver (default: the run's; Wan folders: their scheduler's): euler (one pass a step), heun "
                         "(two), unipc or dpm++ (multistep, one pass a step, second order: Wan2.1 ships unipc)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: as in training)")
+    p.add_argument("--cache-threshold", type=float, default=0.0,
+                   help="step caching (TeaCache's rule): skip the DiT's blocks on a step while the summed relative "
+                        "change of their modulated input stays under this, reusing their last output; 0: off, bit "
+                        "for bit the uncached video (see docs/sampling.md for the speed and quality it costs)")
     p.add_argument("--extrapolate", choices=list(TIME_METHODS), default=None,
                    help="for clips longer than the model trained on: change its rotary time frequencies, RIFLEx's "
                         "intrinsic frequency, NTK-aware scaling of the time base, or position interpolation (pi), "
@@ -314,6 +318,11 @@ def check_options(args) -> None:
         raise InputError(f"--guidance must be at least 0 (1: no guidance), got {args.cfg}")
     if args.shift is not None and not args.shift > 0:
         raise InputError(f"--shift must be positive, got {args.shift}")
+    if not args.cache_threshold >= 0:
+        raise InputError(f"--cache-threshold must be at least 0 (0: off), got {args.cache_threshold}")
+    if args.cache_threshold > 0 and args.sp_size > 1:
+        raise InputError("--cache-threshold decides per rank from that rank's tokens, which --sp-size splits: "
+                         "use one or the other")
 
 
 def run(args) -> list[Path]:
@@ -379,7 +388,7 @@ def run(args) -> list[Path]:
                     trajectory.append((i, x0.detach().clone()))
 
             sampler = dict(steps=steps, guidance=guidance, negative=args.negative_prompt, shift=args.shift,
-                           solver=args.solver, on_step=on_step)
+                           solver=args.solver, on_step=on_step, cache=args.cache_threshold)
             z = known.generate([p for p, _, _ in group], [s for _, s, _ in group], sampler)
             if not writer:
                 continue
@@ -396,6 +405,10 @@ def run(args) -> list[Path]:
                           f"{out_dir}") from None
     finally:
         bar.close()
+    if pipe.cache_reports and env.main:
+        passes, run_ = (sum(r[k] for r in pipe.cache_reports) for k in ("passes", "passes_run"))
+        print(f"step caching at {args.cache_threshold:g}: the DiT's blocks skipped on {passes - run_} of {passes} "
+              f"video passes ({1 - run_ / max(passes, 1):.0%})", file=sys.stderr)
     return written
 
 

@@ -333,6 +333,13 @@ class DiT3D(nn.Module):
                                     time_fraction=self.config.absolute_time == "fraction")
         return h
 
+    def run_blocks(self, h, shared, cos, sin, txt, text_mask, token_mask) -> torch.Tensor:
+        """The blocks on tokens h (B, N, width) with the shared time modulation (B, 6, width) and embedded text
+        (B, L, width); what step caching (dit3d/cache.py) stands in for on the steps it skips."""
+        for block in self.blocks:
+            h = block(h, shared, cos, sin, txt, text_mask, token_mask)
+        return h
+
     def _run(self, h, cos, sin, t, text, text_mask, token_mask) -> torch.Tensor:
         """The transformer on embedded tokens h (B, N, width) -> output tokens (B, N, C_out * pt * ph * pw)."""
         if text_mask is None:
@@ -341,8 +348,7 @@ class DiT3D(nn.Module):
         h, cos, sin = self.layout.split(h, cos, sin)  # (B, N / ranks, width) with sequence parallelism
         shared = self.time_modulation(emb).unflatten(1, (6, self.config.width))  # (B, 6, width)
         txt = self.text_embed(text)  # (B, L, width)
-        for block in self.blocks:
-            h = block(h, shared, cos, sin, txt, text_mask, token_mask)
+        h = self.run_blocks(h, shared, cos, sin, txt, text_mask, token_mask)
         if self.config.out_modulation == "table":
             shift, scale = (self.out_table + emb[:, None]).unbind(1)  # (B, width) each
         else:

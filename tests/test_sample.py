@@ -153,6 +153,8 @@ def test_sequence_parallel_sampling_gives_the_same_video(run_dir, tmp_path):
     (["--ckpt", "{run}", "--prompt", "x", "--height", "24"], "latent height 3 is not divisible by the patch size 2"),
     (["--ckpt", "{run}", "--prompts", "{empty}"], "has no prompts"),
     (["--ckpt", "{run}"], "no prompt: give --prompt"),
+    (["--ckpt", "{run}", "--prompt", "x", "--cache-threshold", "-1"], "--cache-threshold must be at least 0"),
+    (["--ckpt", "{run}", "--prompt", "x", "--cache-threshold", "0.1", "--sp-size", "2"], "use one or the other"),
 ])
 def test_bad_input_gets_a_one_line_error(run_dir, tmp_path, capsys, args, message):
     empty = tmp_path / "empty.txt"
@@ -161,6 +163,15 @@ def test_bad_input_gets_a_one_line_error(run_dir, tmp_path, capsys, args, messag
     assert sample.main([a.format(**fill) for a in args] + ["--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_step_caching_reports_what_it_skipped_and_keeps_the_trajectory(run_dir, tmp_path, capsys):
+    out = tmp_path / "c.mp4"
+    assert sample.main(["--ckpt", str(run_dir), "--prompt", "a red circle moving right", "--steps", "6",
+                        "--cache-threshold", "1e9", "--save-trajectory", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "step caching at 1e+09: the DiT's blocks skipped on 8 of 12 video passes (67%)" in err  # guided: 2 rows
+    assert len(list(out.with_suffix(".trajectory").glob("step_*.mp4"))) == 6 and out.stat().st_size > 0
 
 
 def test_a_video_is_the_same_float_for_float_in_any_batch(run_dir):
