@@ -62,18 +62,20 @@ class TextToVideo(nn.Module):
         self.dit, self.text = dit, text
 
     def forward(self, x: torch.Tensor | list[torch.Tensor], t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                drop: torch.Tensor | None = None, given: torch.Tensor | list | None = None) -> torch.Tensor | list[torch.Tensor]:
+                drop: torch.Tensor | None = None, given: torch.Tensor | list | None = None,
+                sampler: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Velocity for latents x (B, C, T, H, W) at times t (B,). text: token ids (B, L) with a built-in encoder,
         else encoded tokens (B, L, D); rows where `drop` (B,) is True get the null condition instead; `given`
         (B, T) flags latent frames known clean in x. A packed batch: x a list of (C, T_i, H_i, W_i) latents of mixed
-        shapes (and `given` a list of (T_i,) flags or None), run together by `DiT3D.forward_varlen`."""
+        shapes (and `given` a list of (T_i,) flags or None), run together by `DiT3D.forward_varlen`.
+        `sampler` (B, 2): a distilled student's (guidance, steps)."""
         if self.text is not None:
             text = self.text(text, text_mask)
         if drop is not None:
             text, text_mask = self.dit.drop_captions(text, text_mask, drop)
         if isinstance(x, (list, tuple)):
             return self.dit.forward_varlen(list(x), t, text, text_mask, given)
-        return self.dit(x, t, text, text_mask, given)
+        return self.dit(x, t, text, text_mask, given, sampler)
 
 
 def save_pipeline(directory: Path, model: TextToVideo, state: dict[str, torch.Tensor], vae: CausalVAE, step: int,
@@ -128,7 +130,8 @@ def generate_latents(forward: Callable[..., torch.Tensor], text_fn: Callable[[li
                      negative: str | None = None, seeds: list[int], solver: str = "euler", device=None,
                      autocast_dtype: torch.dtype | None = None,
                      on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                     given: tuple[torch.Tensor, torch.Tensor] | None = None, schedule: str = "uniform") -> torch.Tensor:
+                     given: tuple[torch.Tensor, torch.Tensor] | None = None, schedule: str = "uniform",
+                     student: bool = False) -> torch.Tensor:
     """Normalised latents (B, C, t, h, w) for prompts, solving the flow ODE from seeded noise.
 
     forward(x, t, text, mask, drop, given) is the model (called as a whole, as FSDP needs). Guidance runs the
@@ -136,11 +139,12 @@ def generate_latents(forward: Callable[..., torch.Tensor], text_fn: Callable[[li
     condition (the caption dropped); both see the same given frames. Each video's noise comes from its own
     seed, so a video does not depend on the others in its batch. given = (known, mask): normalised latents
     (B, C, t, h, w) and (B, t) bool, True on the frames to keep exactly (image-to-video, extension,
-    interpolation).
+    interpolation). student: the model is a distilled student (DiTConfig.sampler_embed), which takes the
+    guidance scale and the step count as inputs: one pass a step, no unconditional twin.
     """
     n = len(prompts)
     noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
-    if guidance == 1.0:
+    if guidance == 1.0 or student:
         text, mask = text_fn(prompts)
         drop = None
     else:
@@ -154,6 +158,8 @@ def generate_latents(forward: Callable[..., torch.Tensor], text_fn: Callable[[li
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
         with ctx:
+            if student:
+                return forward(x, t, text, mask, None, flags, sampler=x.new_tensor([[guidance, steps]]).expand(n, 2)).float()
             if guidance == 1.0:
                 return forward(x, t, text, mask, None, flags).float()
             both = None if flags is None else torch.cat([flags, flags])
@@ -382,12 +388,12 @@ class Pipeline:
 
     def generate(self, prompts: list[str], frames: int, height: int, width: int, *, steps: int, guidance: float,
                  seeds: list[int], negative: str | None = None, shift: float | None = None, solver: str | None = None,
-                 on_step=None, given: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 on_step=None, given: tuple[torch.Tensor, torch.Tensor] | None = None, cache: float = 0.0) -> torch.Tensor:
         """Normalised latents (B, C, t, h, w); `decode` turns them into video. solver None: the run's (Wan: its
         scheduler's). given = (known latents, (B, t) mask) keeps those latent frames exactly (see `condition`)."""
         return self.generate_latents(prompts, self.latent_shape(frames, height, width), steps=steps, guidance=guidance,
                                      seeds=seeds, negative=negative, shift=shift, solver=solver, on_step=on_step,
-                                     given=given)
+                                     given=given, cache=cache)
 
     def generate_latents(self, prompts: list[str], shape: tuple[int, int, int, int], *, steps: int, guidance: float,
                          seeds: list[int], negative: str | None = None, shift: float | None = None,
@@ -409,7 +415,8 @@ class Pipeline:
                                 shape, steps=steps, guidance=guidance, negative=negative, seeds=seeds, solver=solver,
                                 schedule=self.defaults["sampler"].get("schedule", "uniform"),
                                 shift=self.flow.shift_for(self.tokens(shape)) if shift is None else shift,
-                                device=self.device, autocast_dtype=dtype, on_step=on_step, given=given)
+                                device=self.device, autocast_dtype=dtype, on_step=on_step, given=given,
+                                student=self.model.dit.config.sampler_embed)
 
     # ---- known frames: image-to-video, extension, interpolation ---------------------------------------
 

@@ -325,6 +325,25 @@ def check_options(args) -> None:
                          "use one or the other")
 
 
+def check_student(student: dict, embedded: bool, steps: int, guidance: float) -> None:
+    """A distilled student (train.py --stage distill) asked for what it was not distilled for: steps it has no
+    input for are an error; other steps or guidance than its own, a warning."""
+    trained = ", ".join(map(str, student["steps"]))
+    lo, hi = student["guidance"]
+    if embedded and steps not in student["steps"]:
+        raise InputError(f"this student was distilled to sample in {trained} step(s) and takes its step count as an "
+                         f"input; --steps {steps} is none of them (leave --steps out for its default)")
+    if not embedded and steps not in student["steps"]:
+        print(f"warning: this LoRA student was distilled for {trained} steps; at {steps} its steps no longer match "
+              f"the segments it learnt", file=sys.stderr)
+    if embedded and not lo <= guidance <= hi:
+        print(f"warning: this student stands in for guidance {lo:g} to {hi:g}, and {guidance:g} is outside what it "
+              f"was distilled on (it samples in one pass a step either way)", file=sys.stderr)
+    if not embedded and guidance != 1:
+        print(f"warning: this LoRA student was distilled out of guidance (it stands in for {lo:g}); --guidance "
+              f"{guidance:g} doubles the passes and guides twice", file=sys.stderr)
+
+
 def run(args) -> list[Path]:
     check_options(args)
     prompts = read_prompts(args)
@@ -341,6 +360,8 @@ def run(args) -> list[Path]:
     steps = d["sampler"]["steps"] if args.steps is None else args.steps
     guidance = d["sampler"]["guidance"] if args.cfg is None else args.cfg
     args.solver = d["sampler"].get("solver", "euler") if args.solver is None else args.solver
+    if d["sampler"].get("student"):
+        check_student(d["sampler"]["student"], pipe.model.dit.config.sampler_embed, steps, guidance)
     fps = d["fps"] if args.fps is None else args.fps
     jobs = [(p, args.seed + i, video_name(p, args.seed + i if args.num > 1 else None)) for p in prompts for i in range(args.num)]
     batch = max(1, min(args.batch_size, len(jobs) or 1))

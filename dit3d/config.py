@@ -38,6 +38,9 @@ class DiTConfig:
     # trained ones has places never seen) | fraction (how far through the clip, 0 at the first token frame and
     # 1 at the last, for any length)
     absolute_time: str = "index"
+    # a distilled student's extra inputs (train.py --stage distill): the guidance scale it stands in for and the
+    # number of sampler steps, embedded and added to the time embedding (zero at initialisation)
+    sampler_embed: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "patch_size", tuple(self.patch_size))

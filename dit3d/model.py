@@ -203,6 +203,8 @@ class DiT3D(nn.Module):
         # a learned one-token "no caption", for caption dropout and classifier-free guidance
         self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02)
         self.attention_backend = resolve_backend(cfg.attention_backend)  # once, here: see attention.py
+        if cfg.sampler_embed:  # (guidance, steps) -> a term of the time embedding, as guidance-distilled FLUX does
+            self.sampler_embed = nn.Sequential(nn.Linear(512, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
         self.blocks = nn.ModuleList(DiTBlock(cfg, self.attention_backend) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.width, elementwise_affine=False, eps=cfg.norm_eps)
         if cfg.out_modulation == "table":  # shift and scale = a learned table + the time embedding (Wan)
@@ -229,7 +231,8 @@ class DiT3D(nn.Module):
         nn.init.normal_(self.time_embed[0].weight, std=0.02)
         nn.init.normal_(self.time_embed[2].weight, std=0.02)
         out_modulation = [self.out_modulation[1]] if self.config.out_modulation == "linear" else []
-        for layer in (self.time_modulation[1], *out_modulation, self.out):
+        sampler = [self.sampler_embed[2]] if self.config.sampler_embed else []  # a student starts as its teacher
+        for layer in (self.time_modulation[1], *out_modulation, self.out, *sampler):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -265,16 +268,17 @@ class DiT3D(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None,
-                given: torch.Tensor | None = None) -> torch.Tensor:
+                given: torch.Tensor | None = None, sampler: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity (B, C, T, H, W) for latents x (B, C, T, H, W) at flow time t (B,) given text (B, L, text_dim)
         and its mask (B, L), True for real tokens (None: all real). `given` (B, T) bool marks the latent frames
-        that are known and clean in x (needs `frame_conditioning`; None: none)."""
+        that are known and clean in x (needs `frame_conditioning`; None: none). `sampler` (B, 2): a distilled
+        student's (guidance scale, sampler steps) (needs `sampler_embed`)."""
         cfg = self.config
         self._check_latents(x, batched=True)
         grid = self.token_grid(tuple(x.shape[2:]))
         cos, sin = rope_cos_sin(grid, cfg.head_dim, cfg.rope_theta, x.device, torch.float32, cfg.rope_pairs,
                                 self.time_scaling)  # (N, head_dim)
-        h = self._run(self._embed(x, grid, given), cos, sin, t, text, text_mask, None)
+        h = self._run(self._embed(x, grid, given), cos, sin, t, text, text_mask, None, sampler)
         return unpatchify(h, grid, cfg.patch_size)
 
     def forward_varlen(self, xs: list[torch.Tensor], t: torch.Tensor, text: torch.Tensor,
@@ -340,11 +344,17 @@ class DiT3D(nn.Module):
             h = block(h, shared, cos, sin, txt, text_mask, token_mask)
         return h
 
-    def _run(self, h, cos, sin, t, text, text_mask, token_mask) -> torch.Tensor:
+    def _run(self, h, cos, sin, t, text, text_mask, token_mask, sampler=None) -> torch.Tensor:
         """The transformer on embedded tokens h (B, N, width) -> output tokens (B, N, C_out * pt * ph * pw)."""
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
         emb = self.time_embed(timestep_embedding(t).to(h.dtype))  # (B, width)
+        if (sampler is not None) != self.config.sampler_embed:
+            raise InputError("a distilled student needs its (guidance, steps) input and only a student takes one: "
+                             "sample it through Pipeline / sample.py, which give it")
+        if sampler is not None:  # guidance / 10 and steps / 10 as 'times', each through the time features
+            features = torch.cat([timestep_embedding(sampler[:, 0] / 10), timestep_embedding(sampler[:, 1] / 10)], 1)
+            emb = emb + self.sampler_embed(features.to(h.dtype))
         h, cos, sin = self.layout.split(h, cos, sin)  # (B, N / ranks, width) with sequence parallelism
         shared = self.time_modulation(emb).unflatten(1, (6, self.config.width))  # (B, 6, width)
         txt = self.text_embed(text)  # (B, L, width)

@@ -136,6 +136,29 @@ def test_lora_adapter_loads_into_diffusers_and_gives_our_output(lora_run, wan_pi
     assert Pipeline.load(run).model.dit.config == base.config
 
 
+def test_a_four_step_lora_student_of_wan_loads_in_diffusers(wan_pipeline, synthetic_shards, tmp_path):
+    """train.py --stage distill --lora-rank: the student as adapters on Wan2.1 (the form its 4-step LoRAs ship
+    in), loaded by WanPipeline's own LoRA loader; its run folder samples in 4 steps at guidance 1."""
+    out = tmp_path / "student"
+    args = lora_args(wan_pipeline, synthetic_shards, out, "--steps", "2", "--batch-size", "2", "--lora-rank", "4",
+                     "--checkpoint-every", "0", "--distill-steps", "4", "--teacher-steps", "8")
+    args[args.index("dit")] = "distill"
+    assert train.main(args) == 0
+    adapter = out / "model" / "lora" / ADAPTER_FILE
+    pipe = diffusers.WanPipeline.from_pretrained(wan_pipeline)
+    pipe.load_lora_weights(str(adapter.parent))
+    ours = load_adapter(load_dit(wan_pipeline), out / "model" / "lora").eval()
+    g = torch.Generator().manual_seed(5)
+    x, t, text = torch.randn(2, 4, 2, 4, 4, generator=g), torch.tensor([0.3, 0.9]), torch.randn(2, 512, 24, generator=g)
+    with torch.no_grad():
+        expected = pipe.transformer.eval()(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text,
+                                           return_dict=False)[0]
+        got, plain = ours(x, t, text), load_dit(wan_pipeline).eval()(x, t, text)
+    assert (got - expected).abs().max().item() <= 1e-5 and (got - plain).abs().max().item() > 1e-4
+    student = Pipeline.load(out)
+    assert student.defaults["sampler"]["steps"] == 4 and student.defaults["sampler"]["guidance"] == 1.0
+
+
 def test_lora_trains_only_the_adapters_and_checkpoints_only_them(lora_run):
     run, _ = lora_run
     ckpt = run / "checkpoints" / "step_00000004"

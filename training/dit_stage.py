@@ -317,6 +317,10 @@ class DiTStage:
     def finish(self, ema: nn.Module) -> dict:
         return {}
 
+    def sampler_record(self) -> dict:
+        """pipeline.json's "sampler": what sample.py does with no flags."""
+        return {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"}
+
     def export(self, ema: TextToVideo, state: dict[str, torch.Tensor], directory: Path, step: int,
                previous: Path | None = None) -> None:
         """directory/{dit, text, tokenizer} and pipeline.json: all that sample.py needs (the frozen tokenizer
@@ -327,7 +331,7 @@ class DiTStage:
             "text_encoder": self.args.text_encoder if ema.text is not None else str(Path(self.args.text_encoder).resolve()),
             "frames": frames, "size": list(size), "fps": self.args.fps or 8.0,
             "flow": dataclasses.asdict(self.flow),
-            "sampler": {"steps": self.args.preview_steps, "guidance": self.args.guidance, "solver": "euler"},
+            "sampler": self.sampler_record(),
             "condition": dataclasses.asdict(self.frames.condition), "text_padding": self.text_padding,
         } | ({"base": str(dit_folder(self.args.init).resolve())} if self.args.init else {})
           | ({"buckets": trained} if trained else {})

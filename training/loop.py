@@ -38,6 +38,7 @@ from parallel import Env, ParallelOptions, all_reduce_sum, barrier, parallelize,
 
 from .checkpoint import Checkpoints, folder_bytes, mount_point, out_of_space, rng_state, set_rng_state
 from .dit_stage import DiTStage
+from .distill_stage import DistillStage
 from .metrics import MetricsLog
 from .optim import build_optimizer, ema_model
 from .run_folder import RunLock, record_resume, resolve_run
@@ -46,7 +47,7 @@ from .tokenizer_stage import TokenizerStage
 
 log = logging.getLogger("train")
 
-STAGES = {"tokenizer": TokenizerStage, "dit": DiTStage}
+STAGES = {"tokenizer": TokenizerStage, "dit": DiTStage, "distill": DistillStage}
 
 
 @dataclass

@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description="Train the video tokenizer or the text-to-video DiT, from one CPU to many GPUs.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--stage", choices=["dit", "tokenizer"], required=True, help="what to train")
+    g.add_argument("--stage", choices=["dit", "tokenizer", "distill"], required=True,
+                   help="what to train (distill: a few-step student of the --init teacher)")
     g.add_argument("--preset", default="tiny", help="model size: tokenizer tiny|small|base, DiT tiny|S|B|L|XL|1.3B")
     g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="change one model config field of the preset (repeatable), e.g. depth=8")
@@ -130,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated DiT layers to adapt: qkv, proj, q, kv (attention), fc1, fc2 (MLP)")
     g.add_argument("--lora-merge", action="store_true",
                    help="export the DiT with the adapters merged into its weights too (model/dit/), beside the adapter")
+    g = p.add_argument_group("distill stage (a few-step student of the --init teacher; see training/distill_stage.py)")
+    g.add_argument("--distill-steps", type=int, nargs="+", default=[4], metavar="S",
+                   help="the sampler step counts the student learns (e.g. 1 2 4 8); each divides --teacher-steps")
+    g.add_argument("--teacher-steps", type=int, default=16,
+                   help="the teacher's Euler grid: each student step is taught by --teacher-steps / S guided teacher steps")
+    g.add_argument("--distill-guidance", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guidance scales the student stands in for, drawn uniformly (default: --guidance, fixed)")
     g = p.add_argument_group("tokenizer stage")
     g.add_argument("--kl-weight", type=float, default=1e-6, help="tokenizer: weight of the posterior's KL term")
     g.add_argument("--recon-loss", choices=["l1", "mse"], default="l1",
@@ -198,10 +206,10 @@ def check_args(args) -> None:
     check_clip_options(args)  # args.size is (height, width) from here on
     if args.latent_stride < 1 or args.latent_window < 0:
         raise InputError("--latent-stride must be at least 1 and --latent-window at least 0")
-    if args.sp_size > 1 and args.stage != "dit":
+    if args.sp_size > 1 and args.stage == "tokenizer":
         raise InputError(f"--sp-size splits the DiT's token sequence; the {args.stage} stage has none (use 1)")
-    if (args.init or args.lora_rank) and args.stage != "dit":
-        raise InputError("--init and --lora-rank fine-tune the DiT: use them with --stage dit")
+    if (args.init or args.lora_rank) and args.stage == "tokenizer":
+        raise InputError("--init and --lora-rank fine-tune the DiT: use them with --stage dit (or distill)")
     if args.lora_rank < 0:
         raise InputError(f"--lora-rank must be at least 1 (0: full fine-tuning), got {args.lora_rank}")
     if args.buckets and args.image_prob > 0:
@@ -217,7 +225,7 @@ def check_args(args) -> None:
     if args.latents and (args.zoom != [1.0, 1.0] or args.hflip):
         raise InputError("--zoom and --hflip change how videos are cropped; latent shards are stored encoded at one "
                          "size (write them from zoomed or flipped clips instead, or drop the options)")
-    if args.latents and args.stage != "dit":
+    if args.latents and args.stage == "tokenizer":
         raise InputError("--latents is for the dit stage (latent shards have no pixels to reconstruct)")
     if bool(args.extrapolate) != bool(args.extrapolate_frames) or args.extrapolate_frames < 0:
         raise InputError("--extrapolate METHOD and --extrapolate-frames FRAMES go together (the method, and the clip "
