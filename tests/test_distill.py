@@ -133,3 +133,21 @@ def test_bad_distillation_options_are_one_line_errors(teacher, tmp_path, capsys,
     args = distill_args(teacher, tmp_path / "x", "--steps", "1") + extra
     assert train.main(args) == 2
     assert one_line_error(capsys, says)
+
+
+def test_the_few_step_bench_compares_samplers_caching_and_students(teacher, tmp_path):
+    from bench import few_step
+
+    student = tmp_path / "student"
+    assert train.main(distill_args(teacher, student, "--steps", "1", "--distill-steps", "2", "--teacher-steps", "4",
+                                   "--num-workers", "0", "--checkpoint-every", "0")) == 0
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle moving left\na blue square moving up\n")
+    out = tmp_path / "few"
+    assert few_step.main(["--teacher", str(teacher), "--captions", str(captions), "--student", str(student), "--k", "1",
+                          "--cache", "1e9", "--out", str(out)]) == 0
+    rows = {r["row"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert rows["teacher, euler 2 steps (reference)"]["passes"] == 4 and rows["teacher, euler 4 steps"]["passes"] == 8
+    assert rows["teacher, euler 2 steps, cache 1e+09"]["passes"] == 4  # two steps: the first and last always run
+    assert rows["student student, 2 steps"]["passes"] == 2 and rows["teacher, euler 2 steps (reference)"]["gap"] == 0
+    assert 0 < rows["student student, 2 steps"]["gap"] and "| student student, 2 steps | 2.0 |" in out.with_suffix(".md").read_text()
