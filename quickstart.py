@@ -28,7 +28,7 @@ from data.buckets import bucket_file_text, parse_buckets, scaled_batch_sizes
 from data.synthetic import DEFAULT_HOLDOUT, SyntheticSpec, generate, parse_shape
 from evaluation.motion_score import score_dir, table
 from parallel import run_command
-from tokenizer import CausalVAE, load_vae
+from tokenizer import load_vae
 from tokenizer.encode import export_latents
 from training.loop import train
 from training.options import build_parser
@@ -63,6 +63,9 @@ def quickstart_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, default=8, help="videos per prompt (seeds 0, 1, ...)")
     p.add_argument("--seed", type=int, default=0, help="seed of both training stages (initial weights, data order, "
                    "noise); the synthetic set is the same for every seed. Give each seed its own --out")
+    p.add_argument("--object-size", type=float, nargs=2, default=list(SyntheticSpec.object_size), metavar=("MIN", "MAX"),
+                   help="the moving object's width as a fraction of the frame (docs/results/length.md#the-shape: "
+                        "larger objects and the shape)")
     p.add_argument("--shapes", nargs="+", default=[], metavar="FxHxW",
                    help="mix these clip shapes (e.g. 17x64x64 17x64x96 17x96x64) and train in buckets of them")
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled", help='wandb mode for both stages (online needs WANDB_API_KEY)')
@@ -81,10 +84,11 @@ def run(q: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     shards, latents = out / "shards", out / "latents"
     shapes = tuple(parse_shape(s) for s in q.shapes)
-    spec = SyntheticSpec(holdout=DEFAULT_HOLDOUT, shapes=shapes)
+    spec = SyntheticSpec(holdout=DEFAULT_HOLDOUT, shapes=shapes, object_size=tuple(q.object_size))
     manifest = shards / "manifest.json"
-    if not manifest.is_file() or (json.loads(manifest.read_text())["samples"], json.loads(manifest.read_text())["spec"].get(
-            "shapes", [])) != (q.clips, [list(s) for s in shapes]):
+    written = json.loads(manifest.read_text()) if manifest.is_file() else None
+    if written is None or (written["samples"], written["spec"].get("shapes", []), written["spec"].get("object_size")) != (
+            q.clips, [list(s) for s in shapes], list(spec.object_size)):
         log.info("[1/4] writing %d synthetic clips (%s) to %s", q.clips,
                  ", ".join(f"{f} frames at {h}x{w}" for f, h, w in spec.clip_shapes), shards)
         generate(shards, q.clips, spec, seed=0, shard_size=max(1, q.clips // 8), overwrite=True)

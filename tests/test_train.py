@@ -376,6 +376,19 @@ def test_quickstart_completes_with_few_steps(tmp_path, capsys):
     assert "| held_out |" in proc.out  # the motion scores, split by seen and held-out captions
     summary = json.loads((tmp_path / "qs" / "motion_scores.json").read_text())["summary"]
     assert summary["held_out"]["videos"] == 5 and summary["seen"]["videos"] == 3
+    manifest = tmp_path / "qs" / "shards" / "manifest.json"
+    assert json.loads(manifest.read_text())["spec"]["object_size"] == [0.22, 0.30]
+    from quickstart import main as quickstart_main, quickstart_parser
+    from data.synthetic import generate as write_clips
+
+    calls = []
+    with pytest.MonkeyPatch.context() as m:  # another object size writes the clips afresh (and nothing else here)
+        m.setattr("quickstart.generate", lambda out, n, spec, **kw: calls.append(spec.object_size) or
+                  write_clips(out, n, spec, **kw))
+        m.setattr("quickstart.train", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+        quickstart_main(["--out", str(tmp_path / "qs"), "--clips", "48", "--object-size", "0.32", "0.42", "--no-progress"])
+    assert calls == [(0.32, 0.42)] and json.loads(manifest.read_text())["spec"]["object_size"] == [0.32, 0.42]
+    assert quickstart_parser().parse_args([]).object_size == [0.22, 0.30]
 
 
 @pytest.mark.slow
