@@ -108,6 +108,18 @@ def test_two_processes_take_the_steps_of_one(teacher, tmp_path, parallel):
     assert [one[k] for k in one] == pytest.approx([two[k] for k in one], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_sequence_parallel_distillation_takes_the_steps_of_one_process(teacher, tmp_path):
+    # --sp-size 2 on 2 ranks: one replica whose ranks read the same captions and each hold half the student's
+    # tokens (the teacher runs whole on each); it must take the steps of one process
+    common = ["--steps", "2", "--checkpoint-every", "0", "--teacher-steps", "4", "--num-workers", "1"]
+    assert train.main(distill_args(teacher, tmp_path / "one", *common)) == 0
+    run_cli(distill_args(teacher, tmp_path / "sp", *common, "--sp-size", "2"), nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "sp")
+    assert one.keys() == two.keys() == {1, 2}
+    assert [one[k] for k in one] == pytest.approx([two[k] for k in one], rel=1e-5)
+
+
 def test_a_lora_student_is_adapters_on_its_teacher_sampled_without_guidance(teacher, tmp_path, capsys):
     out = tmp_path / "lora"
     assert train.main(distill_args(teacher, out, "--steps", "2", "--lora-rank", "4", "--distill-steps", "4",
