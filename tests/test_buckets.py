@@ -295,6 +295,15 @@ def test_latent_shards_at_mixed_shapes_train_in_the_same_buckets(mixed, tmp_path
                        "--preview-steps", "1", "--wandb", "disabled", "--no-progress", "--log-every", "4"]) == 0
     spec = json.loads((out / "model" / "pipeline.json").read_text())
     assert [1, 32, 32] in spec["buckets"] and [9, 48, 32] in spec["buckets"]
+    # and a few-step student of it, distilled in the same buckets (each batch one shape, images included)
+    student = tmp_path / "student"
+    assert train.main(["--stage", "distill", "--init", str(out), "--vae", str(tmp_path / "vae"), "--data",
+                       str(tmp_path / "latents"), "--latents", "--buckets", str(bucket_file), "--out", str(student),
+                       "--steps", "4", "--num-workers", "0", "--distill-steps", "2", "--teacher-steps", "4",
+                       "--wandb", "disabled", "--no-progress", "--log-every", "1"]) == 0
+    records = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    assert len({k for r in records for k in r if k.startswith("bucket_samples/")}) >= 2  # batches of several shapes
+    assert json.loads((student / "model" / "pipeline.json").read_text())["buckets"] == spec["buckets"]
 
 
 # ---- packing ---------------------------------------------------------------------------------------------
