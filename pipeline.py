@@ -29,7 +29,7 @@ from checkpoint_io import checkpoint_step, save_checkpoint, write_json_atomic
 from dit3d import DiT3D, load_dit
 from dit3d.cache import step_cache
 from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
-from dit3d.flow import FlowConfig, sample
+from dit3d.flow import FlowConfig, model_calls, sample
 from dit3d.lora import LoraSettings, load_adapter, merged, merged_state, save_adapter, updates
 from dit3d.rope import TimeScaling
 from dit3d.text import BUILTIN_TEXT_ENCODERS, HFTextEncoder
@@ -403,7 +403,7 @@ class Pipeline:
         than that in sum (dit3d/cache.py); each run's report is appended to self.cache_reports."""
         negative = self.defaults.get("negative_prompt") if negative is None else negative
         solver = self.defaults["sampler"].get("solver", "euler") if solver is None else solver
-        with step_cache(self.model.dit, cache, 2 * steps - 1 if solver == "heun" else steps) as cached:
+        with step_cache(self.model.dit, cache, model_calls(solver, steps)) as cached:
             z = self._generate(prompts, shape, steps, guidance, seeds, negative, shift, solver, on_step, given)
         if cached is not None:
             self.cache_reports.append(cached.report())

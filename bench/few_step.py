@@ -50,7 +50,7 @@ class PassCounter:
     """Counts the batch rows the DiT sees (one pass of one video per row), around Pipeline.model."""
 
     def __init__(self, pipe):
-        self.rows, self.pipe, self.forward = 0, pipe, pipe.model.forward
+        self.rows, self.forward = 0, pipe.model.forward
 
         def counted(x, *args, **kwargs):
             self.rows += x.shape[0] if torch.is_tensor(x) else len(x)
@@ -64,17 +64,17 @@ def row(pipe, name: str, jobs: list[tuple[str, int]], sampler: dict, held: set, 
     from data import tensor_to_frames
     from evaluation.motion_score import group_of, score_frames, summarise
 
-    counter = PassCounter(pipe)
-    pipe.cache_reports.clear()
-    z = pipe.generate([c for c, _ in jobs], pipe.defaults["frames"], *pipe.size, seeds=[s for _, s in jobs], **sampler)
-    pipe.model.forward = counter.forward
-    skipped = sum(r["passes"] - r["passes_run"] for r in pipe.cache_reports)  # calls whose blocks were skipped
-    passes = (counter.rows - skipped) / len(jobs)
     times = []
-    for _ in range(repeats):  # the fastest of a few: the tiny model's runs are short and the machine's noise is not
+    for repeat in range(repeats):  # the fastest of a few: the tiny model's runs are short and the machine's noise is not
+        counter = PassCounter(pipe) if repeat == 0 else None  # passes counted on the first run
+        pipe.cache_reports.clear()
         t0 = time.perf_counter()
-        pipe.generate([c for c, _ in jobs], pipe.defaults["frames"], *pipe.size, seeds=[s for _, s in jobs], **sampler)
+        z = pipe.generate([c for c, _ in jobs], pipe.defaults["frames"], *pipe.size, seeds=[s for _, s in jobs], **sampler)
         times.append(time.perf_counter() - t0)
+        if counter is not None:
+            pipe.model.forward = counter.forward
+            skipped = sum(r["passes"] - r["passes_run"] for r in pipe.cache_reports)  # calls whose blocks were skipped
+            passes = (counter.rows - skipped) / len(jobs)
     t0 = time.perf_counter()
     videos = pipe.decode(z)
     decode = time.perf_counter() - t0

@@ -32,7 +32,6 @@ from .model import DiT3D, modulate
 class StepCache:
     threshold: float
     calls: int  # model calls the run will make (the last always computes)
-    call: int = 0
     computed: list[int] = field(default_factory=list)  # per call: how many of the batch's rows ran the blocks
     rows: list[int] = field(default_factory=list)  # per call: the batch's rows
     _prev: torch.Tensor | None = None  # the last call's modulated input (B, N, width), float32
@@ -46,10 +45,9 @@ class StepCache:
 
     def run(self, blocks, h, shared, cos, sin, txt, text_mask, token_mask) -> torch.Tensor:
         """DiT3D.run_blocks with caching; `blocks` is the uncached one."""
-        self.call += 1
         probe = modulate(F.layer_norm(h.float(), h.shape[-1:], eps=1e-6), shared[:, 0].float(), shared[:, 1].float())
         b = h.shape[0]
-        fresh = self._prev is None or self._prev.shape != probe.shape or self.call >= self.calls
+        fresh = self._prev is None or self._prev.shape != probe.shape or len(self.rows) + 1 >= self.calls
         if fresh:
             need = torch.ones(b, dtype=torch.bool, device=h.device)
             self._acc = torch.zeros(b, device=h.device)

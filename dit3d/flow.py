@@ -135,6 +135,11 @@ def solver_times(solver: str, steps: int, shift: float, schedule: str = "uniform
     return levels, levels[:-1]
 
 
+def model_calls(solver: str, steps: int) -> int:
+    """Velocity calls one `sample` run makes: Heun two a step except the last, every other solver one."""
+    return 2 * steps - 1 if solver == "heun" else steps
+
+
 @torch.no_grad()
 def sample(velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.0, solver: str = "euler",
            on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,

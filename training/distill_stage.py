@@ -31,14 +31,13 @@ import torch.nn as nn
 from dit3d import DiT3D
 from checkpoint_io import dit_folder
 from dit3d.flow import FlowConfig, flow_loss, sampling_timesteps
-from data.video_io import size_pair
 from dit3d.lora import LoraSettings, add_lora
 from errors import InputError
 from parallel import Env
-from pipeline import PIPELINE_FILE, generate_latents
+from pipeline import PIPELINE_FILE
 
 from .dit_stage import DiTStage
-from .stage import autocast, compute_dtype, sample_generator
+from .stage import autocast, sample_generator
 
 
 class DistillStage(DiTStage):
@@ -115,11 +114,9 @@ class DistillStage(DiTStage):
         grid = sampling_timesteps(steps, shift, device)  # (S + 1,)
         fine = sampling_timesteps(self.args.teacher_steps, shift, device)
         per = self.args.teacher_steps // steps
-        captions = list(batch["caption"])
-        text, mask = self.encode_text(self.teacher, captions)
-        wan = self.text_padding == "wan"
-        text2, mask2 = self.encode_text(self.teacher, captions + [""] * b)
-        drop2 = None if wan else torch.arange(2 * b, device=device) >= b
+        text2, mask2 = self.encode_text(self.teacher, list(batch["caption"]) + [""] * b)  # captions, then null twins
+        text, mask = text2[:b], mask2[:b]
+        drop2 = None if self.text_padding == "wan" else torch.arange(2 * b, device=device) >= b
         sampler = self.sampler_input(w, steps)
         view = lambda v: v.view(-1, *([1] * (noise.ndim - 1)))  # noqa: E731
         with torch.no_grad(), autocast(device, self.args.precision):
@@ -144,13 +141,7 @@ class DistillStage(DiTStage):
                 "student": {"steps": self.student_steps, "guidance": [lo, hi], "teacher_steps": self.args.teacher_steps,
                             "teacher": str(Path(self.args.init).resolve())}}
 
-    @torch.no_grad()
     def generate(self, ema, prompts, frames, size, steps, guidance, seed=0) -> torch.Tensor:
-        """Previews as sample.py gives them: the student's steps and guidance, one pass a step."""
+        """Previews as sample.py gives them: the student's own steps and guidance, one pass a step."""
         record = self.sampler_record()
-        shape = self.vae.latent_shape(frames, *size_pair(size))
-        z = generate_latents(ema, lambda c: self.encode_text(ema, c), prompts, shape, steps=record["steps"],
-                             guidance=record["guidance"], shift=self.flow.shift_for(math.prod(ema.dit.token_grid(shape[1:]))),
-                             seeds=[seed + i for i in range(len(prompts))], device=self.env.device,
-                             autocast_dtype=compute_dtype(self.env.device, self.args.precision), student=self.embedded)
-        return self.vae.decode(self.vae.denormalize(z), chunk=2).clamp(-1, 1)
+        return super().generate(ema, prompts, frames, size, record["steps"], record["guidance"], seed)

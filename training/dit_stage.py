@@ -303,7 +303,8 @@ class DiTStage:
                              negative="" if self.text_padding == "wan" else None,
                              shift=self.flow.shift_for(math.prod(ema.dit.token_grid(shape[1:]))),
                              seeds=[seed + i for i in range(len(prompts))], device=self.env.device,
-                             autocast_dtype=compute_dtype(self.env.device, self.args.precision))
+                             autocast_dtype=compute_dtype(self.env.device, self.args.precision),
+                             student=ema.dit.config.sampler_embed)
         return self.vae.decode(self.vae.denormalize(z), chunk=2).clamp(-1, 1)
 
     def preview(self, ema: nn.Module, batch: dict) -> tuple[list[tuple[str, torch.Tensor, str | None]], dict]:
