@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,33 +44,12 @@ from errors import InputError
 from evaluation.clip_score import ClipScore
 from evaluation.fvd import FrechetVideoDistance, fvd_from_features, fvd_interval
 from dit3d.flow import SOLVERS
+from evaluation.sample_folder import Generated, find_generated
 from evaluation.motion_score import Score, caption_groups, group_of, read_frames, score_frames, summarise
 
 log = logging.getLogger("evaluation.generator")
 PER_VIDEO = ("presence", "color", "shape", "direction", "linearity", "clipsim")  # the contact sheet's scores
 SHEET_FRAMES, SHEET_VIDEOS = 6, 3  # frames per strip; worst and best videos per score
-
-
-@dataclass
-class Generated:
-    name: str
-    caption: str
-    path: Path
-
-
-def find_generated(folder: str | Path) -> list[Generated]:
-    """Every NAME.mp4 in `folder` with its NAME.txt caption; a video without one is an error."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder of generated videos (NAME.mp4 + NAME.txt)")
-    videos = sorted(folder.glob("*.mp4"))
-    if not videos:
-        raise InputError(f"no NAME.mp4 videos in {folder}: sample.py --out {folder} writes them with their captions")
-    missing = [v.name for v in videos if not v.with_suffix(".txt").is_file()]
-    if missing:
-        raise InputError(f"{len(missing)} of {len(videos)} videos in {folder} have no caption beside them (first: "
-                         f"{missing[0]} without {Path(missing[0]).stem}.txt): every video needs its prompt in NAME.txt")
-    return [Generated(v.stem, v.with_suffix(".txt").read_text().strip(), v) for v in videos]
 
 
 def common_shape(videos: list[Generated]) -> tuple[int, int, int, float]:

@@ -144,3 +144,30 @@ def wan_pipeline(tmp_path_factory) -> Path:
     diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
                           scheduler=scheduler).save_pretrained(root)
     return root
+
+
+PREFERENCE_PROMPTS = ["bikes ride past", "a man talks in a car", "a street at noon"]
+
+
+def write_sample_folders(root: Path, prompts: list[str] = PREFERENCE_PROMPTS, seeds: int = 2) -> tuple[Path, Path]:
+    """Two models' sample folders as sample.py writes them (NAME.mp4 + NAME.txt, the same prompts and seeds):
+    windows of the shipped clips (17 frames, 64x96, 8 fps) in A, the same windows at half contrast in B."""
+    from data import read_video, write_video
+    from data.sources import video_name
+
+    a, b = root / "A", root / "B"
+    a.mkdir(parents=True), b.mkdir(parents=True)
+    for k, prompt in enumerate(prompts):
+        for seed in range(seeds):
+            clip = (BIKES, CARPHONE)[k % 2]
+            video = read_video(clip, 17, size=(64, 96), start=(20 * seed + 30 * k) % 80)
+            name = video_name(prompt, seed)
+            for folder, v in ((a, video), (b, video * 0.5)):
+                write_video(folder / f"{name}.mp4", v, fps=8)
+                (folder / f"{name}.txt").write_text(prompt + "\n")
+    return a, b
+
+
+@pytest.fixture(scope="session")
+def sample_folders(tmp_path_factory) -> tuple[Path, Path]:
+    return write_sample_folders(tmp_path_factory.mktemp("samples"))
