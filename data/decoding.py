@@ -42,7 +42,8 @@ def frame_orientation(frame) -> str:
     """The ORIENTATIONS key of a decoded frame's display matrix ("" without one, or for a turn that is not a
     multiple of 90 degrees), decided as FFmpeg's autorotate decides it."""
     matrix = None
-    for data in frame.side_data:
+    for entry in frame.side_data:  # PyAV 18.1.1 iterates the Mapping's keys (Types), earlier ones its values
+        data = frame.side_data[entry] if isinstance(entry, av.sidedata.sidedata.Type) else entry
         if data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
             matrix = np.frombuffer(bytes(data), dtype=np.int32)
     if matrix is None or len(matrix) != 9:
