@@ -146,6 +146,23 @@ def wan_pipeline(tmp_path_factory) -> Path:
     return root
 
 
+def save_tiny_vae(path: Path) -> Path:
+    """The tiny tokenizer the DiT tests train on: seeded initial weights, latent stats mean 0 and std 2."""
+    from tokenizer import CausalVAE, save_vae
+
+    torch.manual_seed(0)
+    vae = CausalVAE.from_preset("tiny")
+    vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
+    save_vae(vae, path)
+    return path
+
+
+def write_tiny_dit_inputs(root: Path, clips: int = 16, size: int = 48) -> None:
+    """What a tiny DiT run reads: ROOT/shards (synthetic clips of 9 frames, in shards of 8) and ROOT/vae."""
+    generate(root / "shards", clips, SyntheticSpec(frames=9, size=size), seed=0, shard_size=8)
+    save_tiny_vae(root / "vae")
+
+
 PREFERENCE_PROMPTS = ["bikes ride past", "a man talks in a car", "a street at noon"]
 
 

@@ -6,19 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from bench import cascade
 from evaluation.motion_score import read_frames
-from tokenizer import CausalVAE, save_vae
+from tests.conftest import save_tiny_vae
 
 
 @pytest.mark.slow  # 15 s, a benchmark's plumbing
 def test_cascade_bench_runs_end_to_end(tmp_path, capsys):
-    torch.manual_seed(0)
-    vae = CausalVAE.from_preset("tiny")
-    vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
-    save_vae(vae, tmp_path / "vae")
+    save_tiny_vae(tmp_path / "vae")
     out = tmp_path / "out"
     assert cascade.main(["--out", str(out), "--vae", str(tmp_path / "vae"), "--clips", "8", "--size", "32",
                          "--steps", "2", "--batch-size", "2", "--width", "32", "--depth", "1", "--k", "1",

@@ -17,14 +17,13 @@ import torch
 import sample
 import train
 from evaluation.motion_score import read_frames
-from data.synthetic import SyntheticSpec, generate
 from data.video_io import read_clip, read_image, read_last_frames
 from data.video_write import write_video
 from dit3d import DiT3D
 from dit3d.condition import ConditionConfig, FrameSelection, given_mask
 from dit3d.flow import flow_loss, sample as flow_sample
 from pipeline import Pipeline
-from tokenizer import CausalVAE, save_vae
+from tests.conftest import write_tiny_dit_inputs
 from training.stage import sample_generator
 
 
@@ -155,11 +154,7 @@ def test_sampler_keeps_given_frames_exactly(solver):
 
 def tiny_run(root: Path, name: str, extra: list[str]) -> Path:
     if not (root / "shards").is_dir():
-        generate(root / "shards", 16, SyntheticSpec(frames=9, size=48), seed=0, shard_size=8)
-        torch.manual_seed(0)
-        vae = CausalVAE.from_preset("tiny")
-        vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
-        save_vae(vae, root / "vae")
+        write_tiny_dit_inputs(root)
     args = ["--stage", "dit", "--data", str(root / "shards"), "--vae", str(root / "vae"), "--out", str(root / name),
             "--frames", "9", "--size", "32", "--steps", "3", "--batch-size", "4", "--num-workers", "0",
             "--checkpoint-every", "0", "--wandb", "disabled", "--no-progress", "--preview-steps", "2", "--warmup", "1"]

@@ -12,11 +12,10 @@ import torch
 
 import sample
 import train
-from data.synthetic import SyntheticSpec, generate
 from dit3d import DiT3D, load_dit
 from pipeline import Pipeline
 from tests.test_train import losses, one_line_error, run_cli
-from tokenizer import CausalVAE, save_vae
+from tests.conftest import write_tiny_dit_inputs
 
 FAST = ["--frames", "5", "--size", "32", "--wandb", "disabled", "--no-progress", "--warmup", "1", "--log-every", "1",
         "--preview-steps", "2", "--batch-size", "2", "--lr", "1e-3"]
@@ -25,11 +24,7 @@ FAST = ["--frames", "5", "--size", "32", "--wandb", "disabled", "--no-progress",
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("distill")
-    generate(root / "shards", 16, SyntheticSpec(frames=9, size=48), seed=0, shard_size=8)
-    torch.manual_seed(0)
-    vae = CausalVAE.from_preset("tiny")
-    vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
-    save_vae(vae, root / "vae")
+    write_tiny_dit_inputs(root)
     assert train.main(["--stage", "dit", "--data", str(root / "shards"), "--vae", str(root / "vae"), "--out",
                        str(root / "teacher"), "--steps", "4", "--num-workers", "0", "--checkpoint-every", "0", *FAST]) == 0
     return root / "teacher"

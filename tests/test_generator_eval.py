@@ -13,7 +13,7 @@ from data import frames_to_tensor, write_video
 from data.synthetic import SyntheticSpec, render_sample
 from evaluation import chain_of_steps
 from evaluation.generator import main as evaluate_main
-from tokenizer import save_vae
+from tests.conftest import write_tiny_dit_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:torch.jit")
 
@@ -206,16 +206,8 @@ def test_corrections_and_losses_are_counted():
 
 
 def test_trajectory_study_from_a_run(tmp_path):
-    from data.synthetic import generate
-
     root = tmp_path
-    from tokenizer import CausalVAE
-
-    generate(root / "shards", 8, SyntheticSpec(frames=9, size=32), seed=0, shard_size=8)
-    torch.manual_seed(0)
-    vae = CausalVAE.from_preset("tiny")
-    vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
-    save_vae(vae, root / "vae")
+    write_tiny_dit_inputs(root, clips=8, size=32)
     assert train.main(["--stage", "dit", "--data", str(root / "shards"), "--vae", str(root / "vae"),
                        "--out", str(root / "dit"), "--frames", "9",
                        "--size", "32", "--steps", "2", "--batch-size", "2", "--num-workers", "0",

@@ -16,9 +16,8 @@ from PIL import Image
 import sample
 import train
 from evaluation.motion_score import read_frames
-from data.synthetic import SyntheticSpec, generate
 from dit3d.flow import sample as flow_sample
-from tokenizer import CausalVAE, save_vae
+from tests.conftest import write_tiny_dit_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample_run")
-    generate(root / "shards", 16, SyntheticSpec(frames=9, size=48), seed=0, shard_size=8)
-    torch.manual_seed(0)
-    vae = CausalVAE.from_preset("tiny")
-    vae.set_latent_stats(torch.zeros(16), torch.full((16,), 2.0))
-    save_vae(vae, root / "vae")
+    write_tiny_dit_inputs(root)
     args = ["--stage", "dit", "--data", str(root / "shards"), "--vae", str(root / "vae"), "--out", str(root / "dit"),
             "--frames", "9", "--size", "32", "--steps", "3", "--batch-size", "2", "--num-workers", "0",
             "--checkpoint-every", "0", "--wandb", "disabled", "--no-progress", "--preview-steps", "2", "--warmup", "1"]
