@@ -82,8 +82,7 @@ def report(args) -> dict:
     models = [name for name, _ in fingerprint["models"]]
     result = analyse(votes, models, fingerprint["questions"], args.resamples, args.seed)
     metrics = {m: s for m, path in fingerprint.get("reports", {}).items() if (s := generator_scores(path))}
-    write_report(result, fingerprint, metrics, args.out, str(args.db))
-    print((args.out / "report.md").read_text())
+    print(write_report(result, fingerprint, metrics, args.out, str(args.db)))
     return result
 
 

@@ -106,8 +106,11 @@ def figure(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def write_report(result: dict, fingerprint: dict, metrics: dict[str, dict], out: Path, source: str) -> None:
+def write_report(result: dict, fingerprint: dict, metrics: dict[str, dict], out: Path, source: str) -> str:
+    """Write the three files; returns the markdown, for the command to print."""
     check_writable(out)
+    text = markdown(result, fingerprint, metrics, source)
     write_json_atomic(out / "report.json", {"study": fingerprint, "metrics": metrics} | result)
-    write_text_atomic(out / "report.md", markdown(result, fingerprint, metrics, source))
+    write_text_atomic(out / "report.md", text)
     figure(result, out / "preference.png")
+    return text

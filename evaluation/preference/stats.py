@@ -81,8 +81,8 @@ def bradley_terry(wins: np.ndarray, iterations: int = 2000, tol: float = 1e-10) 
 
 
 def _interval(samples: np.ndarray) -> list[float]:
-    lo, hi = np.nanquantile(samples, [(1 - LEVEL) / 2, (1 + LEVEL) / 2], axis=0)
-    return [float(lo), float(hi)] if np.ndim(lo) == 0 else [lo.tolist(), hi.tolist()]
+    lo, hi = np.nanquantile(samples, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return [float(lo), float(hi)]
 
 
 def preferences(rows: list[dict], models: list[str], resamples: int = 2000, seed: int = 0) -> dict:

@@ -137,13 +137,13 @@ def load_study(folders: list[str | os.PathLike], questions: tuple[str, ...] = ()
         models.append(Model(name, folder, report, videos))
     comparisons = []
     for ma, mb in combinations(models, 2):
-        shared = sorted(set(ma.videos) & set(mb.videos))
-        for item in shared:
+        before = len(comparisons)
+        for item in sorted(set(ma.videos) & set(mb.videos)):
             if ma.videos[item][0] != mb.videos[item][0]:
                 skipped.append((f"{item} in {mb.name}", f"its prompt differs from {ma.name}'s"))
             else:
                 comparisons.append(Comparison(item, ma.videos[item][0], ma.name, mb.name))
-        if not any(c.a == ma.name and c.b == mb.name for c in comparisons):
+        if len(comparisons) == before:
             raise InputError(f"{ma.name} ({len(ma.videos)} videos) and {mb.name} ({len(mb.videos)} videos) share no "
                              f"prompt: sample the same prompts and seeds into both (sample.py --prompts P --seed S)")
     return Study(models, comparisons, tuple(questions), skipped)
