@@ -1,0 +1,1 @@
+"""Curation: raw footage to scored, filtered, captioned clips and shards (`python -m data.curate`)."""

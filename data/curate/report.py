@@ -1,0 +1,112 @@
+"""The curation report: what each stage kept and dropped, a histogram per score with its threshold drawn on it,
+and for each filter a contact sheet of clips it dropped beside clips it kept, so thresholds are chosen by looking."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+
+from checkpoint_io import write_bytes_atomic
+
+SCORES = {  # score: (thresholds drawn on its histogram, the filter it feeds)
+    "motion": (("motion_min",), "motion"),
+    "static_fraction": (("static_max",), "static"),
+    "sharpness": (("sharpness_min",), "blur"),
+    "brightness": (("brightness_min", "brightness_max"), "exposure"),
+    "clipped": (("clipped_max",), "exposure"),
+}
+SHEET_COUNT = 4
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
+
+
+def _middle_frame(path: Path, height: int = 96) -> np.ndarray:
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        want = max(0, (stream.frames or 1) // 2)
+        for i, frame in enumerate(c.decode(stream)):
+            if i >= want:
+                break
+        width = max(2, round(frame.width * height / frame.height))
+        return frame.to_ndarray(format="rgb24", width=width, height=height)
+
+
+def _histograms(rows, thresholds) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(SCORES), figsize=(3.2 * len(SCORES), 2.6))
+    for ax, (score, (limits, _)) in zip(axes, SCORES.items()):
+        ax.hist([r[score] for r in rows], bins=30, color="#4878a8")
+        for limit in limits:
+            ax.axvline(thresholds[limit], color="#c03030", linestyle="--", linewidth=1)
+        ax.set_title(score, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _sheet(out: Path, dropped, kept, title: str) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    columns = max(len(dropped), len(kept), 1)
+    fig, axes = plt.subplots(2, columns, figsize=(2.2 * columns, 3.4), squeeze=False)
+    for r, (label, group) in enumerate((("dropped", dropped), ("kept", kept))):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(group):
+                row, value = group[c]
+                ax.imshow(_middle_frame(out / row["clip"]))
+                ax.set_title(f"{label}: {value}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def write_report(out: Path, rows: list[dict], summary: dict) -> Path:
+    """`out/report.md` and its pictures in `out/report/`."""
+    pictures = out / "report"
+    pictures.mkdir(exist_ok=True)
+    s = summary
+    lines = ["# Curation report", "",
+             "| stage | in | kept | dropped |", "| --- | --- | --- | --- |",
+             f"| read | {s['sources']} videos | {s['sources'] - len(s['skipped'])} | "
+             f"{len(s['skipped'])} skipped |",
+             f"| cut | {s['scenes']} scenes | {s['clips']} clips | {s['scenes_too_short']} scenes too short |"]
+    for reason, n in s["dropped"].items():
+        lines.append(f"| filter: {reason} | | | {n} |")
+    lines += [f"| kept | {s['clips']} clips | {s['kept']} | {s['clips'] - s['kept']} |",
+              f"| shard | {s['kept']} kept | {s['sharded']} with a caption | {s['kept_without_caption']} "
+              f"without one |", ""]
+    if s["skipped"]:
+        lines += ["Skipped:", ""] + [f"- `{name}`: {why}" for name, why in s["skipped"].items()] + [""]
+    if rows:
+        write_bytes_atomic(pictures / "histograms.png", _histograms(rows, s["thresholds"]))
+        lines += ["## Scores", "", "The dashed lines are the thresholds.", "", "![histograms](report/histograms.png)",
+                  ""]
+        for score, (_, reason) in SCORES.items():
+            dropped = sorted(((r, r[score]) for r in rows if reason in r["drop"]), key=lambda x: x[1])
+            kept = sorted(((r, r[score]) for r in rows if r["keep"]), key=lambda x: x[1])
+            if not dropped:
+                continue
+            # the dropped clips nearest the threshold and the kept ones nearest it: where the line is drawn
+            near_drop = dropped[-SHEET_COUNT:] if reason != "exposure" else dropped[:SHEET_COUNT]
+            sheet = _sheet(out, near_drop, kept[:SHEET_COUNT], f"{score}: dropped ({reason}) and kept")
+            write_bytes_atomic(pictures / f"sheet_{score}.png", sheet)
+            lines += [f"![{score}](report/sheet_{score}.png)", ""]
+    path = out / "report.md"
+    write_bytes_atomic(path, "\n".join(lines).encode())
+    return path

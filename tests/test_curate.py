@@ -1,0 +1,208 @@
+"""Curation (`python -m data.curate`): scene cuts on real footage, the score filters, captions, resume, bad input."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+pytest.importorskip("scenedetect")
+pytest.importorskip("cv2")
+
+from data.curate import __main__ as curate  # noqa: E402
+from data.curate import clips as clips_module  # noqa: E402
+from data.curate.filters import Thresholds  # noqa: E402
+from data.curate.scenes import Span, detect_scenes, plan_clips  # noqa: E402
+from data.video_write import write_video  # noqa: E402
+
+CLIPS = Path(__file__).parent / "assets" / "clips"
+SIZE = (128, 96)  # width, height of the test footage
+
+
+def _frames(name: str, start: int, end: int, size=SIZE) -> list[np.ndarray]:
+    out = []
+    with av.open(str(CLIPS / name)) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            if i >= end:
+                break
+            if i >= start:
+                out.append(f.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+    return out
+
+
+def _joined(path: Path) -> Path:
+    """Three shots of real footage joined: cuts at frames 35 and 75 (each piece from inside one shot of bikes)."""
+    shots = _frames("bikes.mp4", 35, 70) + _frames("carphone_pristine.mp4", 0, 40) + _frames("bikes.mp4", 80, 130)
+    return write_video(path, np.stack(shots), fps=25)
+
+
+def _tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive"])
+def test_cuts_of_three_joined_shots_are_found_within_two_frames(tmp_path, detector):
+    scenes, total, fps = detect_scenes(_joined(tmp_path / "joined.mp4"), detector)
+    assert total == 125 and fps == 25
+    cuts = [s.start for s in scenes[1:]]
+    assert len(cuts) == 2, scenes
+    assert abs(cuts[0] - 35) <= 2 and abs(cuts[1] - 75) <= 2
+
+
+def test_a_video_without_cuts_is_one_scene():
+    scenes, total, _ = detect_scenes(CLIPS / "carphone_pristine.mp4")
+    assert scenes == [Span(0, total)] and total == 120
+
+
+def test_clip_plan_trims_at_cuts_drops_short_scenes_and_splits_long_ones_evenly():
+    scenes = [Span(0, 40), Span(40, 50), Span(50, 200)]
+    clips, too_short = plan_clips(scenes, min_frames=17, max_frames=61, trim=2)
+    assert too_short == 1  # 40-50 is 6 frames once trimmed
+    assert clips[0] == Span(0, 38)  # the video's own start is not a cut: not trimmed
+    rest = clips[1:]  # 52-200: 148 frames in three windows of 50, 49, 49
+    assert [c.frames for c in rest] == [50, 49, 49] and rest[0].start == 52 and rest[-1].end == 200
+    with pytest.raises(Exception, match="min-frames"):
+        plan_clips(scenes, min_frames=30, max_frames=20, trim=0)
+
+
+def _footage(folder: Path) -> Path:
+    """A folder of raw footage: a moving shot with a caption, a frozen one with a caption, a joined video without."""
+    folder.mkdir()
+    write_video(folder / "moving.mp4", np.stack(_frames("carphone_pristine.mp4", 0, 40)), fps=25)
+    (folder / "moving.txt").write_text("a man talks in a moving car")
+    frame = _frames("bikes.mp4", 100, 101)[0]
+    write_video(folder / "frozen.mp4", np.stack([frame] * 40), fps=25)
+    (folder / "frozen.txt").write_text("a still picture of a bike")
+    _joined(folder / "sub" / "joined.mp4")
+    return folder
+
+
+def test_curate_drops_the_frozen_clip_keeps_the_moving_one_and_shards_the_captioned(tmp_path):
+    raw = _footage(tmp_path / "raw")
+    before = _tree(raw)
+    summary = curate.run(raw, tmp_path / "out", clips_module.CutOptions(min_frames=17, max_frames=61),
+                         Thresholds())
+    rows = {(r["source"], r["start_frame"]): r for r in _manifest(tmp_path / "out")}
+    frozen = rows[("frozen.mp4", 0)]
+    moving = rows[("moving.mp4", 0)]
+    assert "motion" in frozen["drop"] and "static" in frozen["drop"] and not frozen["keep"]
+    assert frozen["motion"] < 0.01 and frozen["static_fraction"] == 1  # h264 leaves a trace of flow, no more
+    assert moving["keep"] and moving["motion"] > 0.1 and moving["caption"] == "a man talks in a moving car"
+    joined = sorted(r["start_frame"] for r in rows.values() if r["source"] == "sub/joined.mp4")
+    assert len(joined) == 3 and joined[0] == 0  # one clip per shot
+    assert all(r["caption"] is None for r in rows.values() if r["source"] == "sub/joined.mp4")
+    # its middle shot is the moving clip's footage again: a near-duplicate of it
+    assert rows[("sub/joined.mp4", joined[1])]["duplicate_of"] == moving["clip"]
+    assert summary["sharded"] == 1 and summary["kept_without_caption"] == 2
+    shards = json.loads((tmp_path / "out" / "shards" / "manifest.json").read_text())
+    assert shards["samples"] == 1
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| filter: motion | | | 1 |" in report and (tmp_path / "out" / "report" / "histograms.png").is_file()
+    assert (tmp_path / "out" / "report" / "sheet_motion.png").is_file()
+    assert _tree(raw) == before  # the input is only read
+
+
+def test_a_killed_run_goes_on_without_redoing_finished_sources_and_ends_with_the_same_shards(tmp_path, monkeypatch):
+    raw = _footage(tmp_path / "raw")
+    (raw / "sub" / "joined.txt").write_text("bikes, a car, bikes")
+    options = clips_module.CutOptions(min_frames=17, max_frames=61)
+    curate.run(raw, tmp_path / "whole", options, Thresholds())
+
+    real = clips_module.cut_and_score
+    calls = []
+
+    def killed_on_the_second(path, name, clips_dir, opts):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, name, clips_dir, opts)
+
+    monkeypatch.setattr(clips_module, "cut_and_score", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        curate.run(raw, tmp_path / "killed", options, Thresholds())
+    calls.clear()
+    monkeypatch.setattr(clips_module, "cut_and_score", lambda *a: calls.append(a[1]) or real(*a))
+    curate.run(raw, tmp_path / "killed", options, Thresholds())
+    assert calls == ["moving.mp4", "sub/joined.mp4"]  # frozen.mp4, finished before the kill, is not redone
+    shards = sorted((tmp_path / "whole" / "shards").glob("*.tar"))
+    assert shards and [p.read_bytes() for p in shards] == [
+        p.read_bytes() for p in sorted((tmp_path / "killed" / "shards").glob("*.tar"))]
+    assert _manifest(tmp_path / "whole") == _manifest(tmp_path / "killed")
+
+    calls.clear()  # other thresholds: only the filter and shard stages run again
+    curate.run(raw, tmp_path / "killed", options, Thresholds(motion_min=100.0))
+    assert calls == [] and not any(r["keep"] for r in _manifest(tmp_path / "killed"))
+
+
+def test_worker_processes_give_the_same_manifest_as_one_process(tmp_path):
+    raw = _footage(tmp_path / "raw")
+    options = clips_module.CutOptions(min_frames=17, max_frames=61)
+    curate.run(raw, tmp_path / "one", options, Thresholds(), workers=1)
+    curate.run(raw, tmp_path / "two", options, Thresholds(), workers=2)
+    assert _manifest(tmp_path / "one") == _manifest(tmp_path / "two")
+
+
+def test_bad_footage_is_a_counted_skip_and_the_rest_goes_on(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "empty.mp4").write_bytes(b"")
+    (raw / "garbage.mov").write_bytes(b"not a video at all" * 100)
+    write_video(raw / "moving.mp4", np.stack(_frames("carphone_pristine.mp4", 0, 30)), fps=25)
+    (raw / "moving.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8
+    rng = np.random.default_rng(0)  # a cut every frame: noise, each frame unlike the last
+    write_video(raw / "noise.mp4", rng.integers(0, 256, (30, 64, 64, 3), dtype=np.uint8), fps=25)
+    summary = curate.run(raw, tmp_path / "out", clips_module.CutOptions(min_frames=17, max_frames=61),
+                         Thresholds())
+    assert set(summary["skipped"]) == {"empty.mp4", "garbage.mov", "noise.mp4"}
+    assert summary["skipped"]["empty.mp4"].startswith("unreadable")
+    assert summary["skipped"]["garbage.mov"].startswith("unreadable")
+    assert "as large as a cut" in summary["skipped"]["noise.mp4"]
+    rows = _manifest(tmp_path / "out")
+    assert [r["source"] for r in rows] == ["moving.mp4"]
+    assert rows[0]["caption"] is None and "not UTF-8" in rows[0]["caption_source"]
+    assert "garbage.mov" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_same_shot_twice_is_dropped_as_a_near_duplicate(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shot = np.stack(_frames("carphone_pristine.mp4", 0, 30))
+    write_video(raw / "a.mp4", shot, fps=25)
+    write_video(raw / "b.mp4", shot, fps=25, crf=30)  # the same picture, re-encoded
+    curate.run(raw, tmp_path / "out", clips_module.CutOptions(min_frames=17, max_frames=61), Thresholds())
+    a, b = _manifest(tmp_path / "out")
+    assert a["keep"] and b["drop"] == ["duplicate"] and b["duplicate_of"] == a["clip"]
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    raw = _footage(tmp_path / "raw")
+    assert curate.main(["--input", str(raw), "--out", str(raw / "curated")]) == 2
+    assert "inside --input" in capsys.readouterr().err
+    assert not (raw / "curated").exists()
+    assert curate.main(["--input", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    # thresholds that drop everything: said, and the manifest and report are kept
+    assert curate.main(["--input", str(raw), "--out", str(tmp_path / "o"), "--workers", "1",
+                        "--min-frames", "17", "--max-frames", "61", "--sharpness-min", "1e9"]) == 1
+    assert "every clip was dropped" in capsys.readouterr().err
+    assert (tmp_path / "o" / "manifest.jsonl").is_file() and (tmp_path / "o" / "report.md").is_file()
+
+
+def test_the_command_runs_its_worker_processes(tmp_path):
+    """Under `python -m data.curate` the workers are spawned and import the stage by module name: a stage defined in
+    the main module hung them."""
+    import subprocess
+    import sys
+    raw = _footage(tmp_path / "raw")
+    done = subprocess.run([sys.executable, "-m", "data.curate", "--input", str(raw), "--out", str(tmp_path / "o"),
+                           "--workers", "2", "--min-frames", "17", "--max-frames", "61"],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "3 sources (0 skipped)" in done.stdout
