@@ -75,6 +75,16 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 90) -> Path:
+    """Write a matplotlib figure as a PNG atomically and close it (a report's plots are made once, then freed)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -58,6 +58,12 @@ def _outside(path: Path, root: Path) -> Path | None:
     return None if target.is_relative_to(root.resolve()) else target
 
 
+def link_refusal(path: Path, root: Path) -> str | None:
+    """Why a file below `root` is refused when it is a link whose target lies outside `root`; None when it is not."""
+    target = _outside(path, root)
+    return None if target is None else f"a link to {target}, outside --input: refused (copy the file in)"
+
+
 def _read_caption(path: Path, root: Path) -> tuple[str | None, str]:
     """(the caption in sidecar `path`, "") or (None, why there is none)."""
     if not path.is_file():
@@ -93,9 +99,9 @@ def candidates_from_folder(folder: Path) -> list[Candidate]:
                                                 f"its files into --input)"))
     for path in files:
         name = path.relative_to(folder).as_posix()
-        target = _outside(path, folder)
-        if target is not None:
-            out.append(Candidate(path, name, None, f"a link to {target}, outside --input: refused (copy the file in)"))
+        refusal = link_refusal(path, folder)
+        if refusal is not None:
+            out.append(Candidate(path, name, None, refusal))
             continue
         caption, reason = _read_caption(path.with_suffix(".txt"), folder)
         out.append(Candidate(path, name, caption, reason))
@@ -143,8 +149,9 @@ def _fingerprint(candidates: list[Candidate], shard_size: int) -> str:
     return h.hexdigest()
 
 
-def _resume_state(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | None:
-    """The progress an interrupted run of this same input left in `out_dir`, or None to start afresh."""
+def _resume_state(out_dir: Path, fingerprint: str, overwrite: bool, own_output: bool = False) -> dict | None:
+    """The progress an interrupted run of this same input left in `out_dir`, or None to start afresh. An
+    interrupted run of other input is refused, unless `own_output` (the folder is the caller's to replace)."""
     partial = out_dir / PARTIAL_MANIFEST
     if overwrite or not partial.is_file():
         return None
@@ -153,6 +160,8 @@ def _resume_state(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | No
     except (OSError, ValueError):
         state = {}
     if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        if own_output:
+            return None
         raise InputError(f"{out_dir} holds an interrupted make_shards of other input (or other --shard-size): give "
                          f"that input to finish it, or --overwrite to start afresh")
     if not all((out_dir / name).is_file() for name in state["shards"]):
@@ -161,13 +170,15 @@ def _resume_state(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | No
 
 
 def make_shards(candidates: list[Candidate], out_dir: Path, shard_size: int = 100, log=print,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, own_output: bool = False) -> dict:
     """Probe every candidate, write the usable ones and return the manifest. A non-empty `out_dir` is refused
     unless `overwrite` (see ShardWriter), or unless it holds an interrupted run of this same input: then the
-    run goes on after its last finished shard."""
+    run goes on after its last finished shard. `own_output`: the folder belongs to the calling command (as
+    `data.curate`'s shards/ does), so an interrupted run of this input is gone on from and anything else replaced."""
     check_writable(out_dir)  # a read-only or impossible --out is one line before any file is probed
     fingerprint = _fingerprint(candidates, shard_size)
-    state = _resume_state(out_dir, fingerprint, overwrite)
+    state = _resume_state(out_dir, fingerprint, overwrite, own_output)
+    overwrite = overwrite or (own_output and state is None)
     done = state["done"] if state else 0
     skipped = [Skipped(**s) for s in state["skipped"]] if state else []
     keys: set[str] = set(state["keys"]) if state else set()

@@ -164,7 +164,7 @@ def plot_curves(studies: dict[str, dict], path, group: str = "all", title: str =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from checkpoint_io import atomic_path
+    from checkpoint_io import save_figure
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True, sharey=True)
     if not all(group in study["groups"] for study in studies.values()):
@@ -186,6 +186,4 @@ def plot_curves(studies: dict[str, dict], path, group: str = "all", title: str =
         axes.flat[0].legend(fontsize=8)
     fig.suptitle(title or "attributes of the clean-video prediction along the denoising steps")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -136,7 +136,11 @@ def test_a_killed_run_goes_on_without_redoing_finished_sources_and_ends_with_the
         p.read_bytes() for p in sorted((tmp_path / "killed" / "shards").glob("*.tar"))]
     assert _manifest(tmp_path / "whole") == _manifest(tmp_path / "killed")
 
-    calls.clear()  # other thresholds: only the filter and shard stages run again
+    calls.clear()  # other thresholds: only the filter and shard stages run again, and the shards are replaced
+    sharded = json.loads((tmp_path / "killed" / "shards" / "manifest.json").read_text())["samples"]
+    summary = curate.run(raw, tmp_path / "killed", options, Thresholds(dup_bits=-1))  # keeps the repeated shot
+    assert calls == [] and summary["sharded"] == sharded + 1
+    assert json.loads((tmp_path / "killed" / "shards" / "manifest.json").read_text())["samples"] == sharded + 1
     curate.run(raw, tmp_path / "killed", options, Thresholds(motion_min=100.0))
     assert calls == [] and not any(r["keep"] for r in _manifest(tmp_path / "killed"))
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint_io import atomic_path, check_writable, write_json_atomic, write_text_atomic
+from checkpoint_io import check_writable, save_figure, write_json_atomic, write_text_atomic
 from cpu_allocator import keep_freed_memory
 from data import ClipTooShortError, VideoInfo, VideoReadError, read_clip
 from data.shards import sanitize_key
@@ -296,9 +296,7 @@ def psnr_per_frame_plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 CONVENTIONS = {

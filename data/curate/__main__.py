@@ -32,8 +32,7 @@ from tqdm import tqdm
 from checkpoint_io import write_bytes_atomic, write_json_atomic
 from errors import InputError
 
-from data.make_shards import Candidate, _fingerprint, _media_files, _outside, _read_caption, make_shards
-from data.tar_reader import PARTIAL_MANIFEST
+from data.make_shards import Candidate, _media_files, _read_caption, link_refusal, make_shards
 from data.video_io import VIDEO_EXTENSIONS
 
 from . import clips as _clips
@@ -41,6 +40,7 @@ from .clips import CutOptions, work_file
 from .filters import Thresholds, apply
 from .report import write_report
 
+FOOTAGE_EXTENSIONS = tuple(e for e in VIDEO_EXTENSIONS if e != "gif")  # an animated gif is not camera footage
 
 
 def find_sources(folder: Path) -> tuple[list[tuple[Path, str]], dict[str, str]]:
@@ -49,12 +49,12 @@ def find_sources(folder: Path) -> tuple[list[tuple[Path, str]], dict[str, str]]:
     files, _ = _media_files(folder)
     sources, refused = [], {}
     for p in files:
-        if p.suffix.lower().lstrip(".") not in VIDEO_EXTENSIONS or p.suffix.lower() == ".gif":
+        if p.suffix.lower().lstrip(".") not in FOOTAGE_EXTENSIONS:
             continue
         name = p.relative_to(folder).as_posix()
-        target = _outside(p, folder)
-        if target is not None:
-            refused[name] = f"a link to {target}, outside --input: refused (copy the file in)"
+        refusal = link_refusal(p, folder)
+        if refusal is not None:
+            refused[name] = refusal
         else:
             sources.append((p, name))
     return sources, refused
@@ -122,15 +122,7 @@ def shard(out: Path, rows: list[dict], shard_size: int, log=print) -> dict | Non
     candidates = [Candidate(out / r["clip"], r["clip"], r["caption"]) for r in rows if r["keep"] and r["caption"]]
     if not candidates:
         return None
-    shards_dir = out / "shards"
-    partial = shards_dir / PARTIAL_MANIFEST
-    same_run = False
-    if partial.is_file():
-        try:
-            same_run = json.loads(partial.read_text()).get("fingerprint") == _fingerprint(candidates, shard_size)
-        except (OSError, ValueError):
-            pass
-    return make_shards(candidates, shards_dir, shard_size, log=log, overwrite=not same_run)
+    return make_shards(candidates, out / "shards", shard_size, log=log, own_output=True)
 
 
 def run(inp: Path, out: Path, options: CutOptions, thresholds: Thresholds, workers: int = 1,
@@ -139,7 +131,7 @@ def run(inp: Path, out: Path, options: CutOptions, thresholds: Thresholds, worke
     check_folders(inp, out)
     sources, refused = find_sources(inp)
     if not sources:
-        raise InputError(f"--input {inp}: no video files below it ({', '.join(VIDEO_EXTENSIONS[:-1])})")
+        raise InputError(f"--input {inp}: no video files below it ({', '.join(FOOTAGE_EXTENSIONS)})")
     out.mkdir(parents=True, exist_ok=True)
     records = cut_and_score_all(sources, out, options, workers, log)
     ordered = [records[name] for _, name in sources]

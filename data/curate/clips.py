@@ -115,7 +115,7 @@ def process(job: tuple) -> tuple[str, dict]:
     path, name, out, options = job
     try:
         result = cut_and_score(path, name, out / "clips", options)
-    except (InputError, KeyboardInterrupt):
+    except InputError:
         raise
     except SourceSkipped as e:
         result = {"error": str(e)}

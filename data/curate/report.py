@@ -3,13 +3,12 @@ and for each filter a contact sheet of clips it dropped beside clips it kept, so
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import av
 import numpy as np
 
-from checkpoint_io import write_bytes_atomic
+from checkpoint_io import save_figure, write_bytes_atomic
 
 SCORES = {  # score: (thresholds drawn on its histogram, the filter it feeds)
     "motion": (("motion_min",), "motion"),
@@ -19,12 +18,6 @@ SCORES = {  # score: (thresholds drawn on its histogram, the filter it feeds)
     "clipped": (("clipped_max",), "exposure"),
 }
 SHEET_COUNT = 4
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    return buf.getvalue()
 
 
 def _middle_frame(path: Path, height: int = 96) -> np.ndarray:
@@ -38,10 +31,15 @@ def _middle_frame(path: Path, height: int = 96) -> np.ndarray:
         return frame.to_ndarray(format="rgb24", width=width, height=height)
 
 
-def _histograms(rows, thresholds) -> bytes:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _histograms(rows, thresholds, path: Path) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(SCORES), figsize=(3.2 * len(SCORES), 2.6))
     for ax, (score, (limits, _)) in zip(axes, SCORES.items()):
         ax.hist([r[score] for r in rows], bins=30, color="#4878a8")
@@ -50,15 +48,11 @@ def _histograms(rows, thresholds) -> bytes:
         ax.set_title(score, fontsize=9)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    save_figure(fig, path)
 
 
-def _sheet(out: Path, dropped, kept, title: str) -> bytes:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _sheet(out: Path, dropped, kept, title: str, path: Path) -> None:
+    plt = _pyplot()
     columns = max(len(dropped), len(kept), 1)
     fig, axes = plt.subplots(2, columns, figsize=(2.2 * columns, 3.4), squeeze=False)
     for r, (label, group) in enumerate((("dropped", dropped), ("kept", kept))):
@@ -71,9 +65,7 @@ def _sheet(out: Path, dropped, kept, title: str) -> bytes:
                 ax.set_title(f"{label}: {value}", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    save_figure(fig, path)
 
 
 def write_report(out: Path, rows: list[dict], summary: dict) -> Path:
@@ -94,7 +86,7 @@ def write_report(out: Path, rows: list[dict], summary: dict) -> Path:
     if s["skipped"]:
         lines += ["Skipped:", ""] + [f"- `{name}`: {why}" for name, why in s["skipped"].items()] + [""]
     if rows:
-        write_bytes_atomic(pictures / "histograms.png", _histograms(rows, s["thresholds"]))
+        _histograms(rows, s["thresholds"], pictures / "histograms.png")
         lines += ["## Scores", "", "The dashed lines are the thresholds.", "", "![histograms](report/histograms.png)",
                   ""]
         for score, (_, reason) in SCORES.items():
@@ -104,8 +96,8 @@ def write_report(out: Path, rows: list[dict], summary: dict) -> Path:
                 continue
             # the dropped clips nearest the threshold and the kept ones nearest it: where the line is drawn
             near_drop = dropped[-SHEET_COUNT:] if reason != "exposure" else dropped[:SHEET_COUNT]
-            sheet = _sheet(out, near_drop, kept[:SHEET_COUNT], f"{score}: dropped ({reason}) and kept")
-            write_bytes_atomic(pictures / f"sheet_{score}.png", sheet)
+            _sheet(out, near_drop, kept[:SHEET_COUNT], f"{score}: dropped ({reason}) and kept",
+                   pictures / f"sheet_{score}.png")
             lines += [f"![{score}](report/sheet_{score}.png)", ""]
     path = out / "report.md"
     write_bytes_atomic(path, "\n".join(lines).encode())

@@ -47,9 +47,14 @@ def sample_positions(frames: int, count: int) -> list[int]:
     return sorted({round(i * (frames - 1) / (count - 1)) for i in range(count)})
 
 
+def _pair_starts(frames: int) -> list[int]:
+    """The first frames of the pairs the motion scores are measured on."""
+    return sample_positions(frames - 1, MOTION_PAIRS) if frames > 1 else []
+
+
 def frames_needed(frames: int) -> set[int]:
     """The positions in a clip of `frames` whose grey frames `score_clip` reads: the pairs and the sharpness set."""
-    pairs = sample_positions(frames - 1, MOTION_PAIRS) if frames > 1 else []
+    pairs = _pair_starts(frames)
     return set(pairs) | {p + 1 for p in pairs} | set(sample_positions(frames, SHARPNESS_FRAMES)) | {frames // 2}
 
 
@@ -69,7 +74,7 @@ def score_clip(gray: dict[int, np.ndarray], frames: int) -> dict:
     """The scores of a clip of `frames` frames from its grey frames at the positions `frames_needed` names."""
     cv2 = _cv2()
     motions, static = [], []
-    for p in (sample_positions(frames - 1, MOTION_PAIRS) if frames > 1 else []):
+    for p in _pair_starts(frames):
         a, b = gray[p], gray[p + 1]
         flow = cv2.calcOpticalFlowFarneback(a, b, None, pyr_scale=0.5, levels=3, winsize=15, iterations=3,
                                             poly_n=5, poly_sigma=1.2, flags=0)

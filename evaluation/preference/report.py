@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from checkpoint_io import atomic_path, check_writable, write_json_atomic, write_text_atomic
+from checkpoint_io import check_writable, save_figure, write_json_atomic, write_text_atomic
 
 
 def _pct(x) -> str:
@@ -101,9 +101,7 @@ def figure(result: dict, out: Path) -> None:
     level = int(100 * result["overall"]["level"])
     fig.suptitle(f"{result['votes'] - result['skips']} votes; bars: {level}% bootstrap intervals")
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110)
 
 
 def write_report(result: dict, fingerprint: dict, metrics: dict[str, dict], out: Path, source: str) -> str:
