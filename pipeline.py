@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint_io import checkpoint_step, save_checkpoint, write_json_atomic
+from cpu_math import strict_cpu_math
 from dit3d import DiT3D, load_dit
 from dit3d.cache import step_cache
 from dit3d.budget import all_to_all_bytes, forward_flops, inference_activation_bytes
@@ -189,6 +190,7 @@ class Pipeline:
              text_encoder: str | Path | None = None) -> "Pipeline":
         """From a train.py run folder or its `model/` folder, or Wan2.1 (a diffusers Wan pipeline folder, or its
         transformer in either layout with `vae` and `text_encoder` folders); `vae` overrides the tokenizer."""
+        strict_cpu_math()  # a no-op where the process did a matrix product first (cpu_math)
         path = Path(path)
         if not path.is_dir():
             raise MissingInputError(f"no checkpoint at {path}: give a train.py run folder (or its model/ folder)")

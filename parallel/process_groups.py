@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from cpu_allocator import keep_freed_memory
+from cpu_math import strict_cpu_math
 from errors import InputError, Interrupted
 
 T = TypeVar("T")
@@ -90,8 +91,10 @@ def run_command(command: Callable[[], T]) -> tuple[int, T | None]:
     """An entry point's work, run as every command runs it: (0, its result); or, for bad input (InputError),
     the message as one line on stderr and (2, None). Under torchrun every rank returns 2 and rank 0 alone
     prints the line, so it is said once. Anything else keeps its traceback. The process group, if there is
-    one, is torn down either way. Freed CPU memory is kept for reuse (cpu_allocator)."""
+    one, is torn down either way. Freed CPU memory is kept for reuse (cpu_allocator), and the CPU's matrix products
+    give the same floats in any batch (cpu_math)."""
     keep_freed_memory()
+    strict_cpu_math()
     ok = False
     try:
         result = command()

@@ -11,12 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from cpu_math import strict_cpu_math
 from data.synthetic import SyntheticSpec, generate
 
 ASSETS = Path(__file__).parent / "assets"
 CLIPS = ASSETS / "clips"
 BIKES = CLIPS / "bikes.mp4"  # 640x272, 250 frames at 25 fps, keyframes at 0, 30, 76, 137, 187, 242
 CARPHONE = CLIPS / "carphone_pristine.mp4"  # 176x144, 120 frames at 29.97 fps, one keyframe
+
+# as every command does before its first matrix product, so the test process computes as the commands do
+strict_cpu_math()
 
 
 @pytest.fixture(scope="session")
