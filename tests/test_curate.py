@@ -145,14 +145,6 @@ def test_a_killed_run_goes_on_without_redoing_finished_sources_and_ends_with_the
     assert calls == [] and not any(r["keep"] for r in _manifest(tmp_path / "killed"))
 
 
-def test_worker_processes_give_the_same_manifest_as_one_process(tmp_path):
-    raw = _footage(tmp_path / "raw")
-    options = clips_module.CutOptions(min_frames=17, max_frames=61)
-    curate.run(raw, tmp_path / "one", options, Thresholds(), workers=1)
-    curate.run(raw, tmp_path / "two", options, Thresholds(), workers=2)
-    assert _manifest(tmp_path / "one") == _manifest(tmp_path / "two")
-
-
 def test_bad_footage_is_a_counted_skip_and_the_rest_goes_on(tmp_path, capsys):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -185,6 +177,35 @@ def test_the_same_shot_twice_is_dropped_as_a_near_duplicate(tmp_path):
     assert a["keep"] and b["drop"] == ["duplicate"] and b["duplicate_of"] == a["clip"]
 
 
+def _subtitled(frames: list[np.ndarray], line: str) -> list[np.ndarray]:
+    """Each frame with a line of white subtitles burned in near its bottom, as a broadcast would."""
+    import cv2
+
+    out = []
+    for f in frames:
+        f = f.copy()
+        h, w = f.shape[:2]
+        cv2.putText(f, line, (w // 16, h - h // 12), cv2.FONT_HERSHEY_SIMPLEX, w / 700, (255, 255, 255), 2,
+                    cv2.LINE_AA)
+        out.append(f)
+    return out
+
+
+@pytest.mark.parametrize("clip, start, size", [("bikes.mp4", 150, (640, 272)), ("carphone_pristine.mp4", 0, (176, 144))])
+def test_a_shot_with_burned_in_subtitles_scores_above_the_same_shot_without_and_is_dropped(tmp_path, clip, start,
+                                                                                           size):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shot = _frames(clip, start, start + 30, size)
+    write_video(raw / "clean.mp4", np.stack(shot), fps=25)
+    write_video(raw / "subtitled.mp4", np.stack(_subtitled(shot, "where are you going tonight?")), fps=25)
+    curate.run(raw, tmp_path / "out", clips_module.CutOptions(min_frames=17, max_frames=61), Thresholds())
+    clean, subtitled = _manifest(tmp_path / "out")
+    assert clean["text_area"] < 0.005 and subtitled["text_area"] > 0.02, (clean["text_area"], subtitled["text_area"])
+    assert clean["keep"] and subtitled["drop"] == ["text"]
+    assert (tmp_path / "out" / "report" / "sheet_text_area.png").is_file()
+
+
 def test_command_line_errors_are_one_line(tmp_path, capsys):
     raw = _footage(tmp_path / "raw")
     assert curate.main(["--input", str(raw), "--out", str(raw / "curated")]) == 2
@@ -199,7 +220,7 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert (tmp_path / "o" / "manifest.jsonl").is_file() and (tmp_path / "o" / "report.md").is_file()
 
 
-def test_the_command_runs_its_worker_processes(tmp_path):
+def test_the_command_runs_its_worker_processes_and_they_give_the_manifest_of_one_process(tmp_path):
     """Under `python -m data.curate` the workers are spawned and import the stage by module name: a stage defined in
     the main module hung them."""
     import subprocess
@@ -210,3 +231,5 @@ def test_the_command_runs_its_worker_processes(tmp_path):
                           cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "3 sources (0 skipped)" in done.stdout
+    curate.run(raw, tmp_path / "one", clips_module.CutOptions(min_frames=17, max_frames=61), Thresholds(), workers=1)
+    assert _manifest(tmp_path / "one") == _manifest(tmp_path / "o")

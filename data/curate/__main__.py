@@ -5,7 +5,8 @@
 Stages, in one run:
 1. **cut**: each video's scenes found (PySceneDetect), a few frames trimmed at each cut, short scenes dropped,
    long ones split into windows; every clip written to `CURATED/clips/` (h264, the source's size and fps).
-2. **score**: motion, stillness, sharpness, exposure and a perceptual hash, measured on the same decode.
+2. **score**: motion, stillness, sharpness, exposure, text overlay (OCR) and a perceptual hash, measured on the
+   same decode.
 3. **filter**: a threshold per score, and near-duplicates; every clip stays in `CURATED/manifest.jsonl` with
    its scores, its caption and why it was dropped, if it was.
 4. **shard**: the kept clips that have a caption (a sidecar `NAME.txt` beside the source, given to each of its
@@ -37,7 +38,7 @@ from data.video_io import VIDEO_EXTENSIONS
 
 from . import clips as _clips
 from .clips import CutOptions, work_file
-from .filters import Thresholds, apply
+from .filters import REASONS, Thresholds, apply
 from .report import write_report
 
 FOOTAGE_EXTENSIONS = tuple(e for e in VIDEO_EXTENSIONS if e != "gif")  # an animated gif is not camera footage
@@ -146,11 +147,11 @@ def run(inp: Path, out: Path, options: CutOptions, thresholds: Thresholds, worke
         "scenes_too_short": sum(r.get("too_short", 0) for r in ordered),
         "clips": len(rows), "kept": sum(r["keep"] for r in rows),
         "dropped": {reason: sum(reason in r["drop"] for r in rows)
-                    for reason in ("motion", "static", "blur", "exposure", "duplicate")},
+                    for reason in REASONS},
         "kept_without_caption": sum(r["keep"] and not r["caption"] for r in rows),
         "source_frames": sum(r.get("frames", 0) for r in ordered),
         "seconds": {stage: round(sum(r.get("seconds", {}).get(stage, 0.0) for r in ordered), 3)
-                    for stage in ("detect", "cut", "score")},
+                    for stage in ("detect", "cut", "score", "text")},
         "options": asdict(options), "thresholds": asdict(thresholds),
     }
     manifest = shard(out, rows, shard_size, log)

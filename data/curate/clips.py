@@ -17,7 +17,7 @@ from errors import InputError
 from data.video_write import video_writer
 
 from .scenes import SourceSkipped, detect_scenes, plan_clips
-from .scores import analysis_gray, frames_needed, score_clip
+from .scores import SCORE_NAMES, analysis_gray, frames_needed, ocr_frame, score_clip, text_area, text_positions
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class CutOptions:
     crf: int = 18
 
     def fingerprint(self) -> str:
-        """What a finished source's clips were made with: a rerun with other cut options redoes them."""
-        return hashlib.sha256(repr(sorted(asdict(self).items())).encode()).hexdigest()[:16]
+        """What a finished source's clips were made with, and which scores they have: a rerun with other cut
+        options, or after a score was added, redoes them."""
+        return hashlib.sha256(repr((sorted(asdict(self).items()), SCORE_NAMES)).encode()).hexdigest()[:16]
 
 
 def source_key(name: str) -> str:
@@ -42,9 +43,9 @@ def source_key(name: str) -> str:
 
 def cut_and_score(path: Path, name: str, clips_dir: Path, options: CutOptions) -> dict:
     """{"rows": one per clip, "scenes": how many, "too_short": scenes too short for a clip, "frames": the source's,
-    "seconds": {"detect", "cut", "score"}: the time each stage took}. Raises av.error.FFmpegError / scenedetect's
+    "seconds": {"detect", "cut", "score", "text"}: the time each stage took}. Raises av.error.FFmpegError / scenedetect's
     VideoOpenFailure / ValueError for a video that cannot be read, SourceSkipped for one that is not footage."""
-    seconds = {"detect": 0.0, "cut": 0.0, "score": 0.0}
+    seconds = {"detect": 0.0, "cut": 0.0, "score": 0.0, "text": 0.0}
     t0 = time.perf_counter()
     scenes, total, fps = detect_scenes(path, options.detector, options.threshold)
     seconds["detect"] = time.perf_counter() - t0
@@ -54,7 +55,7 @@ def cut_and_score(path: Path, name: str, clips_dir: Path, options: CutOptions) -
     if clips:
         t0 = time.perf_counter()
         rows = _cut(path, name, key, clips, clips_dir, fps, options.crf, seconds)
-        seconds["cut"] = time.perf_counter() - t0 - seconds["score"]
+        seconds["cut"] = time.perf_counter() - t0 - seconds["score"] - seconds["text"]
     return {"rows": rows, "scenes": len(scenes), "too_short": too_short, "frames": total,
             "seconds": {k: round(v, 4) for k, v in seconds.items()}}
 
@@ -70,7 +71,8 @@ def _cut(path, name, key, clips, clips_dir: Path, fps: float, crf: int, seconds:
         index = 0
         for clip in clips:
             need = {clip.start + p for p in frames_needed(clip.frames)}
-            gray = {}
+            text_at = {clip.start + p for p in text_positions(clip.frames)}
+            gray, text_frames = {}, []
             clip_path = out_dir / f"{key}_{clip.start:06d}-{clip.end:06d}.mp4"
             with contextlib.ExitStack() as stack:  # the clip's file appears whole, or not at all on an error
                 writer = None
@@ -85,6 +87,8 @@ def _cut(path, name, key, clips, clips_dir: Path, fps: float, crf: int, seconds:
                             t0 = time.perf_counter()
                             gray[index - clip.start] = analysis_gray(rgb)
                             seconds["score"] += time.perf_counter() - t0
+                        if index in text_at:
+                            text_frames.append(ocr_frame(rgb))
                     index += 1
                     if index >= clip.end:
                         break
@@ -94,6 +98,9 @@ def _cut(path, name, key, clips, clips_dir: Path, fps: float, crf: int, seconds:
             t0 = time.perf_counter()
             scores = score_clip(gray, clip.frames)
             seconds["score"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            scores["text_area"] = text_area(text_frames)
+            seconds["text"] += time.perf_counter() - t0
             rows.append({
                 "clip": f"clips/{key}/{clip_path.name}", "source": name, "start_frame": clip.start,
                 "end_frame": clip.end, "frames": clip.frames, "fps": round(fps, 4),

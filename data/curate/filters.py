@@ -7,6 +7,9 @@
 - sharpness below 15 (Laplacian variance at 256 wide): out of focus or heavily blurred; a soft but focused shot
   measures 50 and more.
 - brightness below 0.06 or above 0.94, clipped above 0.6: black frames, fades and blown-out frames.
+- text_area above 0.02: burned-in subtitles, captions or a title card (a line of subtitles covers about 0.03 of
+  the frame); a model trained on them writes garbled text into its videos. A corner logo or a small watermark
+  stays below it.
 - a near-duplicate (a middle-frame hash within 4 of 64 bits of an earlier kept clip's): the same shot twice,
   which weighs it double and leaks between splits.
 """
@@ -18,6 +21,9 @@ from dataclasses import dataclass, fields
 from .scores import hamming
 
 
+REASONS = ("motion", "static", "blur", "exposure", "text", "duplicate")  # why a clip is dropped, in filter order
+
+
 @dataclass(frozen=True)
 class Thresholds:
     motion_min: float = 0.1
@@ -26,6 +32,7 @@ class Thresholds:
     brightness_min: float = 0.06
     brightness_max: float = 0.94
     clipped_max: float = 0.6
+    text_max: float = 0.02
     dup_bits: int = 4  # -1 turns the near-duplicate filter off
 
     @classmethod
@@ -44,6 +51,8 @@ def drop_reasons(row: dict, t: Thresholds) -> list[str]:
         reasons.append("blur")
     if not t.brightness_min <= row["brightness"] <= t.brightness_max or row["clipped"] > t.clipped_max:
         reasons.append("exposure")
+    if row["text_area"] > t.text_max:
+        reasons.append("text")
     return reasons
 
 

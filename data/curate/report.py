@@ -16,6 +16,7 @@ SCORES = {  # score: (thresholds drawn on its histogram, the filter it feeds)
     "sharpness": (("sharpness_min",), "blur"),
     "brightness": (("brightness_min", "brightness_max"), "exposure"),
     "clipped": (("clipped_max",), "exposure"),
+    "text_area": (("text_max",), "text"),
 }
 SHEET_COUNT = 4
 
@@ -89,14 +90,17 @@ def write_report(out: Path, rows: list[dict], summary: dict) -> Path:
         _histograms(rows, s["thresholds"], pictures / "histograms.png")
         lines += ["## Scores", "", "The dashed lines are the thresholds.", "", "![histograms](report/histograms.png)",
                   ""]
-        for score, (_, reason) in SCORES.items():
+        for score, (limits, reason) in SCORES.items():
             dropped = sorted(((r, r[score]) for r in rows if reason in r["drop"]), key=lambda x: x[1])
             kept = sorted(((r, r[score]) for r in rows if r["keep"]), key=lambda x: x[1])
             if not dropped:
                 continue
             # the dropped clips nearest the threshold and the kept ones nearest it: where the line is drawn
-            near_drop = dropped[-SHEET_COUNT:] if reason != "exposure" else dropped[:SHEET_COUNT]
-            _sheet(out, near_drop, kept[:SHEET_COUNT], f"{score}: dropped ({reason}) and kept",
+            # (above an upper limit, those are the lowest dropped and the highest kept)
+            upper = all(limit.endswith("_max") for limit in limits)
+            near_drop = dropped[:SHEET_COUNT] if upper or reason == "exposure" else dropped[-SHEET_COUNT:]
+            near_kept = kept[-SHEET_COUNT:] if upper else kept[:SHEET_COUNT]
+            _sheet(out, near_drop, near_kept, f"{score}: dropped ({reason}) and kept",
                    pictures / f"sheet_{score}.png")
             lines += [f"![{score}](report/sheet_{score}.png)", ""]
     path = out / "report.md"
