@@ -192,3 +192,30 @@ def write_sample_folders(root: Path, prompts: list[str] = PREFERENCE_PROMPTS, se
 @pytest.fixture(scope="session")
 def sample_folders(tmp_path_factory) -> tuple[Path, Path]:
     return write_sample_folders(tmp_path_factory.mktemp("samples"))
+
+
+def write_tiny_clip(folder: Path, captions: list[str]) -> Path:
+    """A tiny random transformers CLIP (16-wide embeddings, 32x32 images) with a word-level tokenizer over the
+    captions' words and its image processor, as save_pretrained writes them."""
+    import tokenizers
+    import transformers
+
+    words = sorted({w for c in captions for w in c.split()})
+    vocab = {"<pad>": 0, "<unk>": 1, "<|startoftext|>": 2, "<|endoftext|>": 3} | {w: i + 4 for i, w in enumerate(words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=3, bos_token_id=2, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

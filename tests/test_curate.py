@@ -233,3 +233,96 @@ def test_the_command_runs_its_worker_processes_and_they_give_the_manifest_of_one
     assert "3 sources (0 skipped)" in done.stdout
     curate.run(raw, tmp_path / "one", clips_module.CutOptions(min_frames=17, max_frames=61), Thresholds(), workers=1)
     assert _manifest(tmp_path / "one") == _manifest(tmp_path / "o")
+
+
+def _lai_reference(state: dict):
+    """LAION's aesthetic predictor as its own code builds it: one Sequential named `layers`, dropout included."""
+    import torch
+
+    class MLP(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.layers = torch.nn.Sequential(
+                torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+                torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+        def forward(self, x):
+            return self.layers(x)
+
+    mlp = MLP(state["layers.0.weight"].shape[1])
+    mlp.load_state_dict(state)
+    return mlp.eval()
+
+
+def test_a_tiny_clip_and_aesthetic_head_score_every_clip_as_transformers_does_and_rerun_from_cache(tmp_path,
+                                                                                                   monkeypatch):
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from data.curate import semantic
+    from tests.conftest import write_tiny_clip
+
+    raw = _footage(tmp_path / "raw")
+    (raw / "sub" / "joined.txt").write_text("bikes a car bikes")
+    captions = ["a man talks in a moving car", "a still picture of a bike", "bikes a car bikes"]
+    clip_dir = write_tiny_clip(tmp_path / "clip", captions)
+    torch.manual_seed(1)
+    state = {k: v.contiguous() for k, v in semantic.AestheticHead(16).state_dict().items()}
+    save_file(state, tmp_path / "head.safetensors")
+    options, open_all = clips_module.CutOptions(min_frames=17, max_frames=61), Thresholds(aesthetic_min=-1e9,
+                                                                                          clip_min=-1e9)
+    curate.run(raw, tmp_path / "out", options, open_all, clip=clip_dir, aesthetic_head=tmp_path / "head.safetensors")
+    rows = _manifest(tmp_path / "out")
+    model = transformers.CLIPModel.from_pretrained(clip_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(clip_dir)
+    proc = transformers.CLIPImageProcessor.from_pretrained(clip_dir)
+    reference = _lai_reference(state)
+    for row in rows:
+        frames = semantic.clip_frames(tmp_path / "out" / row["clip"])
+        assert len(frames) == semantic.FRAMES
+        with torch.no_grad():
+            out = model(**tok([row["caption"]], return_tensors="pt"), pixel_values=proc(
+                images=list(frames), return_tensors="pt").pixel_values)
+            image = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+            aesthetic = float(reference(image).mean())
+            score = float(out.logits_per_image[:, 0].mean() / model.logit_scale.exp() * 100)
+        assert row["clip_score"] == pytest.approx(score, abs=1e-3)
+        assert row["aesthetic"] == pytest.approx(aesthetic, abs=1e-3)
+    # other thresholds: the cached scores are read back (no model is loaded) and the lowest-agreeing clip drops
+    monkeypatch.setattr("evaluation.clip_score.ClipScore.from_local", lambda *a, **k: pytest.fail("rescored"))
+    scores = sorted(r["clip_score"] for r in rows)
+    curate.run(raw, tmp_path / "out", options, Thresholds(aesthetic_min=-1e9, clip_min=(scores[0] + scores[1]) / 2),
+               clip=clip_dir, aesthetic_head=tmp_path / "head.safetensors")
+    again = _manifest(tmp_path / "out")
+    assert [r["clip_score"] for r in again] == [r["clip_score"] for r in rows]
+    assert sum("caption" in r["drop"] for r in again) == 1
+    assert (tmp_path / "out" / "report" / "sheet_clip_score.png").is_file()
+
+
+def test_a_clip_folder_or_head_that_does_not_fit_is_a_one_line_error(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from data.curate import semantic
+    from tests.conftest import write_tiny_clip
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_video(raw / "moving.mp4", np.stack(_frames("carphone_pristine.mp4", 0, 20)), fps=25)
+    (raw / "moving.txt").write_text("a man in a car")
+    clip_dir = write_tiny_clip(tmp_path / "clip", ["a man in a car"])
+    (tmp_path / "not_clip").mkdir()
+    (tmp_path / "not_clip" / "config.json").write_text("{}")
+    common = ["--input", str(raw), "--workers", "1", "--min-frames", "17"]
+    capsys.readouterr()  # what saving the tiny model printed
+    assert curate.main(common + ["--out", str(tmp_path / "a"), "--clip", str(tmp_path / "not_clip")]) == 2
+    err = capsys.readouterr().err
+    assert "preprocessor_config.json missing" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()  # refused before any work
+    assert curate.main(common + ["--out", str(tmp_path / "b"), "--aesthetic-head", str(tmp_path / "h.pth")]) == 2
+    assert "needs --clip" in capsys.readouterr().err
+    save_file({k: v.contiguous() for k, v in semantic.AestheticHead(768).state_dict().items()}, tmp_path / "l14.safetensors")
+    assert curate.main(common + ["--out", str(tmp_path / "c"), "--clip", str(clip_dir),
+                                 "--aesthetic-head", str(tmp_path / "l14.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the CLIP model: it takes 768-wide embeddings" in err and "gives 16" in err

@@ -13,7 +13,7 @@ from data import frames_to_tensor, write_video
 from data.synthetic import SyntheticSpec, render_sample
 from evaluation import chain_of_steps
 from evaluation.generator import main as evaluate_main
-from tests.conftest import write_tiny_dit_inputs
+from tests.conftest import write_tiny_clip, write_tiny_dit_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:torch.jit")
 
@@ -110,28 +110,8 @@ def test_reference_shards_are_read_at_the_generated_shape(tmp_path, i3d_path, sy
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    folder = tmp_path_factory.mktemp("clip")
-    words = sorted({w for c in CAPTIONS for w in c.split()})
-    vocab = {"<pad>": 0, "<unk>": 1, "<|startoftext|>": 2, "<|endoftext|>": 3} | {w: i + 4 for i, w in enumerate(words)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                                bos_token="<|startoftext|>", eos_token="<|endoftext|>")
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=3, bos_token_id=2, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    pytest.importorskip("transformers")
+    return write_tiny_clip(tmp_path_factory.mktemp("clip"), CAPTIONS)
 
 
 def test_clipsim_equals_transformers_clip(tiny_clip):

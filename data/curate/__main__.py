@@ -6,7 +6,8 @@ Stages, in one run:
 1. **cut**: each video's scenes found (PySceneDetect), a few frames trimmed at each cut, short scenes dropped,
    long ones split into windows; every clip written to `CURATED/clips/` (h264, the source's size and fps).
 2. **score**: motion, stillness, sharpness, exposure, text overlay (OCR) and a perceptual hash, measured on the
-   same decode.
+   same decode; with `--clip`, how well the caption matches the clip, and with `--aesthetic-head` how good it
+   looks (after the captions are known, in this process).
 3. **filter**: a threshold per score, and near-duplicates; every clip stays in `CURATED/manifest.jsonl` with
    its scores, its caption and why it was dropped, if it was.
 4. **shard**: the kept clips that have a caption (a sidecar `NAME.txt` beside the source, given to each of its
@@ -25,6 +26,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from data.make_shards import Candidate, _media_files, _read_caption, link_refusa
 from data.video_io import VIDEO_EXTENSIONS
 
 from . import clips as _clips
+from . import semantic
 from .clips import CutOptions, work_file
 from .filters import REASONS, Thresholds, apply
 from .report import write_report
@@ -127,9 +130,12 @@ def shard(out: Path, rows: list[dict], shard_size: int, log=print) -> dict | Non
 
 
 def run(inp: Path, out: Path, options: CutOptions, thresholds: Thresholds, workers: int = 1,
-        shard_size: int = 100, log=print) -> dict:
-    """The whole pipeline; returns the summary the report is made from."""
+        shard_size: int = 100, log=print, clip: Path | None = None, aesthetic_head: Path | None = None,
+        device: str = "cpu") -> dict:
+    """The whole pipeline; returns the summary the report is made from. With `clip` (a CLIP folder) the clips
+    get a caption-agreement score, and with `aesthetic_head` too an aesthetic one (`semantic`)."""
     check_folders(inp, out)
+    semantic.check_folder(clip, aesthetic_head)
     sources, refused = find_sources(inp)
     if not sources:
         raise InputError(f"--input {inp}: no video files below it ({', '.join(FOOTAGE_EXTENSIONS)})")
@@ -138,6 +144,13 @@ def run(inp: Path, out: Path, options: CutOptions, thresholds: Thresholds, worke
     ordered = [records[name] for _, name in sources]
     rows = [row for record in ordered for row in record.get("rows", [])]
     caption_rows(rows, {name: path for path, name in sources}, inp)
+    t0 = time.perf_counter()
+    if clip is not None:
+        semantic.score_semantic(rows, out, clip, aesthetic_head, device, log)
+    else:
+        for row in rows:
+            row["aesthetic"] = row["clip_score"] = None
+    semantic_seconds = time.perf_counter() - t0
     rows = apply(rows, thresholds)
     write_bytes_atomic(out / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     summary = {
@@ -151,7 +164,8 @@ def run(inp: Path, out: Path, options: CutOptions, thresholds: Thresholds, worke
         "kept_without_caption": sum(r["keep"] and not r["caption"] for r in rows),
         "source_frames": sum(r.get("frames", 0) for r in ordered),
         "seconds": {stage: round(sum(r.get("seconds", {}).get(stage, 0.0) for r in ordered), 3)
-                    for stage in ("detect", "cut", "score", "text")},
+                    for stage in ("detect", "cut", "score", "text")}
+        | {"semantic": round(semantic_seconds, 3)},
         "options": asdict(options), "thresholds": asdict(thresholds),
     }
     manifest = shard(out, rows, shard_size, log)
@@ -181,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trim", type=int, default=2, help="frames dropped on each side of a cut (default 2)")
     p.add_argument("--crf", type=int, default=18, help="h264 quality of the written clips (default 18)")
     p.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
+    p.add_argument("--clip", type=Path, default=None, help="a local CLIP folder (CLIPModel, tokenizer and image "
+                   "processor, as save_pretrained writes them): scores how well each caption matches its clip")
+    p.add_argument("--aesthetic-head", type=Path, default=None, help="LAION's aesthetic predictor weights (.pth or "
+                   ".safetensors; needs --clip, the ViT-L/14 it was trained on): scores how good each clip looks")
+    p.add_argument("--device", default="cpu", help="where the CLIP model runs (cpu, cuda; default cpu)")
     for name in Thresholds.names():
         default = getattr(Thresholds(), name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
@@ -189,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = CutOptions(a.detector, a.threshold, a.min_frames, a.max_frames, a.trim, a.crf)
         thresholds = Thresholds(**{n: getattr(a, n) for n in Thresholds.names()})
-        s = run(a.input, a.out, options, thresholds, a.workers, a.shard_size)
+        s = run(a.input, a.out, options, thresholds, a.workers, a.shard_size, clip=a.clip,
+                aesthetic_head=a.aesthetic_head, device=a.device)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,11 @@
 - text_area above 0.02: burned-in subtitles, captions or a title card (a line of subtitles covers about 0.03 of
   the frame); a model trained on them writes garbled text into its videos. A corner logo or a small watermark
   stays below it.
+- aesthetic below 4.5 (only with `--aesthetic-head`): LAION's predictor on its 1-10 scale; 4.5 is where the
+  LAION-Aesthetics subsets start, the bar the field's open video sets use for "looks like footage worth learning".
+- clip_score below 20 (only with `--clip`, and for a clip with a caption): the caption describes something else.
+  A starting point, not a measurement (no real CLIP weights can be fetched here): look at the histogram and at
+  the captions of the clips below the line in the manifest before trusting it.
 - a near-duplicate (a middle-frame hash within 4 of 64 bits of an earlier kept clip's): the same shot twice,
   which weighs it double and leaks between splits.
 """
@@ -21,7 +26,7 @@ from dataclasses import dataclass, fields
 from .scores import hamming
 
 
-REASONS = ("motion", "static", "blur", "exposure", "text", "duplicate")  # why a clip is dropped, in filter order
+REASONS = ("motion", "static", "blur", "exposure", "text", "aesthetic", "caption", "duplicate")  # why a clip is dropped, in filter order
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class Thresholds:
     brightness_max: float = 0.94
     clipped_max: float = 0.6
     text_max: float = 0.02
+    aesthetic_min: float = 4.5
+    clip_min: float = 20.0
     dup_bits: int = 4  # -1 turns the near-duplicate filter off
 
     @classmethod
@@ -53,6 +60,10 @@ def drop_reasons(row: dict, t: Thresholds) -> list[str]:
         reasons.append("exposure")
     if row["text_area"] > t.text_max:
         reasons.append("text")
+    if row.get("aesthetic") is not None and row["aesthetic"] < t.aesthetic_min:
+        reasons.append("aesthetic")
+    if row.get("clip_score") is not None and row["clip_score"] < t.clip_min:
+        reasons.append("caption")
     return reasons
 
 

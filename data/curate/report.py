@@ -17,6 +17,8 @@ SCORES = {  # score: (thresholds drawn on its histogram, the filter it feeds)
     "brightness": (("brightness_min", "brightness_max"), "exposure"),
     "clipped": (("clipped_max",), "exposure"),
     "text_area": (("text_max",), "text"),
+    "aesthetic": (("aesthetic_min",), "aesthetic"),  # these two only where the run had a CLIP model
+    "clip_score": (("clip_min",), "caption"),
 }
 SHEET_COUNT = 4
 
@@ -41,9 +43,11 @@ def _pyplot():
 
 def _histograms(rows, thresholds, path: Path) -> None:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(SCORES), figsize=(3.2 * len(SCORES), 2.6))
-    for ax, (score, (limits, _)) in zip(axes, SCORES.items()):
-        ax.hist([r[score] for r in rows], bins=30, color="#4878a8")
+    scored = [s for s in SCORES if any(r.get(s) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(scored), figsize=(3.2 * len(scored), 2.6), squeeze=False)
+    for ax, score in zip(axes[0], scored):
+        limits = SCORES[score][0]
+        ax.hist([r[score] for r in rows if r.get(score) is not None], bins=30, color="#4878a8")
         for limit in limits:
             ax.axvline(thresholds[limit], color="#c03030", linestyle="--", linewidth=1)
         ax.set_title(score, fontsize=9)
@@ -92,7 +96,7 @@ def write_report(out: Path, rows: list[dict], summary: dict) -> Path:
                   ""]
         for score, (limits, reason) in SCORES.items():
             dropped = sorted(((r, r[score]) for r in rows if reason in r["drop"]), key=lambda x: x[1])
-            kept = sorted(((r, r[score]) for r in rows if r["keep"]), key=lambda x: x[1])
+            kept = sorted(((r, r[score]) for r in rows if r["keep"] and r.get(score) is not None), key=lambda x: x[1])
             if not dropped:
                 continue
             # the dropped clips nearest the threshold and the kept ones nearest it: where the line is drawn
