@@ -24,14 +24,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, markdown_table
+from bench.common import ROOT, markdown_table, measure_in_subprocess
 
 SETTINGS = ("default", "kept")
 WORKLOADS = ("tokenizer-step", "dit-step", "long-video")
@@ -96,18 +95,13 @@ def measure(spec: dict) -> dict:
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return {"kept": kept, "ms": 1e3 * statistics.median(walls), "cpu_ms": 1e3 * statistics.median(cpus),
+    return {"measure": spec["measure"], "kept": kept, "ms": 1e3 * statistics.median(walls), "cpu_ms": 1e3 * statistics.median(cpus),
             "faults": statistics.median(faults), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _in_process(spec: dict, setting: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env["DIT3D_KEEP_FREED_MEMORY"] = "1" if setting == "kept" else "0"
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                         cwd=ROOT, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed for {spec}, {setting}:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return measure_in_subprocess(__file__, spec, measures=("time",),
+                                 time_env={"DIT3D_KEEP_FREED_MEMORY": "1" if setting == "kept" else "0"})
 
 
 def main() -> None:
@@ -124,6 +118,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return
+    for name in [k for k in os.environ if k.startswith("MALLOC_")]:  # glibc's own settings are what is compared
+        del os.environ[name]
     results, rows = [], []
     for workload in args.workloads:
         spec = {"workload": workload, "preset": args.preset, "size": args.size, "batch": args.batch,

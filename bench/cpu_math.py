@@ -16,14 +16,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, markdown_table
+from bench.common import ROOT, markdown_table, measure_in_subprocess
 
 MODES = ("default", "strict")
 WORKLOADS = ("gemm", "dit-sample", "dit-step", "tokenizer-step")
@@ -48,29 +47,20 @@ def _workload(name: str):
     return step({"workload": name, "preset": "tiny", "size": 64, "batch": 4})
 
 
-def measure(name: str, mode: str, calls: int) -> dict:
+def measure(spec: dict) -> dict:
     import time
 
     from cpu_math import strict_cpu_math
 
-    strict = strict_cpu_math() if mode == "strict" else False
-    run = _workload(name)
+    strict = strict_cpu_math() if spec["mode"] == "strict" else False
+    run = _workload(spec["workload"])
     run()  # warm-up
     walls = []
-    for _ in range(calls):
+    for _ in range(spec["calls"]):
         t0 = time.perf_counter()
         run()
         walls.append(time.perf_counter() - t0)
-    return {"strict": strict, "ms": 1e3 * statistics.median(walls)}
-
-
-def _in_process(name: str, mode: str, calls: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps([name, mode, calls])], capture_output=True,
-                         text=True, cwd=ROOT, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed for {name}, {mode}:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {"strict": strict, "ms": 1e3 * statistics.median(walls), "measure": spec["measure"]}
 
 
 def main() -> None:
@@ -82,14 +72,16 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(*json.loads(args.worker))))
+        print(json.dumps(measure(json.loads(args.worker))))
         return
+    os.environ.pop("MKL_CBWR", None)  # a mode of your own would make "default" another strict run
     results, rows = [], []
     for name in args.workloads:
         runs = {m: [] for m in MODES}
         for _ in range(args.repeats):
             for mode in MODES:
-                runs[mode].append(_in_process(name, mode, args.calls))
+                runs[mode].append(measure_in_subprocess(__file__, {"workload": name, "mode": mode,
+                                                                   "calls": args.calls}, measures=("time",)))
         if not all(r["strict"] for r in runs["strict"]):
             raise RuntimeError("strict_cpu_math() could not turn the mode on here (no oneMKL?): nothing to compare")
         med = {m: statistics.median(r["ms"] for r in runs[m]) for m in MODES}

@@ -30,18 +30,24 @@ class ClipScore:
         self.model, self.tokenizer, self.processor = model.eval().to(device), tokenizer, processor
         self.device, self.frames = torch.device(device), frames
 
+    @staticmethod
+    def check_folder(path: Path) -> None:
+        """A one-line error, naming what is missing, unless `path` holds what save_pretrained writes."""
+        missing = [n for n in ("config.json", "preprocessor_config.json") if not (path / n).is_file()]
+        if missing:
+            raise MissingInputError(f"{path} is not a CLIP model folder: "
+                                    f"{'no such folder' if not path.is_dir() else ', '.join(missing) + ' missing'} "
+                                    f"(save CLIPModel, its tokenizer and image processor there with save_pretrained; "
+                                    f"nothing is downloaded)")
+
     @classmethod
     def from_local(cls, path: str | Path, device: str | torch.device = "cpu", frames: int = 8) -> "ClipScore":
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise MissingInputError(f"no CLIP model at {path} (config.json missing): give a local folder written by "
-                                    f"CLIPModel.save_pretrained with its tokenizer and image processor; nothing is downloaded")
+        cls.check_folder(path)
         try:
             from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
         except ImportError as e:
             raise InputError(f"CLIP alignment needs transformers: pip install -e '.[text]' ({e})") from None
-        if not (path / "preprocessor_config.json").is_file():
-            raise MissingInputError(f"{path} has no preprocessor_config.json: save the CLIP image processor beside the model")
         model = CLIPModel.from_pretrained(path)
         return cls(model, AutoTokenizer.from_pretrained(path), CLIPImageProcessor.from_pretrained(path), device, frames)
 

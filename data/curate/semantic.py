@@ -71,11 +71,9 @@ def check_folder(clip_dir: Path, head: Path | None) -> None:
         raise InputError("--aesthetic-head needs --clip (the CLIP ViT-L/14 folder whose embeddings it scores)")
     if clip_dir is None:
         return
-    missing = [n for n in ("config.json", "preprocessor_config.json") if not (clip_dir / n).is_file()]
-    if not clip_dir.is_dir() or missing:
-        raise MissingInputError(f"--clip {clip_dir} is not a CLIP model folder: "
-                                f"{'no such folder' if not clip_dir.is_dir() else ', '.join(missing) + ' missing'} "
-                                f"(save CLIPModel, its tokenizer and image processor there with save_pretrained)")
+    from evaluation.clip_score import ClipScore
+
+    ClipScore.check_folder(clip_dir)
     if head is not None and not head.is_file():
         raise MissingInputError(f"--aesthetic-head {head}: no such file (give the aesthetic predictor's weights, "
                                 f".pth or .safetensors)")
